@@ -1,0 +1,79 @@
+"""The normalised classifier: cosines, head and per-sample loss, optionally
+with the classifier's rows split over a mesh axis (model parallel).
+
+The unsharded and the sharded path run the same code; the sharded one runs
+it inside ``jax.shard_map`` with ``axis_name`` set, where the head and the
+cross-entropy add their few collectives (DESIGN.md section 2). The class
+count is padded to a multiple of the shard count with zero rows, which the
+head masks out (logit -inf) through ``num_classes``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from npcface_jax import losses
+from npcface_jax.registry import Head, HeadOutput
+
+Array = jax.Array
+
+
+def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
+  """x / ||x||, finite (value and gradient) for an all-zero row."""
+  sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True)
+  return (x * lax.rsqrt(jnp.maximum(sq, eps * eps))).astype(x.dtype)
+
+
+def cosine(embeddings: Array, weights: Array) -> Array:
+  """cos (B, C) between embeddings (B, D) and class weights (C, D)."""
+  return l2_normalize(embeddings) @ l2_normalize(weights).T
+
+
+def padded_num_classes(num_classes: int, num_shards: int) -> int:
+  """The row count of a classifier whose rows split evenly over the shards."""
+  return math.ceil(num_classes / num_shards) * num_shards
+
+
+def classifier_loss(embeddings: Array, weights: Array, labels: Array,
+                    head: Head, state=None, params=None, *, axis_name=None,
+                    num_classes: int | None = None) -> tuple[Array, HeadOutput]:
+  """Per-sample cross-entropy (B,) and the head's output for one shard
+  (or the whole classifier when ``axis_name`` is None)."""
+  out = head(cosine(embeddings, weights), labels, state, params,
+             axis_name=axis_name, num_classes=num_classes)
+  ce = losses.per_sample_cross_entropy(out.logits, labels, axis_name=axis_name)
+  return ce, out
+
+
+def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
+                            axis: str = 'model', return_logits: bool = False):
+  """``f(embeddings, weights, labels, state, params) -> (ce, HeadOutput)``
+  with the weights' rows (and AdaM-softmax's margins) split over ``axis``.
+
+  ``weights`` has ``padded_num_classes(num_classes, mesh.shape[axis])`` rows;
+  embeddings, labels and head state are replicated over ``axis``, and ``ce``
+  comes back replicated, ready for any criterion's ``reduce`` in the global
+  view. Differentiate through f from outside (the global view): the gradient
+  of a replicated input then comes out summed correctly (DESIGN.md s. 5).
+  The logits (sharded on their class axis) come back only with
+  ``return_logits``, since at millions of classes they are the largest array.
+  """
+
+  def local(embeddings, weights, labels, state, params):
+    ce, out = classifier_loss(embeddings, weights, labels, head, state, params,
+                              axis_name=axis, num_classes=num_classes)
+    if not return_logits:
+      out = out._replace(logits=jnp.zeros((), out.logits.dtype))
+    return ce, out
+
+  logits_spec = P(None, axis) if return_logits else P()
+  out_specs = (P(), HeadOutput(logits_spec, P(), P(), P()))
+  return jax.shard_map(
+      local, mesh=mesh,
+      in_specs=(P(), P(axis), P(), P(), P(axis)),
+      out_specs=out_specs)

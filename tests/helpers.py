@@ -1,0 +1,40 @@
+"""Random cosine matrices for the head tests: fresh each run (the seed is in
+every failure message), covering the cases the heads must get right."""
+
+import numpy as np
+
+
+def fresh_rng():
+  seed = int(np.random.SeedSequence().entropy % 2**32)
+  return np.random.default_rng(seed), seed
+
+
+def cosines(rng, batch=12, num_classes=20, kinds=None):
+  """(cos float64 (B, C), labels (B,)) with one row per case in ``kinds``,
+  cycled: 'real' (training-like), 'near_pos1' / 'near_neg1' (target close to
+  +-1), 'wrap' (theta_y + m > pi), 'easy' (no hard negatives), 'hard' (many)."""
+  kinds = kinds or ['real', 'near_pos1', 'near_neg1', 'wrap', 'easy', 'hard']
+  labels = rng.integers(0, num_classes, batch)
+  cos = np.empty((batch, num_classes))
+  for i in range(batch):
+    kind = kinds[i % len(kinds)]
+    neg = np.clip(rng.normal(0.0, 0.2, num_classes), -0.95, 0.95)
+    target = {
+        'real': lambda: rng.uniform(0.1, 0.8),
+        'near_pos1': lambda: 1.0 - rng.uniform(1e-4, 1e-3),
+        'near_neg1': lambda: -1.0 + rng.uniform(1e-4, 1e-3),
+        'wrap': lambda: rng.uniform(-0.97, -0.93),
+        'easy': lambda: rng.uniform(0.92, 0.97),
+        'hard': lambda: rng.uniform(-0.5, -0.2),
+    }[kind]()
+    if kind == 'easy':
+      neg = rng.uniform(-0.4, 0.3, num_classes)
+    cos[i] = neg
+    cos[i, labels[i]] = target
+  return cos, labels
+
+
+def away_from(values, thresholds, gap=1e-4):
+  """True where no value lies within ``gap`` of its row's threshold, so that
+  float32 and float64 agree on which side each one falls."""
+  return bool(np.all(np.abs(values - thresholds[:, None]) > gap))
