@@ -15,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from npcface_jax import losses
 from npcface_jax.registry import Head, HeadOutput
@@ -72,8 +72,18 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
     return ce, out
 
   logits_spec = P(None, axis) if return_logits else P()
-  out_specs = (P(), HeadOutput(logits_spec, P(), P(), P()))
-  return jax.shard_map(
-      local, mesh=mesh,
-      in_specs=(P(), P(axis), P(), P(), P(axis)),
-      out_specs=out_specs)
+  in_specs = (P(), P(axis), P(), P(), P(axis))
+  mapped = jax.shard_map(
+      local, mesh=mesh, in_specs=in_specs,
+      out_specs=(P(), HeadOutput(logits_spec, P(), P(), P())))
+  if AxisType.Explicit not in mesh.axis_types:
+    return mapped
+
+  def resharded(*args):
+    # Explicit-axis meshes (jax.make_mesh's default) want the inputs laid
+    # out as in_specs say before shard_map; an Auto mesh reshards itself.
+    args = [jax.tree.map(lambda a, s=spec: jax.reshard(a, NamedSharding(mesh, s)),
+                         arg) for arg, spec in zip(args, in_specs)]
+    return mapped(*args)
+
+  return resharded

@@ -40,7 +40,7 @@ def per_sample_cross_entropy(logits: Array, labels: Array, *, axis_name=None,
   target = jnp.sum(jnp.where(cols.is_target, z, 0.0), axis=-1)
   if axis_name is not None:
     sumexp, target = lax.psum((sumexp, target), axis_name)
-  return jnp.log(sumexp) + zmax - target
+  return jnp.log(sumexp) + (zmax - target)
 
 
 def softmax_cross_entropy(logits: Array, labels: Array, *, axis_name=None,

@@ -1,0 +1,148 @@
+"""The class-sharded classifier on eight fake devices equals the unsharded
+one: logits, loss and gradients (float32, rtol 1e-5), also for a class
+count that 8 does not divide."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import npcface_jax as nf
+from npcface_jax import classifier, registry
+from tests.conftest import NUM_DEVICES
+from tests.helpers import fresh_rng
+
+B, D = 16, 32
+
+
+@pytest.fixture(scope='module')
+def mesh():
+  """jax.make_mesh's default: Explicit axes."""
+  assert jax.device_count() == NUM_DEVICES, 'conftest should fake 8 devices'
+  return jax.make_mesh((NUM_DEVICES,), ('model',))
+
+
+@pytest.fixture(scope='module')
+def auto_mesh():
+  return jax.make_mesh((NUM_DEVICES,), ('model',),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def _problem(rng, num_classes):
+  labels = rng.integers(0, num_classes, B)
+  weights = rng.normal(size=(num_classes, D))
+  # Embeddings near their class centre, so that some samples have hard
+  # negatives and some do not.
+  x = weights[labels] + rng.normal(0.0, rng.uniform(0.3, 3.0, (B, 1)), (B, D))
+  return jnp.float32(x), jnp.float32(weights), labels
+
+
+def _loss_fns(mesh, head, crit, num_classes):
+  padded = classifier.padded_num_classes(num_classes, NUM_DEVICES)
+  sharded = classifier.sharded_classifier_loss(mesh, head, num_classes,
+                                               return_logits=True)
+
+  def pad(a):
+    return jnp.pad(a, [(0, padded - num_classes)] + [(0, 0)] * (a.ndim - 1))
+
+  def unsharded_loss(x, w, y, state, params):
+    ce, out = classifier.classifier_loss(x, w, y, head, state, params)
+    return crit.reduce(ce) + out.aux_loss, out
+
+  def sharded_loss(x, w, y, state, params):
+    ce, out = sharded(x, pad(w), y, state, jax.tree.map(pad, params))
+    return crit.reduce(ce) + out.aux_loss, out
+
+  return unsharded_loss, sharded_loss
+
+
+HEADS = [('npcface', {}), ('npcface', {'preset': 'facex_zoo'}),
+         ('arcface', {}), ('cosface', {})] + [
+             (n, {}) for n in registry.head_names()
+             if n not in ('npcface', 'arcface', 'cosface', 'am_softmax')]
+
+
+@pytest.mark.parametrize('num_classes', [64, 61])
+@pytest.mark.parametrize('name,options', HEADS,
+                         ids=[n + ''.join(o.values()) for n, o in HEADS])
+def test_sharded_equals_unsharded(mesh, name, options, num_classes):
+  rng, seed = fresh_rng()
+  x, w, y = _problem(rng, num_classes)
+  head = nf.get_head(name, **options)
+  state = head.init_state(num_classes)
+  params = head.init_params(jax.random.key(seed), num_classes)
+  crit = nf.get_criterion('softmax')
+  results = []
+  for fn in _loss_fns(mesh, head, crit, num_classes):
+    grad_fn = jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 4), has_aux=True))
+    results.append(grad_fn(x, w, y, state, params))
+  ((l0, out0), g0), ((l1, out1), g1) = results
+  msg = f'{name} {options} C={num_classes} seed {seed}'
+  np.testing.assert_allclose(np.asarray(out1.logits)[:, :num_classes],
+                             out0.logits, rtol=1e-5, atol=1e-4, err_msg=msg)
+  assert np.all(np.isneginf(np.asarray(out1.logits)[:, num_classes:]))
+  np.testing.assert_allclose(l1, l0, rtol=1e-5, err_msg=msg)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    scale = float(jnp.max(jnp.abs(b)))
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale, err_msg=msg)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       err_msg=msg),
+               (out1.state, out1.metrics), (out0.state, out0.metrics))
+  if name == 'npcface':
+    hard = np.asarray(out0.metrics['num_hard'])
+    assert (hard == 0).any() and (hard > 0).any(), msg
+
+
+def test_auto_axis_mesh(auto_mesh):
+  rng, seed = fresh_rng()
+  x, w, y = _problem(rng, 61)
+  fns = _loss_fns(auto_mesh, nf.get_head('npcface'), nf.get_criterion('softmax'),
+                  61)
+  (l0, _), g0 = jax.value_and_grad(fns[0], has_aux=True)(x, w, y, {}, {})
+  (l1, _), g1 = jax.jit(jax.value_and_grad(fns[1], has_aux=True))(x, w, y, {}, {})
+  np.testing.assert_allclose(l1, l0, rtol=1e-5, err_msg=str(seed))
+  np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-5 * float(jnp.max(abs(g0))))
+
+
+@pytest.mark.parametrize('criterion', ['focal', 'ohem'])
+def test_sharded_criteria(mesh, criterion):
+  rng, seed = fresh_rng()
+  x, w, y = _problem(rng, 61)
+  head = nf.get_head('npcface')
+  crit = nf.get_criterion(criterion)
+  values = [jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))(
+      x, w, y, {}, {}) for fn in _loss_fns(mesh, head, crit, 61)]
+  np.testing.assert_allclose(values[1][0][0], values[0][0][0], rtol=1e-5,
+                             err_msg=str(seed))
+  for a, b in zip(values[1][1], values[0][1]):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(abs(b))))
+
+
+def test_npcface_logits_directly_in_shard_map(mesh):
+  """The public function itself, on raw cosines split over the mesh."""
+  rng, seed = fresh_rng()
+  cos = jnp.float32(rng.uniform(-0.6, 0.9, (B, 40)))
+  y = rng.integers(0, 37, B)
+  cos = jnp.where(jnp.arange(40) < 37, cos, 0.0)  # 3 padding columns
+  fn = jax.shard_map(
+      lambda c, y: nf.npcface_logits(c, y, axis_name='model', num_classes=37),
+      mesh=mesh, in_specs=(jax.P(None, 'model'), jax.P()),
+      out_specs=jax.P(None, 'model'))
+  cos = jax.device_put(cos, jax.NamedSharding(mesh, jax.P(None, 'model')))
+  got = np.asarray(jax.jit(fn)(cos, y))
+  np.testing.assert_allclose(got[:, :37], nf.npcface_logits(cos[:, :37], y),
+                             rtol=1e-5, atol=1e-4, err_msg=str(seed))
+  assert np.all(np.isneginf(got[:, 37:]))
+
+
+def test_padded_num_classes():
+  assert classifier.padded_num_classes(61, 8) == 64
+  assert classifier.padded_num_classes(64, 8) == 64
+  assert classifier.padded_num_classes(1_000_000, 8) == 1_000_000
+
+
+def test_l2_normalize_zero_row_is_finite():
+  w = jnp.zeros((3, 4)).at[0].set(1.0)
+  value, grad = jax.value_and_grad(
+      lambda w: jnp.sum(classifier.l2_normalize(w)))(w)
+  assert np.isfinite(value) and np.all(np.isfinite(grad))
