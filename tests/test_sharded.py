@@ -123,13 +123,13 @@ def test_npcface_logits_directly_in_shard_map(mesh):
   rng, seed = fresh_rng()
   cos = jnp.float32(rng.uniform(-0.6, 0.9, (B, 40)))
   y = rng.integers(0, 37, B)
-  cos = jnp.where(jnp.arange(40) < 37, cos, 0.0)  # 3 padding columns
+  cos = np.asarray(jnp.where(jnp.arange(40) < 37, cos, 0.0))  # 3 padding
   fn = jax.shard_map(
       lambda c, y: nf.npcface_logits(c, y, axis_name='model', num_classes=37),
       mesh=mesh, in_specs=(jax.P(None, 'model'), jax.P()),
       out_specs=jax.P(None, 'model'))
-  cos = jax.device_put(cos, jax.NamedSharding(mesh, jax.P(None, 'model')))
-  got = np.asarray(jax.jit(fn)(cos, y))
+  sharded = jax.device_put(cos, jax.NamedSharding(mesh, jax.P(None, 'model')))
+  got = np.asarray(jax.jit(fn)(sharded, y))
   np.testing.assert_allclose(got[:, :37], nf.npcface_logits(cos[:, :37], y),
                              rtol=1e-5, atol=1e-4, err_msg=str(seed))
   assert np.all(np.isneginf(got[:, 37:]))
