@@ -39,9 +39,12 @@ _SIN_EPS = 1e-12
 
 
 class Columns(NamedTuple):
-  """Which local columns are each row's target and which are real classes."""
+  """Where each row's target sits among this shard's columns, and which
+  columns are real classes."""
 
   is_target: Array  # (B, C_local) bool
+  local_label: Array  # (B,) int32, the target's local column, clipped
+  owned: Array  # (B,) bool, whether this shard holds the target
   valid: Array | None  # (1, C_local) bool, None when every column is real
 
 
@@ -50,18 +53,28 @@ def columns(cos: Array, labels: Array, axis_name=None,
   c_local = cos.shape[-1]
   offset = 0 if axis_name is None else lax.axis_index(axis_name) * c_local
   cols = offset + lax.broadcasted_iota(jnp.int32, (1, c_local), 1)
-  is_target = cols == labels.astype(jnp.int32)[:, None]
+  labels = labels.astype(jnp.int32)
+  is_target = cols == labels[:, None]
+  local = labels - offset
+  owned = (local >= 0) & (local < c_local)
   valid = None if num_classes is None else cols < num_classes
-  return Columns(is_target, valid)
+  return Columns(is_target, jnp.clip(local, 0, c_local - 1), owned, valid)
 
 
 def _psum(x, axis_name):
   return x if axis_name is None else lax.psum(x, axis_name)
 
 
+def take_target(x: Array, cols: Columns, axis_name=None) -> Array:
+  """x[i, y_i] (B,), gathered (not a pass over B x C) on the shard that holds
+  class y_i and psum-ed to all shards when ``axis_name`` is given."""
+  picked = jnp.take_along_axis(x, cols.local_label[:, None], axis=-1)[:, 0]
+  return _psum(jnp.where(cols.owned, picked, 0.0), axis_name)
+
+
 def target_cos(c: Array, cols: Columns, axis_name=None) -> Array:
-  """cos_iy (B,), gathered from whichever shard holds class y_i."""
-  return _psum(jnp.sum(jnp.where(cols.is_target, c, 0.0), axis=-1), axis_name)
+  """cos_iy (B,), from whichever shard holds class y_i."""
+  return take_target(c, cols, axis_name)
 
 
 def safe_sin(c: Array) -> Array:
@@ -150,16 +163,19 @@ def npcface_logits(cos: Array, labels: Array, *, scale: float = 64.0,
   cols = columns(c, labels, axis_name, num_classes)
   c_y = target_cos(c, cols, axis_name)
   hard = _hard_mask(c, cols, lax.stop_gradient(cos_add(c_y, m_h)))
-  hard_sum = _psum(jnp.sum(jnp.where(hard, c, 0.0), axis=-1), axis_name)
-  num_hard = _psum(jnp.sum(hard, axis=-1, dtype=jnp.int32), axis_name)
-  mean_hard = hard_sum / jnp.maximum(num_hard, 1)
+  # Sum and count in float32 (exact for counts below 2^24 per row), which
+  # XLA reduces in the same pass as the sum.
+  hard_sum, num_hard = _psum(
+      (jnp.sum(jnp.where(hard, c, 0.0), axis=-1),
+       jnp.sum(jnp.where(hard, 1.0, 0.0), axis=-1)), axis_name)
+  mean_hard = hard_sum / jnp.maximum(num_hard, 1.0)
   margin = lax.stop_gradient(m0 + m1 * mean_hard)
   positive = arc_positive(c_y, margin, easy_margin)
   negative = jnp.where(hard, t * c + alpha, c)
   logits = scale * jnp.where(cols.is_target, positive[:, None], negative)
   logits = finish(logits, cols, dtype)
   if return_diagnostics:
-    return logits, {'margin': margin, 'num_hard': num_hard}
+    return logits, {'margin': margin, 'num_hard': num_hard.astype(jnp.int32)}
   return logits
 
 
@@ -178,7 +194,7 @@ def softmax_logits(cos: Array, labels: Array | None = None, *,
                    num_classes: int | None = None) -> Array:
   """Normalised softmax: s*cos for every class (the seed's eq. 1)."""
   del labels
-  cols = Columns(None, None)
+  cols = Columns(None, None, None, None)
   if num_classes is not None:
     cols = columns(cos, jnp.zeros(cos.shape[:1], jnp.int32), axis_name,
                    num_classes)
@@ -198,16 +214,14 @@ def cosface_logits(cos: Array, labels: Array, *, scale: float = 64.0,
 def arcface_logits(cos: Array, labels: Array, *, scale: float = 64.0,
                    margin: float = 0.5, easy_margin: bool = False,
                    axis_name=None, num_classes: int | None = None) -> Array:
-  """ArcFace: positive s*cos(theta_y + m), monotone fallback past pi.
-
-  Purely column-local: the positive is computed elementwise on the target
-  column, so the sharded form needs no collective.
-  """
+  """ArcFace: positive s*cos(theta_y + m), monotone fallback past pi."""
   c = _f32(cos)
   cols = columns(c, labels, axis_name, num_classes)
-  return finish(
-      scale * jnp.where(cols.is_target, arc_positive(c, margin, easy_margin), c),
-      cols, cos.dtype)
+  # The shard that owns y_i finds cos_iy locally; no psum is needed since
+  # the positive only lands on that shard's column.
+  c_y = target_cos(c, cols)
+  return _with_positive(c, cols, arc_positive(c_y, margin, easy_margin), c,
+                        scale, cos.dtype)
 
 
 def _chebyshev(c, m: int):
@@ -250,12 +264,12 @@ def sphereface_logits(cos: Array, labels: Array, state: dict[str, Array], *,
   cols = columns(c, labels, axis_name, num_classes)
   lam = sphereface_lambda(state['step'], base=base, gamma=gamma, power=power,
                           lambda_min=lambda_min)
-  theta = jnp.arccos(jnp.clip(lax.stop_gradient(c), -1.0, 1.0))
+  c_y = target_cos(c, cols)  # local, as in ArcFace
+  theta = jnp.arccos(jnp.clip(lax.stop_gradient(c_y), -1.0, 1.0))
   k = jnp.minimum(jnp.floor(margin * theta / math.pi), margin - 1)
-  psi = jnp.where(k % 2 == 0, 1.0, -1.0) * _chebyshev(c, margin) - 2.0 * k
-  positive = (lam * c + psi) / (1.0 + lam)
-  logits = finish(scale * jnp.where(cols.is_target, positive, c), cols,
-                  cos.dtype)
+  psi = jnp.where(k % 2 == 0, 1.0, -1.0) * _chebyshev(c_y, margin) - 2.0 * k
+  positive = (lam * c_y + psi) / (1.0 + lam)
+  logits = _with_positive(c, cols, positive, c, scale, cos.dtype)
   return logits, {'step': state['step'] + 1}
 
 

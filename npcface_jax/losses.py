@@ -37,7 +37,7 @@ def per_sample_cross_entropy(logits: Array, labels: Array, *, axis_name=None,
   if axis_name is not None:
     zmax = lax.pmax(zmax, axis_name)
   sumexp = jnp.sum(jnp.exp(z - zmax[:, None]), axis=-1)
-  target = jnp.sum(jnp.where(cols.is_target, z, 0.0), axis=-1)
+  target = heads.take_target(z, cols)
   if axis_name is not None:
     sumexp, target = lax.psum((sumexp, target), axis_name)
   return jnp.log(sumexp) + (zmax - target)
