@@ -1,5 +1,6 @@
 """The normalised classifier: cosines, head and per-sample loss, optionally
-with the classifier's rows split over a mesh axis (model parallel).
+with the classifier's rows split over a mesh axis (model parallel), or
+computed chunked and fused over the classes on one device.
 
 The unsharded and the sharded path run the same code; the sharded one runs
 it inside ``jax.shard_map`` with ``axis_name`` set, where the head and the
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from npcface_jax import losses
+from npcface_jax import chunked_loss, losses
 from npcface_jax.registry import Head, HeadOutput
 
 Array = jax.Array
@@ -41,9 +42,23 @@ def padded_num_classes(num_classes: int, num_shards: int) -> int:
 
 def classifier_loss(embeddings: Array, weights: Array, labels: Array,
                     head: Head, state=None, params=None, *, axis_name=None,
-                    num_classes: int | None = None) -> tuple[Array, HeadOutput]:
+                    num_classes: int | None = None,
+                    chunk_size: int | None = None) -> tuple[Array, HeadOutput]:
   """Per-sample cross-entropy (B,) and the head's output for one shard
-  (or the whole classifier when ``axis_name`` is None)."""
+  (or the whole classifier when ``axis_name`` is None).
+
+  With ``chunk_size`` (unsharded only) the loss runs chunked and fused
+  (chunked_loss.py): same values and gradients, far less memory, and the
+  returned HeadOutput has ``logits=None``.
+  """
+  if chunk_size is not None:
+    if axis_name is not None:
+      raise ValueError('chunk_size applies to an unsharded classifier; the '
+                       'class-sharded path takes chunk_size=None')
+    ce, row, sums = chunked_loss.chunked_cross_entropy(
+        embeddings, weights, labels, head.parts(state), chunk_size=chunk_size)
+    new_state, metrics = head.after_parts(state, row, sums)
+    return ce, HeadOutput(None, new_state, jnp.zeros((), jnp.float32), metrics)
   out = head(cosine(embeddings, weights), labels, state, params,
              axis_name=axis_name, num_classes=num_classes)
   ce = losses.per_sample_cross_entropy(out.logits, labels, axis_name=axis_name)

@@ -19,7 +19,7 @@ get logit -inf, so any softmax criterion ignores them.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -112,12 +112,52 @@ def _f32(cos: Array) -> Array:
   return cos.astype(jnp.promote_types(cos.dtype, jnp.float32))
 
 
-def _hard_mask(c, cols, threshold):
-  """M_ij = [j != y_i] and [cos_ij > threshold_i], held constant for grad."""
-  hard = (c > threshold[:, None]) & ~cols.is_target
+# --------------------------------------------------------------------------
+# Margin heads as three parts
+# --------------------------------------------------------------------------
+#
+# Every head except AdaCos and AdaM-softmax is written as three pure parts,
+# so that its math lives in one place and serves both the full (B, C) logits
+# below and the chunked fused cross-entropy (npcface_jax.chunked_loss), which
+# never holds all logits at once:
+#   row(c_y) -> per-sample constants from the target cosines (B,);
+#   negative(c, row, is_negative) -> (scaled logits of a block of columns,
+#       per-sample partial sums over that block's negatives, a tuple);
+#   positive(c_y, row, sums) -> the scaled target logit (B,).
+# The logits' Jacobian in cos is diagonal (masks, margins and batch
+# statistics are constants for the gradient), which the fused path relies on.
+
+
+class MarginParts(NamedTuple):
+  row: Callable[[Array], Any]
+  negative: Callable[[Array, Any, Array], tuple[Array, tuple[Array, ...]]]
+  positive: Callable[[Array, Any, tuple[Array, ...]], Array]
+
+
+def assemble(parts: MarginParts, cos: Array, labels: Array, axis_name=None,
+             num_classes: int | None = None):
+  """Full logits (B, C) in cos's dtype, with the row constants and sums."""
+  c = _f32(cos)
+  cols = columns(c, labels, axis_name, num_classes)
+  c_y = target_cos(c, cols, axis_name)
+  row = parts.row(c_y)
+  is_negative = ~cols.is_target
   if cols.valid is not None:
-    hard = hard & cols.valid
-  return lax.stop_gradient(hard)
+    is_negative = is_negative & cols.valid
+  negative, sums = parts.negative(c, row, is_negative)
+  sums = _psum(sums, axis_name)
+  positive = parts.positive(c_y, row, sums)
+  logits = jnp.where(cols.is_target, positive[:, None], negative)
+  return finish(logits, cols, cos.dtype), row, sums
+
+
+def _plain_negative(scale):
+  return lambda c, row, is_negative: (scale * c, ())
+
+
+def _hard(c, threshold, is_negative):
+  """M_ij = [j != y_i] and [cos_ij > threshold_i], constant for the grad."""
+  return lax.stop_gradient((c > threshold[:, None]) & is_negative)
 
 
 # --------------------------------------------------------------------------
@@ -140,6 +180,36 @@ NPCFACE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def npcface_parts(*, scale: float = 64.0, m0: float = 0.4, m1: float = 0.2,
+                  t: float = 1.1, alpha: float = 0.25,
+                  hard_margin: float | None = None,
+                  easy_margin: bool = False) -> MarginParts:
+  """NPCFace as MarginParts; the sums are (sum of hard cos, hard count)."""
+  m_h = m0 if hard_margin is None else hard_margin
+
+  def row(c_y):
+    return lax.stop_gradient(cos_add(c_y, m_h))  # the hard threshold
+
+  def negative(c, threshold, is_negative):
+    hard = _hard(c, threshold, is_negative)
+    # The count is summed in float32 (exact below 2^24 hard negatives per
+    # row), like the sum, so that both reduce in one pass.
+    sums = (jnp.sum(jnp.where(hard, c, 0.0), axis=-1),
+            jnp.sum(jnp.where(hard, 1.0, 0.0), axis=-1))
+    return scale * jnp.where(hard, t * c + alpha, c), sums
+
+  def positive(c_y, threshold, sums):
+    return scale * arc_positive(c_y, npcface_margin(sums, m0, m1), easy_margin)
+
+  return MarginParts(row, negative, positive)
+
+
+def npcface_margin(sums, m0: float, m1: float) -> Array:
+  """m_i = m0 + m1 * mean hard cos (m0 without hard negatives), constant."""
+  hard_sum, num_hard = sums
+  return lax.stop_gradient(m0 + m1 * hard_sum / jnp.maximum(num_hard, 1.0))
+
+
 def npcface_logits(cos: Array, labels: Array, *, scale: float = 64.0,
                    m0: float = 0.4, m1: float = 0.2, t: float = 1.1,
                    alpha: float = 0.25, hard_margin: float | None = None,
@@ -157,26 +227,17 @@ def npcface_logits(cos: Array, labels: Array, *, scale: float = 64.0,
   Returns logits (B, C) in cos's dtype, and with ``return_diagnostics`` also
   ``{'margin': m_i (B,), 'num_hard': |M_i| (B,)}`` for logging.
   """
-  dtype = cos.dtype
-  m_h = m0 if hard_margin is None else hard_margin
-  c = _f32(cos)
-  cols = columns(c, labels, axis_name, num_classes)
-  c_y = target_cos(c, cols, axis_name)
-  hard = _hard_mask(c, cols, lax.stop_gradient(cos_add(c_y, m_h)))
-  # Sum and count in float32 (exact for counts below 2^24 per row), which
-  # XLA reduces in the same pass as the sum.
-  hard_sum, num_hard = _psum(
-      (jnp.sum(jnp.where(hard, c, 0.0), axis=-1),
-       jnp.sum(jnp.where(hard, 1.0, 0.0), axis=-1)), axis_name)
-  mean_hard = hard_sum / jnp.maximum(num_hard, 1.0)
-  margin = lax.stop_gradient(m0 + m1 * mean_hard)
-  positive = arc_positive(c_y, margin, easy_margin)
-  negative = jnp.where(hard, t * c + alpha, c)
-  logits = scale * jnp.where(cols.is_target, positive[:, None], negative)
-  logits = finish(logits, cols, dtype)
+  parts = npcface_parts(scale=scale, m0=m0, m1=m1, t=t, alpha=alpha,
+                        hard_margin=hard_margin, easy_margin=easy_margin)
+  logits, _, sums = assemble(parts, cos, labels, axis_name, num_classes)
   if return_diagnostics:
-    return logits, {'margin': margin, 'num_hard': num_hard.astype(jnp.int32)}
+    return logits, npcface_diagnostics(sums, m0, m1)
   return logits
+
+
+def npcface_diagnostics(sums, m0: float, m1: float) -> dict[str, Array]:
+  return {'margin': npcface_margin(sums, m0, m1),
+          'num_hard': sums[1].astype(jnp.int32)}
 
 
 # --------------------------------------------------------------------------
@@ -184,44 +245,45 @@ def npcface_logits(cos: Array, labels: Array, *, scale: float = 64.0,
 # --------------------------------------------------------------------------
 
 
-def _with_positive(c, cols, positive, negative, scale, dtype):
-  logits = scale * jnp.where(cols.is_target, positive[:, None], negative)
-  return finish(logits, cols, dtype)
+def softmax_parts(*, scale: float = 64.0) -> MarginParts:
+  return MarginParts(lambda c_y: (), _plain_negative(scale),
+                     lambda c_y, row, sums: scale * c_y)
 
 
-def softmax_logits(cos: Array, labels: Array | None = None, *,
-                   scale: float = 64.0, axis_name=None,
-                   num_classes: int | None = None) -> Array:
+def softmax_logits(cos: Array, labels: Array, *, scale: float = 64.0,
+                   axis_name=None, num_classes: int | None = None) -> Array:
   """Normalised softmax: s*cos for every class (the seed's eq. 1)."""
-  del labels
-  cols = Columns(None, None, None, None)
-  if num_classes is not None:
-    cols = columns(cos, jnp.zeros(cos.shape[:1], jnp.int32), axis_name,
-                   num_classes)
-  return finish(scale * _f32(cos), cols, cos.dtype)
+  return assemble(softmax_parts(scale=scale), cos, labels, axis_name,
+                  num_classes)[0]
+
+
+def cosface_parts(*, scale: float = 64.0, margin: float = 0.35) -> MarginParts:
+  return MarginParts(lambda c_y: (), _plain_negative(scale),
+                     lambda c_y, row, sums: scale * (c_y - margin))
 
 
 def cosface_logits(cos: Array, labels: Array, *, scale: float = 64.0,
                    margin: float = 0.35, axis_name=None,
                    num_classes: int | None = None) -> Array:
   """CosFace / AM-softmax: positive s*(cos_y - m)."""
-  c = _f32(cos)
-  cols = columns(c, labels, axis_name, num_classes)
-  return finish(scale * jnp.where(cols.is_target, c - margin, c), cols,
-                cos.dtype)
+  return assemble(cosface_parts(scale=scale, margin=margin), cos, labels,
+                  axis_name, num_classes)[0]
+
+
+def arcface_parts(*, scale: float = 64.0, margin: float = 0.5,
+                  easy_margin: bool = False) -> MarginParts:
+  return MarginParts(
+      lambda c_y: (), _plain_negative(scale),
+      lambda c_y, row, sums: scale * arc_positive(c_y, margin, easy_margin))
 
 
 def arcface_logits(cos: Array, labels: Array, *, scale: float = 64.0,
                    margin: float = 0.5, easy_margin: bool = False,
                    axis_name=None, num_classes: int | None = None) -> Array:
   """ArcFace: positive s*cos(theta_y + m), monotone fallback past pi."""
-  c = _f32(cos)
-  cols = columns(c, labels, axis_name, num_classes)
-  # The shard that owns y_i finds cos_iy locally; no psum is needed since
-  # the positive only lands on that shard's column.
-  c_y = target_cos(c, cols)
-  return _with_positive(c, cols, arc_positive(c_y, margin, easy_margin), c,
-                        scale, cos.dtype)
+  return assemble(arcface_parts(scale=scale, margin=margin,
+                                easy_margin=easy_margin),
+                  cos, labels, axis_name, num_classes)[0]
 
 
 def _chebyshev(c, m: int):
@@ -245,6 +307,26 @@ def sphereface_lambda(step, *, base: float = 1000.0, gamma: float = 0.12,
   return jnp.maximum(lambda_min, base * (1.0 + gamma * step) ** (-power))
 
 
+def sphereface_parts(state: dict[str, Array], *, scale: float = 64.0,
+                     margin: int = 4, base: float = 1000.0,
+                     gamma: float = 0.12, power: float = 1.0,
+                     lambda_min: float = 5.0) -> MarginParts:
+  if int(margin) != margin or margin < 1:
+    raise ValueError(f'SphereFace margin must be a positive integer, got '
+                     f'{margin}')
+  margin = int(margin)
+  lam = sphereface_lambda(state['step'], base=base, gamma=gamma, power=power,
+                          lambda_min=lambda_min)
+
+  def positive(c_y, row, sums):
+    theta = jnp.arccos(jnp.clip(lax.stop_gradient(c_y), -1.0, 1.0))
+    k = jnp.minimum(jnp.floor(margin * theta / math.pi), margin - 1)
+    psi = jnp.where(k % 2 == 0, 1.0, -1.0) * _chebyshev(c_y, margin) - 2.0 * k
+    return scale * (lam * c_y + psi) / (1.0 + lam)
+
+  return MarginParts(lambda c_y: (), _plain_negative(scale), positive)
+
+
 def sphereface_logits(cos: Array, labels: Array, state: dict[str, Array], *,
                       scale: float = 64.0, margin: int = 4,
                       base: float = 1000.0, gamma: float = 0.12,
@@ -256,20 +338,9 @@ def sphereface_logits(cos: Array, labels: Array, state: dict[str, Array], *,
   is s*(lambda*cos + psi)/(1 + lambda), lambda decaying with ``state['step']``.
   Returns (logits, new_state).
   """
-  if int(margin) != margin or margin < 1:
-    raise ValueError(f'SphereFace margin must be a positive integer, got '
-                     f'{margin}')
-  margin = int(margin)
-  c = _f32(cos)
-  cols = columns(c, labels, axis_name, num_classes)
-  lam = sphereface_lambda(state['step'], base=base, gamma=gamma, power=power,
-                          lambda_min=lambda_min)
-  c_y = target_cos(c, cols)  # local, as in ArcFace
-  theta = jnp.arccos(jnp.clip(lax.stop_gradient(c_y), -1.0, 1.0))
-  k = jnp.minimum(jnp.floor(margin * theta / math.pi), margin - 1)
-  psi = jnp.where(k % 2 == 0, 1.0, -1.0) * _chebyshev(c_y, margin) - 2.0 * k
-  positive = (lam * c_y + psi) / (1.0 + lam)
-  logits = _with_positive(c, cols, positive, c, scale, cos.dtype)
+  parts = sphereface_parts(state, scale=scale, margin=margin, base=base,
+                           gamma=gamma, power=power, lambda_min=lambda_min)
+  logits = assemble(parts, cos, labels, axis_name, num_classes)[0]
   return logits, {'step': state['step'] + 1}
 
 
@@ -340,10 +411,18 @@ def adam_softmax_logits(cos: Array, labels: Array, margins: Array, *,
   return logits, reg
 
 
-def _mv_logits(c, cols, positive, threshold, t, scale, dtype):
-  hard = _hard_mask(c, cols, lax.stop_gradient(threshold))
-  negative = jnp.where(hard, t * c + t - 1.0, c)
-  return _with_positive(c, cols, positive, negative, scale, dtype)
+def _mv_negative(scale, t):
+  def negative(c, threshold, is_negative):
+    hard = _hard(c, threshold, is_negative)
+    return scale * jnp.where(hard, t * c + t - 1.0, c), ()
+  return negative
+
+
+def mv_am_softmax_parts(*, scale: float = 64.0, margin: float = 0.35,
+                        t: float = 1.2) -> MarginParts:
+  return MarginParts(lambda c_y: lax.stop_gradient(c_y - margin),
+                     _mv_negative(scale, t),
+                     lambda c_y, row, sums: scale * (c_y - margin))
 
 
 def mv_am_softmax_logits(cos: Array, labels: Array, *, scale: float = 64.0,
@@ -351,11 +430,15 @@ def mv_am_softmax_logits(cos: Array, labels: Array, *, scale: float = 64.0,
                          num_classes: int | None = None) -> Array:
   """MV-AM-softmax (the seed's eq. 8): CosFace positive; negatives with
   cos_j > cos_y - m become s*(t*cos_j + t - 1)."""
-  c = _f32(cos)
-  cols = columns(c, labels, axis_name, num_classes)
-  c_y = target_cos(c, cols, axis_name)
-  return _mv_logits(c, cols, c_y - margin, c_y - margin, t, scale,
-                    cos.dtype)
+  return assemble(mv_am_softmax_parts(scale=scale, margin=margin, t=t), cos,
+                  labels, axis_name, num_classes)[0]
+
+
+def mv_arc_softmax_parts(*, scale: float = 64.0, margin: float = 0.5,
+                         t: float = 1.2) -> MarginParts:
+  return MarginParts(lambda c_y: lax.stop_gradient(cos_add(c_y, margin)),
+                     _mv_negative(scale, t),
+                     lambda c_y, row, sums: scale * arc_positive(c_y, margin))
 
 
 def mv_arc_softmax_logits(cos: Array, labels: Array, *, scale: float = 64.0,
@@ -363,11 +446,19 @@ def mv_arc_softmax_logits(cos: Array, labels: Array, *, scale: float = 64.0,
                           num_classes: int | None = None) -> Array:
   """MV-Arc-softmax: ArcFace positive; negatives with cos_j > cos(theta_y+m)
   become s*(t*cos_j + t - 1)."""
-  c = _f32(cos)
-  cols = columns(c, labels, axis_name, num_classes)
-  c_y = target_cos(c, cols, axis_name)
-  return _mv_logits(c, cols, arc_positive(c_y, margin),
-                    cos_add(c_y, margin), t, scale, cos.dtype)
+  return assemble(mv_arc_softmax_parts(scale=scale, margin=margin, t=t), cos,
+                  labels, axis_name, num_classes)[0]
+
+
+def arcnegface_parts(*, scale: float = 64.0, margin: float = 0.5,
+                     a: float = 1.2, sigma: float = 2.0) -> MarginParts:
+  def negative(c, ref, is_negative):
+    g = lax.stop_gradient(a * jnp.exp(-jnp.square(c - ref[:, None]) / sigma))
+    return scale * (g * c + g - 1.0), ()
+
+  return MarginParts(lambda c_y: lax.stop_gradient(cos_add(c_y, margin)),
+                     negative,
+                     lambda c_y, row, sums: scale * arc_positive(c_y, margin))
 
 
 def arcnegface_logits(cos: Array, labels: Array, *, scale: float = 64.0,
@@ -375,17 +466,31 @@ def arcnegface_logits(cos: Array, labels: Array, *, scale: float = 64.0,
                       axis_name=None, num_classes: int | None = None) -> Array:
   """ArcNegFace: ArcFace positive; every negative s*(g*cos_j + g - 1) with
   g = a*exp(-(cos_j - cos(theta_y + m))^2 / sigma), g constant for grad."""
-  c = _f32(cos)
-  cols = columns(c, labels, axis_name, num_classes)
-  c_y = target_cos(c, cols, axis_name)
-  ref = lax.stop_gradient(cos_add(c_y, margin))[:, None]
-  g = lax.stop_gradient(a * jnp.exp(-jnp.square(c - ref) / sigma))
-  return _with_positive(c, cols, arc_positive(c_y, margin), g * c + g - 1.0,
-                        scale, cos.dtype)
+  return assemble(arcnegface_parts(scale=scale, margin=margin, a=a,
+                                   sigma=sigma),
+                  cos, labels, axis_name, num_classes)[0]
 
 
 def curricularface_init_state() -> dict[str, Array]:
   return {'t': jnp.zeros((), jnp.float32)}
+
+
+def curricularface_parts(state: dict[str, Array], *, scale: float = 64.0,
+                         margin: float = 0.5,
+                         momentum: float = 0.01) -> MarginParts:
+  """The row constants are (hard threshold, t); t is the new state."""
+
+  def row(c_y):
+    t = momentum * jnp.mean(c_y) + (1.0 - momentum) * state['t']
+    return lax.stop_gradient((cos_add(c_y, margin), t))
+
+  def negative(c, row, is_negative):
+    threshold, t = row
+    hard = _hard(c, threshold, is_negative)
+    return scale * jnp.where(hard, c * (t + c), c), ()
+
+  return MarginParts(row, negative,
+                     lambda c_y, row, sums: scale * arc_positive(c_y, margin))
 
 
 def curricularface_logits(cos: Array, labels: Array, state: dict[str, Array],
@@ -396,13 +501,7 @@ def curricularface_logits(cos: Array, labels: Array, state: dict[str, Array],
   become s*cos_j*(t + cos_j), t an EMA of the batch's mean cos_y, updated
   before use as in the official code (the batch mean is global: call it in
   the global view). Returns (logits, new_state)."""
-  c = _f32(cos)
-  cols = columns(c, labels, axis_name, num_classes)
-  c_y = target_cos(c, cols, axis_name)
-  t = lax.stop_gradient(momentum * jnp.mean(c_y)
-                        + (1.0 - momentum) * state['t'])
-  hard = _hard_mask(c, cols, lax.stop_gradient(cos_add(c_y, margin)))
-  negative = jnp.where(hard, c * (t + c), c)
-  logits = _with_positive(c, cols, arc_positive(c_y, margin), negative, scale,
-                          cos.dtype)
+  parts = curricularface_parts(state, scale=scale, margin=margin,
+                               momentum=momentum)
+  logits, (_, t), _ = assemble(parts, cos, labels, axis_name, num_classes)
   return logits, {'t': t}

@@ -37,6 +37,7 @@ class HeadOutput(NamedTuple):
 
 _NO_STATE = lambda num_classes: {}  # noqa: E731
 _NO_PARAMS = lambda key, num_classes: {}  # noqa: E731
+_NOTHING_AFTER = lambda state, row, sums, options: ({}, {})  # noqa: E731
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,25 +49,55 @@ class _Entry:
   kind: str
   init_state: Callable[[int], dict] = _NO_STATE
   init_params: Callable[[Array, int], dict] = _NO_PARAMS
+  # (state, options) -> MarginParts, for the chunked loss; None if the head
+  # has no such form.
+  parts: Callable[..., heads.MarginParts] | None = None
+  # (state, row, sums, options) -> (new state, metrics) on the chunked path.
+  after_parts: Callable[..., tuple[dict, dict]] = _NOTHING_AFTER
+
+
+def _stateless(parts_fn):
+  return lambda state, options: parts_fn(**options)
+
+
+def _stateful(parts_fn):
+  return lambda state, options: parts_fn(state, **options)
 
 
 _HEADS: dict[str, _Entry] = {
-    'softmax': _Entry(heads.softmax_logits, 'plain'),
-    'sphereface': _Entry(heads.sphereface_logits, 'state',
-                         lambda n: heads.sphereface_init_state()),
-    'cosface': _Entry(heads.cosface_logits, 'plain'),
-    'am_softmax': _Entry(heads.cosface_logits, 'plain'),
-    'arcface': _Entry(heads.arcface_logits, 'plain'),
+    'softmax': _Entry(heads.softmax_logits, 'plain',
+                      parts=_stateless(heads.softmax_parts)),
+    'sphereface': _Entry(
+        heads.sphereface_logits, 'state',
+        lambda n: heads.sphereface_init_state(),
+        parts=_stateful(heads.sphereface_parts),
+        after_parts=lambda st, row, sums, o: ({'step': st['step'] + 1}, {})),
+    'cosface': _Entry(heads.cosface_logits, 'plain',
+                      parts=_stateless(heads.cosface_parts)),
+    'am_softmax': _Entry(heads.cosface_logits, 'plain',
+                         parts=_stateless(heads.cosface_parts)),
+    'arcface': _Entry(heads.arcface_logits, 'plain',
+                      parts=_stateless(heads.arcface_parts)),
     'adacos': _Entry(heads.adacos_logits, 'state', heads.adacos_init_state),
     'adam_softmax': _Entry(
         heads.adam_softmax_logits, 'params',
         init_params=lambda key, n: {'margins': heads.adam_init_margins(key, n)}),
-    'mv_am_softmax': _Entry(heads.mv_am_softmax_logits, 'plain'),
-    'mv_arc_softmax': _Entry(heads.mv_arc_softmax_logits, 'plain'),
-    'arcnegface': _Entry(heads.arcnegface_logits, 'plain'),
-    'curricularface': _Entry(heads.curricularface_logits, 'state',
-                             lambda n: heads.curricularface_init_state()),
-    'npcface': _Entry(heads.npcface_logits, 'diagnostics'),
+    'mv_am_softmax': _Entry(heads.mv_am_softmax_logits, 'plain',
+                            parts=_stateless(heads.mv_am_softmax_parts)),
+    'mv_arc_softmax': _Entry(heads.mv_arc_softmax_logits, 'plain',
+                             parts=_stateless(heads.mv_arc_softmax_parts)),
+    'arcnegface': _Entry(heads.arcnegface_logits, 'plain',
+                         parts=_stateless(heads.arcnegface_parts)),
+    'curricularface': _Entry(
+        heads.curricularface_logits, 'state',
+        lambda n: heads.curricularface_init_state(),
+        parts=_stateful(heads.curricularface_parts),
+        after_parts=lambda st, row, sums, o: ({'t': row[1]}, {})),
+    'npcface': _Entry(
+        heads.npcface_logits, 'diagnostics',
+        parts=_stateless(heads.npcface_parts),
+        after_parts=lambda st, row, sums, o: (
+            {}, heads.npcface_diagnostics(sums, o['m0'], o['m1']))),
 }
 
 # Each criterion is a reduction of the per-sample cross-entropy.
@@ -89,13 +120,17 @@ def criterion_names() -> list[str]:
   return sorted(_CRITERIA)
 
 
-def _check_options(kind: str, name: str, fn, options: dict[str, Any]):
-  allowed = sorted(p for p in inspect.signature(fn).parameters
-                   if p not in _RESERVED)
-  unknown = sorted(set(options) - set(allowed))
+def _options(kind: str, name: str, fn, options: dict[str, Any]):
+  """The options checked against fn's keywords, with its defaults filled in."""
+  params = {p.name: p for p in inspect.signature(fn).parameters.values()
+            if p.name not in _RESERVED}
+  unknown = sorted(set(options) - set(params))
   if unknown:
     raise ValueError(f'{kind} {name!r} has no option(s) {unknown}; '
-                     f'its options are {allowed}')
+                     f'its options are {sorted(params)}')
+  defaults = {k: p.default for k, p in params.items()
+              if p.default is not inspect.Parameter.empty}
+  return {**defaults, **options}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +146,23 @@ class Head:
 
   def init_params(self, key: Array, num_classes: int) -> dict[str, Array]:
     return self._entry.init_params(key, num_classes)
+
+  @property
+  def has_parts(self) -> bool:
+    """Whether the head can run as the chunked loss (chunked_loss.py)."""
+    return self._entry.parts is not None
+
+  def parts(self, state=None) -> heads.MarginParts:
+    if not self.has_parts:
+      raise ValueError(
+          f'head {self.name!r} has no chunked form (its logits need a pass '
+          f'over all classes first, or it has parameters); use the full '
+          f'logits for it (chunk_size=None)')
+    return self._entry.parts(state, self.options)
+
+  def after_parts(self, state, row, sums) -> tuple[dict, dict]:
+    """The new state and metrics from the chunked loss's row and sums."""
+    return self._entry.after_parts(state, row, sums, self.options)
 
   def __call__(self, cos: Array, labels: Array, state=None, params=None, *,
                axis_name=None, num_classes: int | None = None) -> HeadOutput:
@@ -141,8 +193,8 @@ def get_head(name: str, **options) -> Head:
       raise ValueError(f'unknown NPCFace preset {preset!r}; choose one of '
                        f'{sorted(heads.NPCFACE_PRESETS)}')
     options = {**heads.NPCFACE_PRESETS[preset], **options}
-  _check_options('head', name, _HEADS[name].fn, options)
-  return Head(name, options, _HEADS[name])
+  return Head(name, _options('head', name, _HEADS[name].fn, options),
+              _HEADS[name])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,8 +223,6 @@ def get_criterion(name: str, **options) -> Criterion:
   if name not in _CRITERIA:
     raise ValueError(f'unknown criterion {name!r}; choose one of '
                      f'{criterion_names()}')
-  if name != 'softmax':
-    _check_options('criterion', name, _CRITERIA[name], options)
-  elif options:
+  if name == 'softmax' and options:
     raise ValueError(f'criterion softmax takes no options, got {sorted(options)}')
-  return Criterion(name, options)
+  return Criterion(name, _options('criterion', name, _CRITERIA[name], options))
