@@ -1,18 +1,20 @@
 """Forward+backward of cross-entropy over head logits of a normalised
 classifier, side by side with the bare three-matrix-product floor.
 
-    python benchmarks/loss_bench.py [--classes 10000 100000] [--reps 5]
+    python benchmarks/loss_bench.py [--classes 10000 100000] [--reps 7]
 
-For each class count C it times, in one run and on the same inputs
-(B x D embeddings, C x D classifier, float32):
-  floor    the three products any such loss needs: x.W^T, g.W, g^T.x
-  softmax  cross-entropy over s*cos (the normalised-softmax head)
-  arcface  the same with ArcFace's logits
-  npcface  the same with NPCFace's logits
-each as value_and_grad with respect to the embeddings and the classifier,
-with W normalised inside. Prints milliseconds (median of --reps), the ratio
-to the floor and to ArcFace, and the compiled step's peak memory (XLA's
-memory analysis: arguments + outputs + temporaries).
+For each class count C, in one run and on the same inputs (B x D embeddings,
+C x D classifier, float32), each as value_and_grad with respect to the
+embeddings and the classifier, W normalised inside:
+  floor            the three products any such loss needs: x.W^T, g.W, g^T.x
+  softmax          autodiff through the full logits of the normalised softmax
+  arcface/npcface  the same with ArcFace's / NPCFace's logits
+  */chunked        the chunked fused loss (npcface_jax.chunked_loss)
+The cases run interleaved, round after round, so that drift in the
+machine's speed hits all alike; each ratio is the median over rounds of the
+per-round ratio. 'cpu' is process CPU time (both cores), steadier than wall
+time on a shared machine. Peak memory is XLA's memory analysis of the
+compiled step: arguments + outputs + temporaries.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import time
 
 import jax
@@ -27,12 +30,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from npcface_jax import heads, losses
+from npcface_jax.chunked_loss import chunked_cross_entropy
 from npcface_jax.classifier import cosine
 
 
-def loss_step(head_fn):
+def full_logits_step(head_fn):
   def loss(x, w, labels):
     return losses.softmax_cross_entropy(head_fn(cosine(x, w), labels), labels)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def chunked_step(parts, chunk_size):
+  def loss(x, w, labels):
+    return jnp.mean(chunked_cross_entropy(x, w, labels, parts,
+                                          chunk_size=chunk_size)[0])
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
@@ -52,17 +63,13 @@ def peak_mb(jitted, *args) -> float:
   return total / 2**20
 
 
-def time_ms(fn, args, reps: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
+def _cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
 
 
-def run(num_classes: int, batch: int, dim: int, reps: int) -> list[dict]:
+def run(num_classes: int, batch: int, dim: int, reps: int,
+        chunk_size: int) -> list[dict]:
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(batch, dim)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(num_classes, dim)), jnp.float32)
@@ -70,19 +77,36 @@ def run(num_classes: int, batch: int, dim: int, reps: int) -> list[dict]:
   labels = jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32)
   cases = {
       'floor': (floor_step(), (x, w, g)),
-      'softmax': (loss_step(heads.softmax_logits), (x, w, labels)),
-      'arcface': (loss_step(heads.arcface_logits), (x, w, labels)),
-      'npcface': (loss_step(heads.npcface_logits), (x, w, labels)),
+      'softmax': (full_logits_step(heads.softmax_logits), (x, w, labels)),
+      'arcface': (full_logits_step(heads.arcface_logits), (x, w, labels)),
+      'npcface': (full_logits_step(heads.npcface_logits), (x, w, labels)),
+      'arcface/chunked': (chunked_step(heads.arcface_parts(), chunk_size),
+                          (x, w, labels)),
+      'npcface/chunked': (chunked_step(heads.npcface_parts(), chunk_size),
+                          (x, w, labels)),
   }
+  wall = {k: [] for k in cases}
+  cpu = {k: [] for k in cases}
+  for fn, args in cases.values():
+    jax.block_until_ready(fn(*args))  # compile and warm up
+  for _ in range(reps):
+    for name, (fn, args) in cases.items():
+      c0, t0 = _cpu_seconds(), time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      wall[name].append(time.perf_counter() - t0)
+      cpu[name].append(_cpu_seconds() - c0)
+  wall = {k: np.array(v) for k, v in wall.items()}
+  cpu = {k: np.array(v) for k, v in cpu.items()}
   rows = []
   for name, (fn, args) in cases.items():
-    rows.append({'head': name, 'classes': num_classes,
-                 'ms': time_ms(fn, args, reps), 'peak_mb': peak_mb(fn, *args)})
-  floor = rows[0]['ms']
-  arc = next(r['ms'] for r in rows if r['head'] == 'arcface')
-  for r in rows:
-    r['x_floor'] = r['ms'] / floor
-    r['x_arcface'] = r['ms'] / arc
+    arc = 'arcface/chunked' if name.endswith('/chunked') else 'arcface'
+    rows.append({
+        'head': name, 'classes': num_classes,
+        'ms': 1e3 * float(np.median(wall[name])),
+        'x_floor': float(np.median(wall[name] / wall['floor'])),
+        'x_arcface': float(np.median(wall[name] / wall[arc])),
+        'cpu_x_floor': float(np.median(cpu[name]) / np.median(cpu['floor'])),
+        'peak_mb': peak_mb(fn, *args)})
   return rows
 
 
@@ -91,7 +115,8 @@ def main():
   parser.add_argument('--classes', type=int, nargs='+', default=[10_000, 100_000])
   parser.add_argument('--batch', type=int, default=512)
   parser.add_argument('--dim', type=int, default=512)
-  parser.add_argument('--reps', type=int, default=5)
+  parser.add_argument('--reps', type=int, default=7)
+  parser.add_argument('--chunk-size', type=int, default=4096)
   parser.add_argument('--json', help='also write the rows to this file')
   args = parser.parse_args()
   device = jax.devices()[0]
@@ -100,12 +125,13 @@ def main():
         f'jax {jax.__version__}, B={args.batch} D={args.dim} float32')
   rows = []
   for c in args.classes:
-    rows += run(c, args.batch, args.dim, args.reps)
-  print(f'{"head":<9}{"C":>9}{"ms":>10}{"x floor":>9}{"x arcface":>11}'
-        f'{"peak MB":>10}')
+    rows += run(c, args.batch, args.dim, args.reps, args.chunk_size)
+  print(f'{"head":<17}{"C":>8}{"ms":>9}{"x floor":>9}{"x arcface":>11}'
+        f'{"cpu x floor":>13}{"peak MB":>9}')
   for r in rows:
-    print(f'{r["head"]:<9}{r["classes"]:>9}{r["ms"]:>10.1f}{r["x_floor"]:>9.3f}'
-          f'{r["x_arcface"]:>11.3f}{r["peak_mb"]:>10.0f}')
+    print(f'{r["head"]:<17}{r["classes"]:>8}{r["ms"]:>9.1f}{r["x_floor"]:>9.3f}'
+          f'{r["x_arcface"]:>11.3f}{r["cpu_x_floor"]:>13.3f}'
+          f'{r["peak_mb"]:>9.0f}')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(rows, f, indent=1)
