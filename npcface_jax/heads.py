@@ -72,11 +72,6 @@ def take_target(x: Array, cols: Columns, axis_name=None) -> Array:
   return _psum(jnp.where(cols.owned, picked, 0.0), axis_name)
 
 
-def target_cos(c: Array, cols: Columns, axis_name=None) -> Array:
-  """cos_iy (B,), from whichever shard holds class y_i."""
-  return take_target(c, cols, axis_name)
-
-
 def safe_sin(c: Array) -> Array:
   """sqrt(1 - c^2) with a finite derivative for every c in [-1, 1]."""
   return jnp.sqrt(jnp.maximum(1.0 - c * c, _SIN_EPS))
@@ -139,7 +134,7 @@ def assemble(parts: MarginParts, cos: Array, labels: Array, axis_name=None,
   """Full logits (B, C) in cos's dtype, with the row constants and sums."""
   c = _f32(cos)
   cols = columns(c, labels, axis_name, num_classes)
-  c_y = target_cos(c, cols, axis_name)
+  c_y = take_target(c, cols, axis_name)
   row = parts.row(c_y)
   is_negative = ~cols.is_target
   if cols.valid is not None:
@@ -373,7 +368,7 @@ def adacos_logits(cos: Array, labels: Array, state: dict[str, Array], *,
     zmax = lax.pmax(zmax, axis_name)
   zsum = _psum(jnp.sum(jnp.exp(z - zmax)), axis_name)
   log_b_avg = jnp.log(zsum) + zmax - math.log(c.shape[0])
-  theta_med = jnp.median(jnp.arccos(jnp.clip(target_cos(cs, cols, axis_name),
+  theta_med = jnp.median(jnp.arccos(jnp.clip(take_target(cs, cols, axis_name),
                                              -1.0, 1.0)))
   s_new = log_b_avg / jnp.cos(jnp.minimum(math.pi / 4, theta_med))
   return finish(s_new * c, cols, cos.dtype), {'scale': s_new}
