@@ -1,14 +1,12 @@
 """Criteria over head logits: softmax cross-entropy, focal, OHEM.
 
-Kept apart from the heads so that any head combines with any criterion. All
-three are built on the per-sample cross-entropy, which is the only piece that
-needs the classes: with ``axis_name`` it runs on class-sharded logits inside
-``jax.shard_map`` (row max by ``pmax``, exp-sum and target logit by ``psum``),
-so focal and OHEM are class-sharded for free: each is a reduction of the
-per-sample cross-entropy (``focal_reduce``, ``ohem_reduce``), which the
-class-sharded classifier applies in the global view. Columns whose logit is -inf
-(padding classes) drop out of the softmax.
-"""
+Kept apart from the heads so that any head combines with any criterion. Each
+criterion is a reduction of the per-sample cross-entropy (``focal_reduce``,
+``ohem_reduce``), the only piece that needs the classes: with ``axis_name`` it
+runs on class-sharded logits inside ``jax.shard_map`` (row max by ``pmax``,
+exp-sum and target logit by ``psum``), so the class-sharded classifier returns
+it and any criterion reduces it in the global view. Columns whose logit is
+-inf (padding classes) drop out of the softmax."""
 
 from __future__ import annotations
 
