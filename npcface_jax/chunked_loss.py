@@ -14,7 +14,13 @@ It relies on what every head with ``MarginParts`` guarantees: the logits'
 Jacobian in cos is diagonal, so the backward needs only each logit's own
 derivative. AdaCos (whose scale needs a pass over all logits first) and
 AdaM-softmax (whose margins are parameters) have no parts; use the full
-logits for them. This path is for an unsharded classifier.
+logits for them.
+
+Class-sharded: inside ``jax.shard_map`` with W's rows split over
+``axis_name`` (shard k holds classes k*C_local..), each shard loops over its
+own rows; the target cosine, the head's sums and the log-sum-exp are
+combined with psum/pmax, and the embeddings' gradient is psum-ed, so the
+result equals the unsharded one. ``num_classes`` excludes padding rows.
 """
 
 from __future__ import annotations
@@ -42,33 +48,67 @@ def _normalize_rows_vjp(wn, inv, g):
   return inv * (g - jnp.sum(g * wn, axis=-1, keepdims=True) * wn)
 
 
-def _blocks(num_classes: int, chunk_size: int):
-  """(start, size) of a loop of equal blocks, then the static remainder."""
-  full = num_classes // chunk_size
-  return full, num_classes - full * chunk_size
+def _blocks(num_rows: int, chunk_size: int):
+  """How many equal blocks the loop runs, and the static remainder."""
+  full = num_rows // chunk_size
+  return full, num_rows - full * chunk_size
 
 
-def _block_columns(start, cos, labels):
-  """Which of the block's columns (global classes start..) are negatives."""
-  cols = start + lax.broadcasted_iota(jnp.int32, (1, cos.shape[1]), 1)
-  return cols != labels[:, None]
+class _Shard:
+  """This shard's place among the classes (the whole when unsharded)."""
+
+  def __init__(self, w, labels, axis_name, num_classes):
+    self.axis_name, self.num_classes = axis_name, num_classes
+    self.offset = (0 if axis_name is None
+                   else lax.axis_index(axis_name) * w.shape[0])
+    local = labels - self.offset
+    self.owned = (local >= 0) & (local < w.shape[0])
+    self.local_label = jnp.clip(local, 0, w.shape[0] - 1)
+    self.labels = labels
+
+  def is_negative(self, start, width):
+    """Which columns of the block of local rows start.. are negatives."""
+    cols = (self.offset + start
+            + lax.broadcasted_iota(jnp.int32, (1, width), 1))
+    negative = cols != self.labels[:, None]
+    if self.num_classes is not None:
+      negative = negative & (cols < self.num_classes)
+    return negative
+
+  def target_rows(self, w):
+    """The normalised target rows held here, with their inverse norms."""
+    return _normalize_rows(w[self.local_label])
+
+  def psum(self, x):
+    return x if self.axis_name is None else lax.psum(x, self.axis_name)
+
+  def varying(self, x):
+    """Marks a loop's initial carry as differing per shard, like its body."""
+    if self.axis_name is None:
+      return x
+    return jax.tree.map(
+        lambda a: lax.pcast(a, self.axis_name, to='varying'), x)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _chunked(xn, w, labels, parts: MarginParts, chunk_size: int):
-  return _forward(xn, w, labels, parts, chunk_size)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked(xn, w, labels, state, parts: MarginParts, chunk_size: int,
+             axis_name, num_classes):
+  return _forward(xn, w, labels, state, parts, chunk_size, axis_name,
+                  num_classes)[0]
 
 
-def _forward(xn, w, labels, parts, chunk_size):
-  batch, num_classes = xn.shape[0], w.shape[0]
-  wy, _ = _normalize_rows(w[labels])
-  c_y = jnp.sum(xn * wy, axis=-1)
-  row = parts.row(c_y)
+def _forward(xn, w, labels, state, parts, chunk_size, axis_name,
+             num_classes):
+  batch = xn.shape[0]
+  shard = _Shard(w, labels, axis_name, num_classes)
+  wy, _ = shard.target_rows(w)
+  c_y = shard.psum(jnp.where(shard.owned, jnp.sum(xn * wy, axis=-1), 0.0))
+  row = parts.row(c_y, state)
 
   def block(w_block, start, carry):
     run_max, run_sum, sums = carry
     cos = xn @ _normalize_rows(w_block)[0].T
-    is_negative = _block_columns(start, cos, labels)
+    is_negative = shard.is_negative(start, cos.shape[1])
     logits, block_sums = parts.negative(cos, row, is_negative)
     logits = jnp.where(is_negative, logits, -jnp.inf)
     new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))
@@ -83,38 +123,45 @@ def _forward(xn, w, labels, parts, chunk_size):
       jax.eval_shape(lambda: parts.negative(
           jnp.zeros((batch, 1)), row, jnp.ones((batch, 1), bool))[1]))
   carry = (jnp.full((batch,), _FAR_BELOW), jnp.zeros((batch,)), sums0)
-  full, rest = _blocks(num_classes, chunk_size)
+  full, rest = _blocks(w.shape[0], chunk_size)
 
-  def body(k, state):
-    cos_store, carry = state
+  def body(k, loop):
+    cos_store, carry = loop
     start = k * chunk_size
     cos, carry = block(lax.dynamic_slice_in_dim(w, start, chunk_size), start,
                        carry)
     return lax.dynamic_update_slice_in_dim(cos_store, cos[None], k, 0), carry
 
   cos_store = lax.empty((full, batch, chunk_size), jnp.float32)
-  cos_store, carry = lax.fori_loop(0, full, body, (cos_store, carry))
+  cos_store, carry = lax.fori_loop(0, full, body,
+                                   shard.varying((cos_store, carry)))
   cos_rest = None
   if rest:
     cos_rest, carry = block(w[full * chunk_size:], full * chunk_size, carry)
   run_max, run_sum, sums = carry
+  sums = shard.psum(sums)
+  if axis_name is not None:  # merge the shards' running log-sum-exps
+    top = lax.pmax(run_max, axis_name)
+    run_sum, run_max = shard.psum(run_sum * jnp.exp(run_max - top)), top
   z_y = parts.positive(c_y, row, sums)
   lse = jnp.logaddexp(run_max + jnp.log(run_sum), z_y)
   ce = lse - z_y
-  residuals = (xn, w, labels, wy, c_y, row, sums, lse, z_y, cos_store,
-               cos_rest)
+  residuals = (xn, w, labels, state, wy, c_y, row, sums, lse, z_y,
+               cos_store, cos_rest)
   return (ce, row, sums), residuals
 
 
-def _backward(parts, chunk_size, residuals, cotangents):
-  (xn, w, labels, wy, c_y, row, sums, lse, z_y, cos_store,
+def _backward(parts, chunk_size, axis_name, num_classes, residuals,
+              cotangents):
+  (xn, w, labels, state, wy, c_y, row, sums, lse, z_y, cos_store,
    cos_rest) = residuals
   g = cotangents[0]  # row and sums are outputs for logging, not for grads
+  shard = _Shard(w, labels, axis_name, num_classes)
   full, rest = _blocks(w.shape[0], chunk_size)
 
   def block(w_block, start, cos):
     wn, inv = _normalize_rows(w_block)
-    is_negative = _block_columns(start, cos, labels)
+    is_negative = shard.is_negative(start, cos.shape[1])
     logits, dlogits = jax.jvp(lambda c: parts.negative(c, row, is_negative)[0],
                               (cos,), (jnp.ones_like(cos),))
     prob = jnp.where(is_negative, jnp.exp(logits - lse[:, None]), 0.0)
@@ -122,44 +169,53 @@ def _backward(parts, chunk_size, residuals, cotangents):
     dw_block = _normalize_rows_vjp(wn, inv, dcos.T @ xn)
     return dcos @ wn, dw_block
 
-  def body(k, state):
-    dxn, dw = state
+  def body(k, grads):
+    dxn, dw = grads
     start = k * chunk_size
     dx_k, dw_k = block(lax.dynamic_slice_in_dim(w, start, chunk_size), start,
                        cos_store[k])
     return dxn + dx_k, lax.dynamic_update_slice_in_dim(dw, dw_k, start, 0)
 
-  state = (jnp.zeros_like(xn), lax.empty(w.shape, jnp.float32))
-  dxn, dw = lax.fori_loop(0, full, body, state)
+  grads = (jnp.zeros_like(xn), lax.empty(w.shape, jnp.float32))
+  dxn, dw = lax.fori_loop(0, full, body, shard.varying(grads))
   if rest:
     dx_r, dw_r = block(w[full * chunk_size:], full * chunk_size, cos_rest)
     dxn = dxn + dx_r
     dw = lax.dynamic_update_slice_in_dim(dw, dw_r, full * chunk_size, 0)
-  # The target logits: dCE/dz_y = p_y - 1, through the positive's derivative.
+  # The target logits: dCE/dz_y = p_y - 1, through the positive's derivative,
+  # on the shard that holds each target row.
   dpos = jax.grad(lambda c: jnp.sum(parts.positive(c, row, sums)))(c_y)
-  dc_y = g * (jnp.exp(z_y - lse) - 1.0) * dpos
+  dc_y = jnp.where(shard.owned, g * (jnp.exp(z_y - lse) - 1.0) * dpos, 0.0)
   dxn = dxn + dc_y[:, None] * wy
-  inv_y = lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(w[labels]), -1,
-                                        keepdims=True), 1e-24))
-  dw = dw.at[labels].add(_normalize_rows_vjp(wy, inv_y, dc_y[:, None] * xn))
-  return dxn, dw, None
+  _, inv_y = shard.target_rows(w)
+  dw = dw.at[shard.local_label].add(
+      _normalize_rows_vjp(wy, inv_y, dc_y[:, None] * xn))
+  # The state (a batch statistic's history, a step) gets no gradient.
+  return shard.psum(dxn), dw, None, jax.tree.map(jnp.zeros_like, state)
 
 
 _chunked.defvjp(_forward, _backward)
 
 
 def chunked_cross_entropy(embeddings: Array, weights: Array, labels: Array,
-                          parts: MarginParts, *, chunk_size: int = 4096):
+                          parts: MarginParts, state=None, *,
+                          chunk_size: int = 4096, axis_name=None,
+                          num_classes: int | None = None):
   """Per-sample cross-entropy (B,) over the head's logits of
   cosine(embeddings, weights), with the head's row constants and sums
   (for its state and diagnostics), ``chunk_size`` classes at a time.
+  ``state`` is the head's state (SphereFace, CurricularFace), passed to the
+  parts' ``row``.
 
   ``embeddings`` (B, D) and ``weights`` (C, D) need not be normalised; both
-  are, as in ``classifier.cosine``. Arithmetic is float32.
+  are, as in ``classifier.cosine``. Arithmetic is float32. With
+  ``axis_name`` (inside shard_map) ``weights`` are this shard's rows and
+  ``num_classes`` the real class count when the rows are padded.
   """
   if chunk_size < 1:
     raise ValueError(f'chunk_size must be positive, got {chunk_size}')
   chunk_size = min(chunk_size, weights.shape[0])
   xn, _ = _normalize_rows(embeddings.astype(jnp.float32))
   w = weights.astype(jnp.float32)
-  return _chunked(xn, w, labels.astype(jnp.int32), parts, chunk_size)
+  return _chunked(xn, w, labels.astype(jnp.int32), state, parts, chunk_size,
+                  axis_name, num_classes)

@@ -47,16 +47,14 @@ def classifier_loss(embeddings: Array, weights: Array, labels: Array,
   """Per-sample cross-entropy (B,) and the head's output for one shard
   (or the whole classifier when ``axis_name`` is None).
 
-  With ``chunk_size`` (unsharded only) the loss runs chunked and fused
-  (chunked_loss.py): same values and gradients, far less memory, and the
-  returned HeadOutput has ``logits=None``.
+  With ``chunk_size`` the loss runs chunked and fused (chunked_loss.py):
+  same values and gradients, far less memory, and the returned HeadOutput
+  has ``logits=None``.
   """
   if chunk_size is not None:
-    if axis_name is not None:
-      raise ValueError('chunk_size applies to an unsharded classifier; the '
-                       'class-sharded path takes chunk_size=None')
     ce, row, sums = chunked_loss.chunked_cross_entropy(
-        embeddings, weights, labels, head.parts(state), chunk_size=chunk_size)
+        embeddings, weights, labels, head.parts(), state, chunk_size=chunk_size,
+        axis_name=axis_name, num_classes=num_classes)
     new_state, metrics = head.after_parts(state, row, sums)
     return ce, HeadOutput(None, new_state, jnp.zeros((), jnp.float32), metrics)
   out = head(cosine(embeddings, weights), labels, state, params,
@@ -66,7 +64,8 @@ def classifier_loss(embeddings: Array, weights: Array, labels: Array,
 
 
 def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
-                            axis: str = 'model', return_logits: bool = False):
+                            axis: str = 'model', return_logits: bool = False,
+                            chunk_size: int | None = None):
   """``f(embeddings, weights, labels, state, params) -> (ce, HeadOutput)``
   with the weights' rows (and AdaM-softmax's margins) split over ``axis``.
 
@@ -76,14 +75,19 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
   view. Differentiate through f from outside (the global view): the gradient
   of a replicated input then comes out summed correctly (DESIGN.md s. 5).
   The logits (sharded on their class axis) come back only with
-  ``return_logits``, since at millions of classes they are the largest array.
+  ``return_logits``, since at millions of classes they are the largest array;
+  with ``chunk_size`` each shard runs the chunked loss and no logits exist.
   """
+  if chunk_size is not None and return_logits:
+    raise ValueError('the chunked loss never forms the logits: '
+                     'return_logits needs chunk_size=None')
 
   def local(embeddings, weights, labels, state, params):
     ce, out = classifier_loss(embeddings, weights, labels, head, state, params,
-                              axis_name=axis, num_classes=num_classes)
-    if not return_logits:
-      out = out._replace(logits=jnp.zeros((), out.logits.dtype))
+                              axis_name=axis, num_classes=num_classes,
+                              chunk_size=chunk_size)
+    if out.logits is None or not return_logits:
+      out = out._replace(logits=jnp.zeros((), jnp.float32))
     return ce, out
 
   logits_spec = P(None, axis) if return_logits else P()

@@ -115,7 +115,9 @@ def _f32(cos: Array) -> Array:
 # so that its math lives in one place and serves both the full (B, C) logits
 # below and the chunked fused cross-entropy (npcface_jax.chunked_loss), which
 # never holds all logits at once:
-#   row(c_y) -> per-sample constants from the target cosines (B,);
+#   row(c_y, state) -> per-sample constants from the target cosines (B,)
+#       and the head's state (passed in, never closed over, so that traced
+#       state works under jit and custom_vjp);
 #   negative(c, row, is_negative) -> (scaled logits of a block of columns,
 #       per-sample partial sums over that block's negatives, a tuple);
 #   positive(c_y, row, sums) -> the scaled target logit (B,).
@@ -124,18 +126,18 @@ def _f32(cos: Array) -> Array:
 
 
 class MarginParts(NamedTuple):
-  row: Callable[[Array], Any]
+  row: Callable[[Array, Any], Any]
   negative: Callable[[Array, Any, Array], tuple[Array, tuple[Array, ...]]]
   positive: Callable[[Array, Any, tuple[Array, ...]], Array]
 
 
-def assemble(parts: MarginParts, cos: Array, labels: Array, axis_name=None,
-             num_classes: int | None = None):
+def assemble(parts: MarginParts, cos: Array, labels: Array, *, state=None,
+             axis_name=None, num_classes: int | None = None):
   """Full logits (B, C) in cos's dtype, with the row constants and sums."""
   c = _f32(cos)
-  cols = columns(c, labels, axis_name, num_classes)
+  cols = columns(c, labels, axis_name=axis_name, num_classes=num_classes)
   c_y = take_target(c, cols, axis_name)
-  row = parts.row(c_y)
+  row = parts.row(c_y, state)
   is_negative = ~cols.is_target
   if cols.valid is not None:
     is_negative = is_negative & cols.valid
@@ -182,7 +184,7 @@ def npcface_parts(*, scale: float = 64.0, m0: float = 0.4, m1: float = 0.2,
   """NPCFace as MarginParts; the sums are (sum of hard cos, hard count)."""
   m_h = m0 if hard_margin is None else hard_margin
 
-  def row(c_y):
+  def row(c_y, state):
     return lax.stop_gradient(cos_add(c_y, m_h))  # the hard threshold
 
   def negative(c, threshold, is_negative):
@@ -224,7 +226,8 @@ def npcface_logits(cos: Array, labels: Array, *, scale: float = 64.0,
   """
   parts = npcface_parts(scale=scale, m0=m0, m1=m1, t=t, alpha=alpha,
                         hard_margin=hard_margin, easy_margin=easy_margin)
-  logits, _, sums = assemble(parts, cos, labels, axis_name, num_classes)
+  logits, _, sums = assemble(parts, cos, labels, axis_name=axis_name,
+                             num_classes=num_classes)
   if return_diagnostics:
     return logits, npcface_diagnostics(sums, m0, m1)
   return logits
@@ -241,19 +244,19 @@ def npcface_diagnostics(sums, m0: float, m1: float) -> dict[str, Array]:
 
 
 def softmax_parts(*, scale: float = 64.0) -> MarginParts:
-  return MarginParts(lambda c_y: (), _plain_negative(scale),
+  return MarginParts(lambda c_y, state: (), _plain_negative(scale),
                      lambda c_y, row, sums: scale * c_y)
 
 
 def softmax_logits(cos: Array, labels: Array, *, scale: float = 64.0,
                    axis_name=None, num_classes: int | None = None) -> Array:
   """Normalised softmax: s*cos for every class (the seed's eq. 1)."""
-  return assemble(softmax_parts(scale=scale), cos, labels, axis_name,
-                  num_classes)[0]
+  return assemble(softmax_parts(scale=scale), cos, labels,
+                  axis_name=axis_name, num_classes=num_classes)[0]
 
 
 def cosface_parts(*, scale: float = 64.0, margin: float = 0.35) -> MarginParts:
-  return MarginParts(lambda c_y: (), _plain_negative(scale),
+  return MarginParts(lambda c_y, state: (), _plain_negative(scale),
                      lambda c_y, row, sums: scale * (c_y - margin))
 
 
@@ -262,13 +265,13 @@ def cosface_logits(cos: Array, labels: Array, *, scale: float = 64.0,
                    num_classes: int | None = None) -> Array:
   """CosFace / AM-softmax: positive s*(cos_y - m)."""
   return assemble(cosface_parts(scale=scale, margin=margin), cos, labels,
-                  axis_name, num_classes)[0]
+                  axis_name=axis_name, num_classes=num_classes)[0]
 
 
 def arcface_parts(*, scale: float = 64.0, margin: float = 0.5,
                   easy_margin: bool = False) -> MarginParts:
   return MarginParts(
-      lambda c_y: (), _plain_negative(scale),
+      lambda c_y, state: (), _plain_negative(scale),
       lambda c_y, row, sums: scale * arc_positive(c_y, margin, easy_margin))
 
 
@@ -278,7 +281,7 @@ def arcface_logits(cos: Array, labels: Array, *, scale: float = 64.0,
   """ArcFace: positive s*cos(theta_y + m), monotone fallback past pi."""
   return assemble(arcface_parts(scale=scale, margin=margin,
                                 easy_margin=easy_margin),
-                  cos, labels, axis_name, num_classes)[0]
+                  cos, labels, axis_name=axis_name, num_classes=num_classes)[0]
 
 
 def _chebyshev(c, m: int):
@@ -302,24 +305,26 @@ def sphereface_lambda(step, *, base: float = 1000.0, gamma: float = 0.12,
   return jnp.maximum(lambda_min, base * (1.0 + gamma * step) ** (-power))
 
 
-def sphereface_parts(state: dict[str, Array], *, scale: float = 64.0,
-                     margin: int = 4, base: float = 1000.0,
-                     gamma: float = 0.12, power: float = 1.0,
-                     lambda_min: float = 5.0) -> MarginParts:
+def sphereface_parts(*, scale: float = 64.0, margin: int = 4,
+                     base: float = 1000.0, gamma: float = 0.12,
+                     power: float = 1.0, lambda_min: float = 5.0) -> MarginParts:
+  """The row constant is lambda, from the state's step."""
   if int(margin) != margin or margin < 1:
     raise ValueError(f'SphereFace margin must be a positive integer, got '
                      f'{margin}')
   margin = int(margin)
-  lam = sphereface_lambda(state['step'], base=base, gamma=gamma, power=power,
-                          lambda_min=lambda_min)
 
-  def positive(c_y, row, sums):
+  def row(c_y, state):
+    return sphereface_lambda(state['step'], base=base, gamma=gamma,
+                             power=power, lambda_min=lambda_min)
+
+  def positive(c_y, lam, sums):
     theta = jnp.arccos(jnp.clip(lax.stop_gradient(c_y), -1.0, 1.0))
     k = jnp.minimum(jnp.floor(margin * theta / math.pi), margin - 1)
     psi = jnp.where(k % 2 == 0, 1.0, -1.0) * _chebyshev(c_y, margin) - 2.0 * k
     return scale * (lam * c_y + psi) / (1.0 + lam)
 
-  return MarginParts(lambda c_y: (), _plain_negative(scale), positive)
+  return MarginParts(row, _plain_negative(scale), positive)
 
 
 def sphereface_logits(cos: Array, labels: Array, state: dict[str, Array], *,
@@ -333,9 +338,10 @@ def sphereface_logits(cos: Array, labels: Array, state: dict[str, Array], *,
   is s*(lambda*cos + psi)/(1 + lambda), lambda decaying with ``state['step']``.
   Returns (logits, new_state).
   """
-  parts = sphereface_parts(state, scale=scale, margin=margin, base=base,
+  parts = sphereface_parts(scale=scale, margin=margin, base=base,
                            gamma=gamma, power=power, lambda_min=lambda_min)
-  logits = assemble(parts, cos, labels, axis_name, num_classes)[0]
+  logits = assemble(parts, cos, labels, state=state, axis_name=axis_name,
+                    num_classes=num_classes)[0]
   return logits, {'step': state['step'] + 1}
 
 
@@ -358,7 +364,7 @@ def adacos_logits(cos: Array, labels: Array, state: dict[str, Array], *,
   Returns (logits, new_state).
   """
   c = _f32(cos)
-  cols = columns(c, labels, axis_name, num_classes)
+  cols = columns(c, labels, axis_name=axis_name, num_classes=num_classes)
   cs = lax.stop_gradient(c)
   s_prev = lax.stop_gradient(state['scale'])
   others = ~cols.is_target if cols.valid is None else ~cols.is_target & cols.valid
@@ -396,7 +402,7 @@ def adam_softmax_logits(cos: Array, labels: Array, margins: Array, *,
   margins do not collapse to zero.
   """
   c = _f32(cos)
-  cols = columns(c, labels, axis_name, num_classes)
+  cols = columns(c, labels, axis_name=axis_name, num_classes=num_classes)
   m = margins.astype(jnp.float32)[None, :]
   logits = finish(scale * jnp.where(cols.is_target, c - m, c), cols, cos.dtype)
   m_valid = m if cols.valid is None else jnp.where(cols.valid, m, 0.0)
@@ -415,7 +421,7 @@ def _mv_negative(scale, t):
 
 def mv_am_softmax_parts(*, scale: float = 64.0, margin: float = 0.35,
                         t: float = 1.2) -> MarginParts:
-  return MarginParts(lambda c_y: lax.stop_gradient(c_y - margin),
+  return MarginParts(lambda c_y, state: lax.stop_gradient(c_y - margin),
                      _mv_negative(scale, t),
                      lambda c_y, row, sums: scale * (c_y - margin))
 
@@ -426,12 +432,12 @@ def mv_am_softmax_logits(cos: Array, labels: Array, *, scale: float = 64.0,
   """MV-AM-softmax (the seed's eq. 8): CosFace positive; negatives with
   cos_j > cos_y - m become s*(t*cos_j + t - 1)."""
   return assemble(mv_am_softmax_parts(scale=scale, margin=margin, t=t), cos,
-                  labels, axis_name, num_classes)[0]
+                  labels, axis_name=axis_name, num_classes=num_classes)[0]
 
 
 def mv_arc_softmax_parts(*, scale: float = 64.0, margin: float = 0.5,
                          t: float = 1.2) -> MarginParts:
-  return MarginParts(lambda c_y: lax.stop_gradient(cos_add(c_y, margin)),
+  return MarginParts(lambda c_y, state: lax.stop_gradient(cos_add(c_y, margin)),
                      _mv_negative(scale, t),
                      lambda c_y, row, sums: scale * arc_positive(c_y, margin))
 
@@ -442,7 +448,7 @@ def mv_arc_softmax_logits(cos: Array, labels: Array, *, scale: float = 64.0,
   """MV-Arc-softmax: ArcFace positive; negatives with cos_j > cos(theta_y+m)
   become s*(t*cos_j + t - 1)."""
   return assemble(mv_arc_softmax_parts(scale=scale, margin=margin, t=t), cos,
-                  labels, axis_name, num_classes)[0]
+                  labels, axis_name=axis_name, num_classes=num_classes)[0]
 
 
 def arcnegface_parts(*, scale: float = 64.0, margin: float = 0.5,
@@ -451,7 +457,7 @@ def arcnegface_parts(*, scale: float = 64.0, margin: float = 0.5,
     g = lax.stop_gradient(a * jnp.exp(-jnp.square(c - ref[:, None]) / sigma))
     return scale * (g * c + g - 1.0), ()
 
-  return MarginParts(lambda c_y: lax.stop_gradient(cos_add(c_y, margin)),
+  return MarginParts(lambda c_y, state: lax.stop_gradient(cos_add(c_y, margin)),
                      negative,
                      lambda c_y, row, sums: scale * arc_positive(c_y, margin))
 
@@ -463,19 +469,18 @@ def arcnegface_logits(cos: Array, labels: Array, *, scale: float = 64.0,
   g = a*exp(-(cos_j - cos(theta_y + m))^2 / sigma), g constant for grad."""
   return assemble(arcnegface_parts(scale=scale, margin=margin, a=a,
                                    sigma=sigma),
-                  cos, labels, axis_name, num_classes)[0]
+                  cos, labels, axis_name=axis_name, num_classes=num_classes)[0]
 
 
 def curricularface_init_state() -> dict[str, Array]:
   return {'t': jnp.zeros((), jnp.float32)}
 
 
-def curricularface_parts(state: dict[str, Array], *, scale: float = 64.0,
-                         margin: float = 0.5,
+def curricularface_parts(*, scale: float = 64.0, margin: float = 0.5,
                          momentum: float = 0.01) -> MarginParts:
   """The row constants are (hard threshold, t); t is the new state."""
 
-  def row(c_y):
+  def row(c_y, state):
     t = momentum * jnp.mean(c_y) + (1.0 - momentum) * state['t']
     return lax.stop_gradient((cos_add(c_y, margin), t))
 
@@ -496,7 +501,7 @@ def curricularface_logits(cos: Array, labels: Array, state: dict[str, Array],
   become s*cos_j*(t + cos_j), t an EMA of the batch's mean cos_y, updated
   before use as in the official code (the batch mean is global: call it in
   the global view). Returns (logits, new_state)."""
-  parts = curricularface_parts(state, scale=scale, margin=margin,
-                               momentum=momentum)
-  logits, (_, t), _ = assemble(parts, cos, labels, axis_name, num_classes)
+  parts = curricularface_parts(scale=scale, margin=margin, momentum=momentum)
+  logits, (_, t), _ = assemble(parts, cos, labels, state=state,
+                               axis_name=axis_name, num_classes=num_classes)
   return logits, {'t': t}

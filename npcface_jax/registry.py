@@ -49,53 +49,45 @@ class _Entry:
   kind: str
   init_state: Callable[[int], dict] = _NO_STATE
   init_params: Callable[[Array, int], dict] = _NO_PARAMS
-  # (state, options) -> MarginParts, for the chunked loss; None if the head
-  # has no such form.
+  # (**options) -> MarginParts, for the chunked loss; None if the head has
+  # no such form.
   parts: Callable[..., heads.MarginParts] | None = None
   # (state, row, sums, options) -> (new state, metrics) on the chunked path.
   after_parts: Callable[..., tuple[dict, dict]] = _NOTHING_AFTER
 
 
-def _stateless(parts_fn):
-  return lambda state, options: parts_fn(**options)
-
-
-def _stateful(parts_fn):
-  return lambda state, options: parts_fn(state, **options)
-
-
 _HEADS: dict[str, _Entry] = {
     'softmax': _Entry(heads.softmax_logits, 'plain',
-                      parts=_stateless(heads.softmax_parts)),
+                      parts=heads.softmax_parts),
     'sphereface': _Entry(
         heads.sphereface_logits, 'state',
         lambda n: heads.sphereface_init_state(),
-        parts=_stateful(heads.sphereface_parts),
+        parts=heads.sphereface_parts,
         after_parts=lambda st, row, sums, o: ({'step': st['step'] + 1}, {})),
     'cosface': _Entry(heads.cosface_logits, 'plain',
-                      parts=_stateless(heads.cosface_parts)),
+                      parts=heads.cosface_parts),
     'am_softmax': _Entry(heads.cosface_logits, 'plain',
-                         parts=_stateless(heads.cosface_parts)),
+                         parts=heads.cosface_parts),
     'arcface': _Entry(heads.arcface_logits, 'plain',
-                      parts=_stateless(heads.arcface_parts)),
+                      parts=heads.arcface_parts),
     'adacos': _Entry(heads.adacos_logits, 'state', heads.adacos_init_state),
     'adam_softmax': _Entry(
         heads.adam_softmax_logits, 'params',
         init_params=lambda key, n: {'margins': heads.adam_init_margins(key, n)}),
     'mv_am_softmax': _Entry(heads.mv_am_softmax_logits, 'plain',
-                            parts=_stateless(heads.mv_am_softmax_parts)),
+                            parts=heads.mv_am_softmax_parts),
     'mv_arc_softmax': _Entry(heads.mv_arc_softmax_logits, 'plain',
-                             parts=_stateless(heads.mv_arc_softmax_parts)),
+                             parts=heads.mv_arc_softmax_parts),
     'arcnegface': _Entry(heads.arcnegface_logits, 'plain',
-                         parts=_stateless(heads.arcnegface_parts)),
+                         parts=heads.arcnegface_parts),
     'curricularface': _Entry(
         heads.curricularface_logits, 'state',
         lambda n: heads.curricularface_init_state(),
-        parts=_stateful(heads.curricularface_parts),
+        parts=heads.curricularface_parts,
         after_parts=lambda st, row, sums, o: ({'t': row[1]}, {})),
     'npcface': _Entry(
         heads.npcface_logits, 'diagnostics',
-        parts=_stateless(heads.npcface_parts),
+        parts=heads.npcface_parts,
         after_parts=lambda st, row, sums, o: (
             {}, heads.npcface_diagnostics(sums, o['m0'], o['m1']))),
 }
@@ -152,13 +144,13 @@ class Head:
     """Whether the head can run as the chunked loss (chunked_loss.py)."""
     return self._entry.parts is not None
 
-  def parts(self, state=None) -> heads.MarginParts:
+  def parts(self) -> heads.MarginParts:
     if not self.has_parts:
       raise ValueError(
           f'head {self.name!r} has no chunked form (its logits need a pass '
           f'over all classes first, or it has parameters); use the full '
           f'logits for it (chunk_size=None)')
-    return self._entry.parts(state, self.options)
+    return self._entry.parts(**self.options)
 
   def after_parts(self, state, row, sums) -> tuple[dict, dict]:
     """The new state and metrics from the chunked loss's row and sums."""

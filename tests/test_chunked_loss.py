@@ -26,12 +26,14 @@ def _problem(rng, num_classes, duplicate_labels=True):
 
 
 def _both(head, x, w, y, chunk_size, state):
+  """Both paths under jit, the head's state traced like a train step's."""
   def loss(chunk):
-    def f(x, w):
+    def f(x, w, state):
       ce, out = classifier.classifier_loss(x, w, y, head, state, {},
                                            chunk_size=chunk)
       return jnp.mean(ce), out
-    return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(x, w)
+    grad_fn = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
+    return jax.jit(grad_fn)(x, w, state)
   return loss(None), loss(chunk_size)
 
 

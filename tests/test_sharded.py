@@ -146,3 +146,48 @@ def test_l2_normalize_zero_row_is_finite():
   value, grad = jax.value_and_grad(
       lambda w: jnp.sum(classifier.l2_normalize(w)))(w)
   assert np.isfinite(value) and np.all(np.isfinite(grad))
+
+
+CHUNKED_HEADS = [n for n in registry.head_names() if nf.get_head(n).has_parts]
+
+
+@pytest.mark.parametrize('name', CHUNKED_HEADS)
+def test_sharded_chunked_equals_unsharded_full(mesh, name):
+  """Each shard runs the chunked loss over its rows (7 per block here, so
+  loop and remainder both run); C = 61 pads to 64."""
+  rng, seed = fresh_rng()
+  num_classes = 61
+  x, w, y = _problem(rng, num_classes)
+  head = nf.get_head(name)
+  state = head.init_state(num_classes)
+  padded = classifier.padded_num_classes(num_classes, NUM_DEVICES)
+  sharded = classifier.sharded_classifier_loss(mesh, head, num_classes,
+                                               chunk_size=3)
+
+  def full(x, w, state):
+    ce, out = classifier.classifier_loss(x, w, y, head, state, {})
+    return jnp.mean(ce), out
+
+  def chunked(x, w, state):
+    ce, out = sharded(x, jnp.pad(w, [(0, padded - num_classes), (0, 0)]), y,
+                      state, {})
+    return jnp.mean(ce), out
+
+  results = [jax.jit(jax.value_and_grad(fn, (0, 1), has_aux=True))(x, w, state)
+             for fn in (full, chunked)]
+  ((l0, out0), g0), ((l1, out1), g1) = results
+  msg = f'{name} seed {seed}'
+  np.testing.assert_allclose(l1, l0, rtol=1e-5, err_msg=msg)
+  for a, b in zip(g1, g0):
+    np.testing.assert_allclose(a, b, rtol=1e-5,
+                               atol=1e-5 * float(jnp.max(jnp.abs(b))),
+                               err_msg=msg)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       err_msg=msg),
+               (out1.state, out1.metrics), (out0.state, out0.metrics))
+
+
+def test_sharded_chunked_refuses_logits(mesh):
+  with pytest.raises(ValueError, match='never forms the logits'):
+    classifier.sharded_classifier_loss(mesh, nf.get_head('npcface'), 61,
+                                       chunk_size=4, return_logits=True)
