@@ -38,3 +38,19 @@ def away_from(values, thresholds, gap=1e-4):
   """True where no value lies within ``gap`` of its row's threshold, so that
   float32 and float64 agree on which side each one falls."""
   return bool(np.all(np.abs(values - thresholds[:, None]) > gap))
+
+
+def assert_same_step(got, want, msg, loss_rtol=1e-5):
+  """Two ``value_and_grad(..., has_aux=True)`` results of a classifier loss
+  agree: loss, gradients (rtol 1e-5, atol relative to the largest entry),
+  and the head's new state and metrics."""
+  import jax  # noqa: PLC0415 (helpers stay importable without a backend)
+  ((l1, out1), g1), ((l0, out0), g0) = got, want
+  np.testing.assert_allclose(l1, l0, rtol=loss_rtol, err_msg=msg)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0)):
+    np.testing.assert_allclose(a, b, rtol=1e-5,
+                               atol=1e-5 * float(np.max(np.abs(b))),
+                               err_msg=msg)
+  jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, err_msg=msg),
+      (out1.state, out1.metrics), (out0.state, out0.metrics))
