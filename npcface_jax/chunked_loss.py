@@ -101,7 +101,7 @@ def _forward(xn, w, labels, state, parts, chunk_size, axis_name,
              num_classes):
   batch = xn.shape[0]
   shard = _Shard(w, labels, axis_name, num_classes)
-  wy, _ = shard.target_rows(w)
+  wy, inv_y = shard.target_rows(w)
   c_y = shard.psum(jnp.where(shard.owned, jnp.sum(xn * wy, axis=-1), 0.0))
   row = parts.row(c_y, state)
 
@@ -146,14 +146,14 @@ def _forward(xn, w, labels, state, parts, chunk_size, axis_name,
   z_y = parts.positive(c_y, row, sums)
   lse = jnp.logaddexp(run_max + jnp.log(run_sum), z_y)
   ce = lse - z_y
-  residuals = (xn, w, labels, state, wy, c_y, row, sums, lse, z_y,
+  residuals = (xn, w, labels, state, wy, inv_y, c_y, row, sums, lse, z_y,
                cos_store, cos_rest)
   return (ce, row, sums), residuals
 
 
 def _backward(parts, chunk_size, axis_name, num_classes, residuals,
               cotangents):
-  (xn, w, labels, state, wy, c_y, row, sums, lse, z_y, cos_store,
+  (xn, w, labels, state, wy, inv_y, c_y, row, sums, lse, z_y, cos_store,
    cos_rest) = residuals
   g = cotangents[0]  # row and sums are outputs for logging, not for grads
   shard = _Shard(w, labels, axis_name, num_classes)
@@ -187,7 +187,6 @@ def _backward(parts, chunk_size, axis_name, num_classes, residuals,
   dpos = jax.grad(lambda c: jnp.sum(parts.positive(c, row, sums)))(c_y)
   dc_y = jnp.where(shard.owned, g * (jnp.exp(z_y - lse) - 1.0) * dpos, 0.0)
   dxn = dxn + dc_y[:, None] * wy
-  _, inv_y = shard.target_rows(w)
   dw = dw.at[shard.local_label].add(
       _normalize_rows_vjp(wy, inv_y, dc_y[:, None] * xn))
   # The state (a batch statistic's history, a step) gets no gradient.
