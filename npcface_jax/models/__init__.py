@@ -1,0 +1,34 @@
+"""Face-recognition backbones in Flax Linen, created by name.
+
+    model = npcface_jax.models.create('mobilefacenet', embedding_dim=512)
+    variables = model.init(key, images, train=False)
+    embeddings = model.apply(variables, images, train=False)
+
+A backbone maps NHWC images, (x - 127.5) / 128, to embeddings (B, D), not
+normalised; BatchNorm statistics live in the ``batch_stats`` collection.
+``dtype`` sets the compute dtype (e.g. jnp.bfloat16); parameters stay
+float32. ``impl`` picks the convolution formulation (layers.py).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+
+from npcface_jax.models.mobilefacenet import MobileFaceNet
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {
+    'mobilefacenet': MobileFaceNet,
+}
+
+
+def names() -> list[str]:
+  return sorted(_MODELS)
+
+
+def create(name: str, **kwargs) -> nn.Module:
+  """The backbone called ``name`` with its fields set from ``kwargs``."""
+  if name not in _MODELS:
+    raise ValueError(f'unknown model {name!r}; choose one of {names()}')
+  return _MODELS[name](**kwargs)

@@ -1,0 +1,100 @@
+"""MobileFaceNet (Chen et al. 2018) as face recognition trains it.
+
+The form of FaceX-Zoo's and insightface's PyTorch code: 112x112 input,
+conv 3x3/2 to 64, depthwise 3x3, three bottleneck stages (expansion 128,
+256, 512 channels; 1+4, 1+6, 1+2 blocks), 1x1 to 512, global depthwise 7x7
+(GDC) + BN, linear 512 without bias + BN. Every conv is followed by BN and
+PReLU except the bottlenecks' projections and the GDC (linear). Parameters:
+1,200,512 with PReLU, 1,192,960 without (tested).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from npcface_jax.models.layers import Conv, DepthwiseConv, PReLU
+
+Dtype = Any
+
+
+class _ConvBN(nn.Module):
+  """Conv (dense or depthwise) + BN (+ PReLU unless linear)."""
+
+  features: int
+  kernel_size: int = 1
+  stride: int = 1
+  depthwise: bool = False
+  linear: bool = False
+  padding: int | None = None
+  impl: str = 'auto'
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    if self.depthwise:
+      x = DepthwiseConv(self.kernel_size, self.stride, self.padding,
+                        impl=self.impl, dtype=self.dtype)(x)
+    else:
+      x = Conv(self.features, self.kernel_size, self.stride, self.padding,
+               impl=self.impl, dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                     epsilon=1e-5, dtype=self.dtype)(x)
+    return x if self.linear else PReLU()(x)
+
+
+class _Bottleneck(nn.Module):
+  """1x1 expand + BN + PReLU, depthwise 3x3 + BN + PReLU, 1x1 project + BN;
+  a residual connection when shapes allow (FaceX-Zoo's Depth_Wise)."""
+
+  features: int
+  expansion: int
+  stride: int = 1
+  residual: bool = False
+  impl: str = 'auto'
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    conv = functools.partial(_ConvBN, impl=self.impl, dtype=self.dtype)
+    y = conv(self.expansion)(x, train)
+    y = conv(self.expansion, 3, self.stride, depthwise=True)(y, train)
+    y = conv(self.features, linear=True)(y, train)
+    return x + y if self.residual else y
+
+
+class MobileFaceNet(nn.Module):
+  """``(images NHWC 112x112, train) -> embedding (B, embedding_dim)``."""
+
+  embedding_dim: int = 512
+  impl: str = 'auto'
+  dtype: Dtype | None = None  # compute dtype; parameters stay float32
+
+  @nn.compact
+  def __call__(self, images, train: bool):
+    if images.shape[1:3] != (112, 112):
+      raise ValueError(f'MobileFaceNet takes 112x112 images, got '
+                       f'{images.shape[1]}x{images.shape[2]}')
+    conv = functools.partial(_ConvBN, impl=self.impl, dtype=self.dtype)
+    block = functools.partial(_Bottleneck, impl=self.impl, dtype=self.dtype)
+    x = images.astype(self.dtype or images.dtype)
+    x = conv(64, 3, 2)(x, train)                          # 56x56
+    x = conv(64, 3, 1, depthwise=True)(x, train)
+    # (channels, expansion of the downsampling block, of the residual
+    # blocks, residual blocks): the last stage expands 512 then 256.
+    for features, down, expansion, repeats in ((64, 128, 128, 4),
+                                               (128, 256, 256, 6),
+                                               (128, 512, 256, 2)):
+      x = block(features, down, stride=2)(x, train)       # 28, 14, 7
+      for _ in range(repeats):
+        x = block(features, expansion, residual=True)(x, train)
+    x = conv(512)(x, train)
+    x = conv(512, 7, depthwise=True, linear=True, padding=0)(x, train)  # GDC
+    x = x.reshape(x.shape[0], -1)
+    x = nn.Dense(self.embedding_dim, use_bias=False, dtype=self.dtype)(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                     epsilon=1e-5, dtype=self.dtype)(x)
+    return x.astype(jnp.float32)

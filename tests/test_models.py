@@ -1,0 +1,146 @@
+"""Backbones: shapes, parameter counts, BatchNorm modes, bf16, a jitted
+training step, and the equality of the per-backend conv formulations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from npcface_jax import models
+from npcface_jax.models.layers import Conv, DepthwiseConv
+from tests.helpers import fresh_rng
+
+
+def _count(params, skip=None):
+  return sum(x.size for path, x in jax.tree_util.tree_leaves_with_path(params)
+             if skip is None or skip not in jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope='module')
+def mobilefacenet():
+  model = models.create('mobilefacenet')
+  images = jnp.asarray(fresh_rng()[0].normal(size=(4, 112, 112, 3)),
+                       jnp.float32)
+  return model, model.init(jax.random.key(0), images, train=False), images
+
+
+def test_mobilefacenet_parameter_count(mobilefacenet):
+  _, variables, _ = mobilefacenet
+  # FaceX-Zoo's / insightface's MobileFaceNet at 512-d.
+  assert _count(variables['params']) == 1_200_512
+  assert _count(variables['params'], skip='PReLU') == 1_192_960
+
+
+def test_mobilefacenet_shapes_and_batchnorm_modes(mobilefacenet):
+  model, variables, images = mobilefacenet
+  out = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, images)
+  assert out.shape == (4, 512) and out.dtype == jnp.float32
+  # Eval: running statistics, so a sample's embedding ignores its batch.
+  alone = model.apply(variables, images[:1], train=False)
+  scale = float(np.max(np.abs(out)))  # untrained embeddings are large
+  np.testing.assert_allclose(alone[0], out[0], rtol=1e-4, atol=1e-5 * scale)
+  # Train: batch statistics (the sample's embedding depends on the batch)
+  # and updated running statistics.
+  train_out, updates = model.apply(variables, images, train=True,
+                                   mutable=['batch_stats'])
+  train_alone, _ = model.apply(variables, images[:2], train=True,
+                               mutable=['batch_stats'])
+  train_scale = float(np.max(np.abs(train_out)))
+  assert not np.allclose(train_alone[0], train_out[0], atol=1e-3 * train_scale)
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)),
+                         updates['batch_stats'], variables['batch_stats'])
+  assert all(jax.tree.leaves(changed))
+
+
+def test_mobilefacenet_rejects_other_sizes():
+  with pytest.raises(ValueError, match='112x112'):
+    models.create('mobilefacenet').init(jax.random.key(0),
+                                        jnp.zeros((1, 96, 96, 3)), train=False)
+
+
+def test_unknown_model_is_named():
+  with pytest.raises(ValueError, match="unknown model 'mobilefacenett'"):
+    models.create('mobilefacenett')
+
+
+def test_mobilefacenet_bfloat16_forward(mobilefacenet):
+  _, variables, images = mobilefacenet
+  model16 = models.create('mobilefacenet', dtype=jnp.bfloat16)
+  out16 = model16.apply(variables, images, train=False)
+  out32 = models.create('mobilefacenet').apply(variables, images, train=False)
+  assert out16.dtype == jnp.float32  # embeddings leave in float32
+  assert np.all(np.isfinite(out16))
+  cos = np.sum(out16 * out32, 1) / (np.linalg.norm(out16, axis=1)
+                                    * np.linalg.norm(out32, axis=1))
+  assert np.all(cos > 0.99), cos
+
+
+def test_mobilefacenet_jitted_training_step(mobilefacenet):
+  model, variables, images = mobilefacenet
+  tx = optax.sgd(0.05, momentum=0.9)
+  target = jnp.asarray(fresh_rng()[0].normal(size=(4, 512)), jnp.float32)
+
+  @jax.jit
+  def step(params, stats, opt):
+    def loss_fn(p):
+      out, upd = model.apply({'params': p, 'batch_stats': stats}, images,
+                             train=True, mutable=['batch_stats'])
+      return jnp.mean(jnp.square(out - target)), upd['batch_stats']
+    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), stats, opt, loss, grads
+
+  params, stats = variables['params'], variables['batch_stats']
+  opt = tx.init(params)
+  losses = []
+  for _ in range(3):
+    params, stats, opt, loss, grads = step(params, stats, opt)
+    losses.append(float(loss))
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize('kernel,stride,padding,size', [
+    (3, 1, None, 9), (3, 2, None, 9), (3, 2, None, 8), (7, 1, 0, 7)])
+def test_depthwise_shifted_equals_native(kernel, stride, padding, size):
+  rng, seed = fresh_rng()
+  x = jnp.asarray(rng.normal(size=(2, size, size, 5)), jnp.float32)
+  outs, grads = [], []
+  for impl in ('shifted', 'native'):
+    layer = DepthwiseConv(kernel, stride, padding, impl=impl)
+    v = layer.init(jax.random.key(seed), x)
+    outs.append(layer.apply(v, x))
+    grads.append(jax.grad(lambda v, x: jnp.sum(jnp.sin(layer.apply(v, x))),
+                          argnums=(0, 1))(v, x))
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5,
+                             err_msg=f'seed {seed}')
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f'seed {seed}')
+
+
+def test_pointwise_matmul_equals_native():
+  rng, seed = fresh_rng()
+  x = jnp.asarray(rng.normal(size=(2, 6, 6, 8)), jnp.float32)
+  outs = []
+  for impl in ('matmul', 'native'):
+    layer = Conv(16, impl=impl)
+    outs.append(layer.apply(layer.init(jax.random.key(seed), x), x))
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5,
+                             err_msg=f'seed {seed}')
+
+
+def test_mobilefacenet_formulations_agree(mobilefacenet):
+  """The whole network, CPU formulation against cuDNN's (native)."""
+  _, variables, images = mobilefacenet
+  fast = models.create('mobilefacenet', impl='shifted').apply(
+      variables, images[:2], train=False)
+  native = models.create('mobilefacenet', impl='native').apply(
+      variables, images[:2], train=False)
+  np.testing.assert_allclose(fast, native, rtol=1e-4,
+                             atol=1e-5 * float(np.max(np.abs(native))))
+
+
+def test_bad_impl_is_named():
+  with pytest.raises(ValueError, match="impl must be"):
+    Conv(4, impl='cudnn').init(jax.random.key(0), jnp.zeros((1, 3, 3, 2)))
