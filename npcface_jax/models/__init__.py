@@ -16,10 +16,14 @@ from typing import Callable
 
 import flax.linen as nn
 
+from npcface_jax.models import resnet
 from npcface_jax.models.mobilefacenet import MobileFaceNet
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
     'mobilefacenet': MobileFaceNet,
+    'resnet50': resnet.resnet50,
+    'resnet101': resnet.resnet101,
+    'se_resnet50': resnet.se_resnet50,
 }
 
 

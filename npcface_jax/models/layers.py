@@ -40,8 +40,8 @@ class PReLU(nn.Module):
 
 
 class Conv(nn.Module):
-  """A dense (groups=1) convolution, no bias; 1x1 stride-1 ones run as a
-  matrix product where that is faster."""
+  """A dense (groups=1) convolution, no bias; 1x1 ones (any stride, no
+  padding) run as a matrix product where that is faster."""
 
   features: int
   kernel_size: int = 1
@@ -58,8 +58,9 @@ class Conv(nn.Module):
                         (k, k, x.shape[-1], self.features), self.param_dtype)
     dtype = self.dtype or x.dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if k == 1 and self.stride == 1 and not _use_native(self.impl):
-      return x @ kernel[0, 0]
+    if k == 1 and not _use_native(self.impl):
+      s = self.stride
+      return x[:, ::s, ::s] @ kernel[0, 0]
     pad = k // 2 if self.padding is None else self.padding
     return lax.conv_general_dilated(
         x, kernel, (self.stride, self.stride), [(pad, pad), (pad, pad)],
