@@ -18,12 +18,14 @@ import flax.linen as nn
 
 from npcface_jax.models import resnet
 from npcface_jax.models.mobilefacenet import MobileFaceNet
+from npcface_jax.models.vgg import VGG19
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
     'mobilefacenet': MobileFaceNet,
     'resnet50': resnet.resnet50,
     'resnet101': resnet.resnet101,
     'se_resnet50': resnet.se_resnet50,
+    'vgg19': VGG19,
 }
 
 
