@@ -105,3 +105,31 @@ class DepthwiseConv(nn.Module):
         term = tap * kernel[i, j, 0]
         out = term if out is None else out + term
     return out
+
+
+def batch_norm(train: bool, dtype: Dtype | None = None) -> nn.BatchNorm:
+  """BatchNorm as the PyTorch references have it (momentum 0.1, eps 1e-5)."""
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
+                      epsilon=1e-5, dtype=dtype)
+
+
+def check_face_size(model: str, images) -> None:
+  if images.shape[1:3] != (112, 112):
+    raise ValueError(f'{model} takes 112x112 images, got '
+                     f'{images.shape[1]}x{images.shape[2]}')
+
+
+class EmbeddingHead(nn.Module):
+  """The IR ResNets' output: BN, dropout, flatten, linear, BN."""
+
+  embedding_dim: int = 512
+  dropout: float = 0.0
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = batch_norm(train, self.dtype)(x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.Dense(self.embedding_dim, dtype=self.dtype)(
+        x.reshape(x.shape[0], -1))
+    return batch_norm(train, self.dtype)(x).astype(jnp.float32)

@@ -16,7 +16,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from npcface_jax.models.layers import Conv, DepthwiseConv, PReLU
+from npcface_jax.models.layers import (Conv, DepthwiseConv, PReLU, batch_norm,
+                                       check_face_size)
 
 Dtype = Any
 
@@ -41,8 +42,7 @@ class _ConvBN(nn.Module):
     else:
       x = Conv(self.features, self.kernel_size, self.stride, self.padding,
                impl=self.impl, dtype=self.dtype)(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                     epsilon=1e-5, dtype=self.dtype)(x)
+    x = batch_norm(train, self.dtype)(x)
     return x if self.linear else PReLU()(x)
 
 
@@ -75,9 +75,7 @@ class MobileFaceNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool):
-    if images.shape[1:3] != (112, 112):
-      raise ValueError(f'MobileFaceNet takes 112x112 images, got '
-                       f'{images.shape[1]}x{images.shape[2]}')
+    check_face_size('MobileFaceNet', images)
     conv = functools.partial(_ConvBN, impl=self.impl, dtype=self.dtype)
     block = functools.partial(_Bottleneck, impl=self.impl, dtype=self.dtype)
     x = images.astype(self.dtype or images.dtype)
@@ -95,6 +93,4 @@ class MobileFaceNet(nn.Module):
     x = conv(512, 7, depthwise=True, linear=True, padding=0)(x, train)  # GDC
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.embedding_dim, use_bias=False, dtype=self.dtype)(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                     epsilon=1e-5, dtype=self.dtype)(x)
-    return x.astype(jnp.float32)
+    return batch_norm(train, self.dtype)(x).astype(jnp.float32)

@@ -19,14 +19,10 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from npcface_jax.models.layers import Conv, PReLU
+from npcface_jax.models.layers import (Conv, EmbeddingHead, PReLU, batch_norm,
+                                       check_face_size)
 
 Dtype = Any
-
-
-def _bn(dtype, train):
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                      epsilon=1e-5, dtype=dtype)
 
 
 class _SqueezeExcite(nn.Module):
@@ -53,15 +49,15 @@ class _Unit(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     conv = functools.partial(Conv, impl=self.impl, dtype=self.dtype)
-    y = _bn(self.dtype, train)(x)
+    y = batch_norm(train, self.dtype)(x)
     y = conv(self.features, 3)(y)
-    y = PReLU()(_bn(self.dtype, train)(y))
+    y = PReLU()(batch_norm(train, self.dtype)(y))
     y = conv(self.features, 3, self.stride)(y)
-    y = _bn(self.dtype, train)(y)
+    y = batch_norm(train, self.dtype)(y)
     if self.se:
       y = _SqueezeExcite(dtype=self.dtype)(y)
     if self.stride != 1 or x.shape[-1] != self.features:
-      x = _bn(self.dtype, train)(conv(self.features, 1, self.stride)(x))
+      x = batch_norm(train, self.dtype)(conv(self.features, 1, self.stride)(x))
     return x + y
 
 
@@ -77,22 +73,15 @@ class IResNet(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool):
-    if images.shape[1:3] != (112, 112):
-      raise ValueError(f'IResNet takes 112x112 images, got '
-                       f'{images.shape[1]}x{images.shape[2]}')
+    check_face_size('IResNet', images)
     x = images.astype(self.dtype or images.dtype)
     x = Conv(64, 3, impl=self.impl, dtype=self.dtype)(x)
-    x = PReLU()(_bn(self.dtype, train)(x))
+    x = PReLU()(batch_norm(train, self.dtype)(x))
     for features, units in zip((64, 128, 256, 512), self.units):
       for i in range(units):
         x = _Unit(features, 2 if i == 0 else 1, self.se, self.impl,
                   self.dtype)(x, train)
-    x = _bn(self.dtype, train)(x)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = nn.Dense(self.embedding_dim, dtype=self.dtype)(
-        x.reshape(x.shape[0], -1))
-    x = _bn(self.dtype, train)(x)
-    return x.astype(jnp.float32)
+    return EmbeddingHead(self.embedding_dim, self.dropout, self.dtype)(x, train)
 
 
 resnet50 = functools.partial(IResNet, units=(3, 4, 14, 3))

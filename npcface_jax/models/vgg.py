@@ -13,9 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
-
-from npcface_jax.models.layers import Conv
+from npcface_jax.models.layers import (Conv, EmbeddingHead, batch_norm,
+                                       check_face_size)
 
 Dtype = Any
 
@@ -32,21 +31,12 @@ class VGG19(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool):
-    if images.shape[1:3] != (112, 112):
-      raise ValueError(f'VGG19 takes 112x112 images, got '
-                       f'{images.shape[1]}x{images.shape[2]}')
-
-    def bn(x):
-      return nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                          epsilon=1e-5, dtype=self.dtype)(x)
-
+    check_face_size('VGG19', images)
     x = images.astype(self.dtype or images.dtype)
     for stage, (features, layers) in enumerate(_STAGES):
       for _ in range(layers):
-        x = nn.relu(bn(Conv(features, 3, impl=self.impl, dtype=self.dtype)(x)))
+        x = Conv(features, 3, impl=self.impl, dtype=self.dtype)(x)
+        x = nn.relu(batch_norm(train, self.dtype)(x))
       if stage < len(_STAGES) - 1:
         x = nn.max_pool(x, (2, 2), (2, 2))
-    x = nn.Dropout(self.dropout, deterministic=not train)(bn(x))
-    x = nn.Dense(self.embedding_dim, dtype=self.dtype)(
-        x.reshape(x.shape[0], -1))
-    return bn(x).astype(jnp.float32)
+    return EmbeddingHead(self.embedding_dim, self.dropout, self.dtype)(x, train)
