@@ -16,10 +16,9 @@ B, D = 24, 16
 PART_HEADS = [n for n in registry.head_names() if nf.get_head(n).has_parts]
 
 
-def _problem(rng, num_classes, duplicate_labels=True):
+def _problem(rng, num_classes):
   labels = rng.integers(0, num_classes, B)
-  if duplicate_labels:
-    labels[:4] = labels[4]  # the target gradient must add up, not overwrite
+  labels[:4] = labels[4]  # the target gradient must add up, not overwrite
   w = rng.normal(size=(num_classes, D))
   x = w[labels] + rng.normal(0.0, rng.uniform(0.3, 3.0, (B, 1)), (B, D))
   return jnp.float32(x), jnp.float32(w), labels

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+
 from npcface_jax.models.layers import (Conv, EmbeddingHead, batch_norm,
                                        check_face_size)
 
