@@ -16,11 +16,13 @@ from typing import Callable
 
 import flax.linen as nn
 
-from npcface_jax.models import resnet
+from npcface_jax.models import attention, resnet
 from npcface_jax.models.mobilefacenet import MobileFaceNet
 from npcface_jax.models.vgg import VGG19
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {
+    'attention56': attention.attention56,
+    'attention92': attention.attention92,
     'mobilefacenet': MobileFaceNet,
     'resnet50': resnet.resnet50,
     'resnet101': resnet.resnet101,
