@@ -1,5 +1,22 @@
-"""Dataset preparation: face datasets into TFRecord shards.
+"""Face datasets into the trainer's formats, from the formats users have.
 
-The converters are not written yet; the package is here so that the layout
-(npcface_jax/, configs/, data_prep/, tests/, benchmarks/) is fixed.
+Two commands (``python -m data_prep --help``):
+
+  train SRC OUT   an image folder, a ``path label`` list or an insightface /
+                  im2rec ``.rec`` into TFRecord shards with tfds metadata,
+                  ``label_map.json`` and ``report.json`` (DESIGN.md 4 and 6);
+  pairs PAIRS IMAGES OUT.bin
+                  an LFW-style pairs file into an insightface verification
+                  ``.bin`` (read back with ``npcface_jax.verification_bin``).
+
+Both run every image through the same ``preprocess.prepare``, so training and
+verification images match. Modules: ``recordio`` (MXNet RecordIO without
+mxnet), ``sources`` (what SRC holds), ``alignment`` (5-point similarity
+transform), ``preprocess`` (decode, align or resize, JPEG; in parallel),
+``shards`` (TFRecords and tfds metadata), ``train_set`` and ``pairs`` (the two
+commands).
 """
+
+
+class DataPrepError(Exception):
+  """A problem with the user's input or options; the message says the fix."""

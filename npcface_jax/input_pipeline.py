@@ -1,0 +1,506 @@
+"""Training batches as global jax.Arrays sharded on the mesh's 'data' axis,
+from data_prep's TFRecord shards or from synthetic identities in memory.
+
+The real stream is a pure function of (seed, epoch, position): file order,
+shuffle and flips all derive from stateless seeds, so a run resumed from
+``iterator.state()`` yields bit for bit the batches an uninterrupted run
+would have yielded. Each process reads an equal-length share of the data and
+feeds its slice of the global batch (DESIGN.md section 5).
+
+TensorFlow is imported only inside the functions that read files, and is
+kept off the GPUs, so that it never takes accelerator memory from JAX and
+the synthetic stream runs without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+_PREP_HINT = ('run `python -m data_prep train ...` first and pass its output '
+              'directory')
+# Stream tags keep the seeds of different uses of one user seed apart.
+_FILES, _SHUFFLE, _FLIP, _PROTO, _STREAM, _HELDOUT = range(1, 7)
+
+
+# --- TensorFlow, lazily ------------------------------------------------------
+
+_tf_ready = False
+
+
+def _tf():
+  """TensorFlow with its GPUs hidden, so that JAX keeps all device memory."""
+  global _tf_ready
+  import tensorflow as tf  # noqa: PLC0415 (keep TF off the import path)
+  if not _tf_ready:
+    try:
+      tf.config.set_visible_devices([], 'GPU')
+    except RuntimeError:  # TF already initialised its devices elsewhere.
+      if tf.config.get_visible_devices('GPU'):
+        raise RuntimeError(
+            'TensorFlow initialised its GPUs before the input pipeline could '
+            "hide them; call tf.config.set_visible_devices([], 'GPU') before "
+            'any TensorFlow op') from None
+    _tf_ready = True
+  return tf
+
+
+# --- Dataset metadata --------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the pipeline needs to know about a data_prep output directory."""
+  data_dir: str
+  num_classes: int
+  num_examples: int
+  image_size: int
+  files: tuple[str, ...]
+  shard_lengths: tuple[int, ...]
+
+
+def dataset_info(data_dir: str | os.PathLike) -> DatasetInfo:
+  """Reads the tfds metadata that data_prep writes next to its shards."""
+  data_dir = os.fspath(data_dir)
+  if not os.path.isdir(data_dir):
+    raise FileNotFoundError(f'dataset directory {data_dir!r} does not exist: '
+                            f'{_PREP_HINT}')
+  missing = [f for f in ('dataset_info.json', 'features.json')
+             if not os.path.exists(os.path.join(data_dir, f))]
+  if missing:
+    raise FileNotFoundError(
+        f'{data_dir!r} is not a data_prep output (no {", ".join(missing)}): '
+        f'{_PREP_HINT}')
+  _tf()
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+  try:
+    info = tfds.builder_from_directory(data_dir).info
+  except Exception as e:  # tfds raises a variety of types here.
+    raise ValueError(f'cannot read the tfds metadata in {data_dir!r} ({e}): '
+                     f'{_PREP_HINT}') from e
+  features = info.features
+  if ('image' not in features or 'label' not in features
+      or 'train' not in info.splits):
+    raise ValueError(
+        f'{data_dir!r} has features {sorted(features.keys())} and splits '
+        f'{sorted(info.splits.keys())}; the pipeline needs image and label '
+        f"features and a 'train' split: {_PREP_HINT}")
+  shape = tuple(features['image'].shape)
+  if len(shape) != 3 or shape[0] != shape[1] or shape[2] != 3:
+    raise ValueError(f'{data_dir!r} holds images of shape {shape}; the '
+                     'pipeline needs square RGB images (S, S, 3)')
+  split = info.splits['train']
+  files = tuple(os.fspath(f) for f in split.filepaths)
+  absent = [f for f in files if not os.path.exists(f)]
+  if absent:
+    raise FileNotFoundError(f'{len(absent)} shard(s) listed in the metadata '
+                            f'are missing, e.g. {absent[0]!r}: {_PREP_HINT}')
+  lengths = tuple(int(n) for n in split.shard_lengths)
+  if len(lengths) != len(files) or sum(lengths) != split.num_examples:
+    raise ValueError(f'{data_dir!r}: shard lengths {lengths} do not match '
+                     f'{len(files)} files and {split.num_examples} examples')
+  return DatasetInfo(data_dir=data_dir,
+                     num_classes=int(features['label'].num_classes),
+                     num_examples=int(split.num_examples),
+                     image_size=int(shape[0]), files=files,
+                     shard_lengths=lengths)
+
+
+# --- Splitting the data over processes (pure) --------------------------------
+
+def split_files(shard_lengths: Sequence[int],
+                process_count: int) -> list[tuple[int, ...]] | None:
+  """Shard indices per process, balanced by length (longest first onto the
+  lightest process); None when there are fewer files than processes, and the
+  records must be split by index instead."""
+  if len(shard_lengths) < process_count:
+    return None
+  loads = [0] * process_count
+  shares: list[list[int]] = [[] for _ in range(process_count)]
+  for i in sorted(range(len(shard_lengths)), key=lambda i: -shard_lengths[i]):
+    p = min(range(process_count), key=lambda p: (loads[p], p))
+    loads[p] += shard_lengths[i]
+    shares[p].append(i)
+  return [tuple(sorted(s)) for s in shares]
+
+
+def share_lengths(shard_lengths: Sequence[int],
+                  process_count: int) -> list[int]:
+  """Examples in each process's share, before dropping to an equal length."""
+  shares = split_files(shard_lengths, process_count)
+  if shares is None:
+    n = sum(shard_lengths)
+    return [len(range(p, n, process_count)) for p in range(process_count)]
+  return [sum(shard_lengths[i] for i in s) for s in shares]
+
+
+def local_batch_size(global_batch_size: int, mesh: Mesh,
+                     process_count: int) -> int:
+  """The per-process batch; errors when the global batch does not divide."""
+  if 'data' not in mesh.axis_names:
+    raise ValueError(f"the mesh needs a 'data' axis, it has {mesh.axis_names}")
+  data = mesh.shape['data']
+  if global_batch_size <= 0 or global_batch_size % data:
+    raise ValueError(
+        f"global batch {global_batch_size} does not divide over the mesh's "
+        f"{data} 'data' devices: use a positive multiple of {data}")
+  if global_batch_size % process_count:
+    raise ValueError(
+        f'global batch {global_batch_size} does not divide over '
+        f'{process_count} processes: use a multiple of {process_count}')
+  return global_batch_size // process_count
+
+
+def to_global(local_batch: Mapping[str, np.ndarray],
+              mesh: Mesh) -> dict[str, jax.Array]:
+  """Stitches each process's slice into global arrays sharded on 'data'."""
+  sharding = NamedSharding(mesh, P('data'))
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in local_batch.items()}
+
+
+def _processes(process_index, process_count):
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(f'process_index {index} is not in [0, {count})')
+  return index, count
+
+
+def _dtype_name(dtype) -> str:
+  """'float32' or 'bfloat16', from a name or a numpy/jnp dtype."""
+  name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+  if name not in ('float32', 'bfloat16'):
+    raise ValueError(f'image dtype must be float32 or bfloat16, got {dtype!r}')
+  return name
+
+
+def _key(*words: int) -> list[int]:
+  """Two 32-bit words of a stateless seed, hashed from the given ints."""
+  return [int(w) for w in np.random.SeedSequence(words).generate_state(2)]
+
+
+# --- The training stream from TFRecords --------------------------------------
+
+class _Stream:
+  """Shared iterator surface: next_local() gives this process's numpy
+  batch, next() the global jax.Array batch, state() the position."""
+
+  def __init__(self, mesh, process_count):
+    self.mesh = mesh
+    self.process_count = process_count
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    if self.process_count != jax.process_count():
+      raise RuntimeError(
+          f'this stream was built for {self.process_count} process(es) but '
+          f'JAX runs {jax.process_count()}: use next_local() for the '
+          'per-process numpy batches of a simulated process')
+    return to_global(self.next_local(), self.mesh)
+
+
+class TrainIterator(_Stream):
+  """Endless shuffled, augmented batches of one process's share, in epochs
+  of ``steps_per_epoch`` batches; ``state()`` is {'epoch', 'index'}, where
+  index counts this process's examples consumed in that epoch."""
+
+  def __init__(self, info: DatasetInfo, mesh: Mesh, global_batch_size: int, *,
+               seed: int, start, flip: bool, dtype, shuffle_buffer: int,
+               process_index: int, process_count: int, num_threads: int | None,
+               prefetch: int):
+    super().__init__(mesh, process_count)
+    self.info = info
+    self.batch_size = local_batch_size(global_batch_size, mesh, process_count)
+    share = min(share_lengths(info.shard_lengths, process_count))
+    self.steps_per_epoch = share // self.batch_size
+    if not self.steps_per_epoch:
+      raise ValueError(
+          f'each of {process_count} process(es) gets {share} examples, fewer '
+          f'than its batch of {self.batch_size}: use a smaller batch or more '
+          'data')
+    self.epoch_length = self.steps_per_epoch * self.batch_size
+    self._epoch, self._index = self._parse_start(start)
+    ds = _train_dataset(info, seed=seed, start=(self._epoch, self._index),
+                        batch_size=self.batch_size,
+                        epoch_length=self.epoch_length, flip=flip, dtype=dtype,
+                        shuffle_buffer=shuffle_buffer,
+                        process_index=process_index,
+                        process_count=process_count, num_threads=num_threads,
+                        prefetch=prefetch)
+    self._it = ds.as_numpy_iterator()
+
+  def _parse_start(self, start) -> tuple[int, int]:
+    if start is None:
+      return 0, 0
+    if isinstance(start, Mapping):
+      if set(start) != {'epoch', 'index'}:
+        raise ValueError(f'start {start!r} is not a state() of a file stream: '
+                         "it needs exactly the keys 'epoch' and 'index'")
+      epoch, index = int(start['epoch']), int(start['index'])
+    else:  # A global step count.
+      epoch, step = divmod(int(start), self.steps_per_epoch)
+      index = step * self.batch_size
+    if epoch < 0 or not 0 <= index <= self.epoch_length or (
+        index % self.batch_size):
+      raise ValueError(
+          f'start {start!r} does not fit this stream: the index must be a '
+          f'multiple of the per-process batch {self.batch_size} in '
+          f'[0, {self.epoch_length}] (was it saved with another batch size or '
+          'process count?)')
+    if index == self.epoch_length:
+      return epoch + 1, 0
+    return epoch, index
+
+  def state(self) -> dict[str, int]:
+    """The position of the next batch, as plain ints (JSON and orbax)."""
+    return {'epoch': self._epoch, 'index': self._index}
+
+  def next_local(self) -> dict[str, np.ndarray]:
+    batch = next(self._it)
+    self._index += self.batch_size
+    if self._index == self.epoch_length:
+      self._epoch, self._index = self._epoch + 1, 0
+    return batch
+
+
+def train_stream(data_dir: str | os.PathLike, global_batch_size: int,
+                 mesh: Mesh, *, seed: int = 0,
+                 start: Mapping[str, int] | int | None = None,
+                 flip: bool = True, dtype: Any = np.float32,
+                 shuffle_buffer: int = 16_384,
+                 process_index: int | None = None,
+                 process_count: int | None = None,
+                 num_threads: int | None = None,
+                 prefetch: int = 2) -> TrainIterator:
+  """Training batches {'image': (B, S, S, 3) dtype, 'label': (B,) int32} from
+  data_prep's shards, sharded on the mesh's 'data' axis.
+
+  ``start`` is a previous ``state()`` (or a global step count); the stream
+  then continues exactly where that run stood. ``num_threads`` bounds
+  tf.data's private thread pool (None: TensorFlow's shared pool).
+  """
+  index, count = _processes(process_index, process_count)
+  return TrainIterator(dataset_info(data_dir), mesh, global_batch_size,
+                       seed=seed, start=start, flip=flip,
+                       dtype=_dtype_name(dtype),
+                       shuffle_buffer=shuffle_buffer, process_index=index,
+                       process_count=count, num_threads=num_threads,
+                       prefetch=prefetch)
+
+
+def _options(tf, num_threads):
+  options = tf.data.Options()
+  options.deterministic = True
+  if num_threads:
+    options.threading.private_threadpool_size = num_threads
+    options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _decode(tf, record, image_size):
+  """A serialized Example to (uint8 image (S, S, 3), int32 label)."""
+  ex = tf.io.parse_single_example(record, {
+      'image': tf.io.FixedLenFeature([], tf.string),
+      'label': tf.io.FixedLenFeature([], tf.int64)})
+  image = tf.io.decode_jpeg(ex['image'], channels=3)
+  image = tf.ensure_shape(image, (image_size, image_size, 3))
+  return image, tf.cast(ex['label'], tf.int32)
+
+
+def _normalize(tf, image, dtype):
+  """The seed's model input, (x - 127.5) / 128, computed in float32."""
+  x = (tf.cast(image, tf.float32) - 127.5) / 128.0
+  return tf.cast(x, {'float32': tf.float32, 'bfloat16': tf.bfloat16}[dtype])
+
+
+def _train_dataset(info, *, seed, start, batch_size, epoch_length, flip, dtype,
+                   shuffle_buffer, process_index, process_count, num_threads,
+                   prefetch):
+  """Epoch e of this process: its files in an order drawn from (seed, e),
+  records (or every P-th record) shuffled with a seed from (seed, e,
+  process), cut to the equal epoch length, numbered; the first epoch skips
+  the already consumed serialized records before any decoding."""
+  tf = _tf()
+  shares = split_files(info.shard_lengths, process_count)
+  files = info.files if shares is None else [
+      info.files[i] for i in shares[process_index]]
+  files = tf.constant(list(files))
+  cycle = min(int(files.shape[0]), 16)
+  key_files = tf.constant(_key(seed, _FILES), tf.int64)
+  key_shuffle = tf.constant(_key(seed, _SHUFFLE, process_index), tf.int64)
+  key_flip = tf.constant(_key(seed, _FLIP, process_index), tf.int64)
+  start_epoch, start_index = start
+  fold = tf.random.experimental.stateless_fold_in
+
+  def epoch_records(epoch):
+    # The same file order on every process: record sharding relies on it.
+    order = tf.random.experimental.stateless_shuffle(
+        files, seed=fold(key_files, epoch))
+    ds = tf.data.Dataset.from_tensor_slices(order).interleave(
+        tf.data.TFRecordDataset, cycle_length=cycle, block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if shares is None:
+      ds = ds.shard(process_count, process_index)
+    shuffle_seed = tf.random.stateless_uniform(
+        [], seed=fold(key_shuffle, epoch), minval=1, maxval=2**62,
+        dtype=tf.int64)
+    ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed,
+                    reshuffle_each_iteration=False)
+    ds = ds.take(epoch_length).enumerate()
+    ds = ds.skip(tf.where(epoch == start_epoch,
+                          tf.constant(start_index, tf.int64), 0))
+    return ds.map(lambda i, r: (epoch, i, r))
+
+  def example(epoch, index, record):
+    image, label = _decode(tf, record, info.image_size)
+    if flip:
+      image = tf.image.stateless_random_flip_left_right(
+          image, seed=fold(fold(key_flip, epoch), index))
+    return {'image': _normalize(tf, image, dtype), 'label': label}
+
+  ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch_records)
+  ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(prefetch)
+  return ds.with_options(_options(tf, num_threads))
+
+
+def ordered_dataset(data_dir: str | os.PathLike, batch_size: int | None = None,
+                    dtype: Any = np.float32):
+  """All examples in file order, unshuffled and unaugmented, as a
+  tf.data.Dataset of {'image', 'label'} (for embedding extraction); the last
+  batch may be short."""
+  info = dataset_info(data_dir)
+  dtype = _dtype_name(dtype)
+  tf = _tf()
+
+  def example(record):
+    image, label = _decode(tf, record, info.image_size)
+    return {'image': _normalize(tf, image, dtype), 'label': label}
+
+  ds = tf.data.TFRecordDataset(list(info.files)).map(
+      example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  if batch_size:
+    ds = ds.batch(batch_size)
+  return ds.prefetch(2).with_options(_options(tf, None))
+
+
+# --- Synthetic identities (numpy only) ---------------------------------------
+
+_PROTO_RES = 8
+
+
+def _upsample_matrix(n: int, size: int) -> np.ndarray:
+  """(size, n) bilinear interpolation weights from n samples to size."""
+  pos = np.clip((np.arange(size) + 0.5) * n / size - 0.5, 0, n - 1)
+  lo = np.floor(pos).astype(int)
+  hi = np.minimum(lo + 1, n - 1)
+  w = pos - lo
+  m = np.zeros((size, n))
+  m[np.arange(size), lo] += 1 - w
+  m[np.arange(size), hi] += w
+  return m
+
+
+def prototypes(classes: Sequence[int], image_size: int = 112,
+               seed: int = 0) -> np.ndarray:
+  """Each identity's fixed face, a smooth random RGB image in pixel units
+  (N, S, S, 3) float32, drawn from (seed, class) alone."""
+  low = np.stack([np.random.default_rng([seed, _PROTO, int(c)]).normal(
+      size=(_PROTO_RES, _PROTO_RES, 3)) for c in classes])
+  up = _upsample_matrix(_PROTO_RES, image_size)
+  img = np.einsum('hi,nijc,wj->nhwc', up, low, up)
+  return (127.5 + 70.0 * img).astype(np.float32)
+
+
+def _render(labels, rng, image_size, seed, noise, max_shift, dtype):
+  """Samples of the given identities: prototype shifted by up to max_shift
+  pixels, with a brightness offset and pixel noise, then normalised."""
+  uniq, inverse = np.unique(labels, return_inverse=True)
+  protos = prototypes(uniq, image_size, seed)
+  n = len(labels)
+  shifts = rng.integers(-max_shift, max_shift + 1, (n, 2))
+  out = np.empty((n, image_size, image_size, 3), np.float32)
+  for k in range(n):
+    out[k] = np.roll(protos[inverse[k]], tuple(shifts[k]), axis=(0, 1))
+  out += rng.normal(0.0, 10.0, (n, 1, 1, 1)).astype(np.float32)
+  out += noise * rng.standard_normal(out.shape, np.float32)
+  np.clip(out, 0.0, 255.0, out=out)
+  out -= 127.5
+  out /= 128.0
+  dtype = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}[
+      _dtype_name(dtype)]
+  return out.astype(dtype, copy=False), np.asarray(labels, np.int32)
+
+
+def synthetic_examples(classes: Sequence[int], samples_per_class: int,
+                       image_size: int = 112, seed: int = 0, *,
+                       noise: float = 24.0, max_shift: int = 4,
+                       dtype: Any = np.float32
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """(images (N, S, S, 3), labels (N,) int32) of the given identities,
+  samples_per_class each, grouped by class; for verification, pass classes
+  the stream never draws (>= its num_classes)."""
+  classes = [int(c) for c in classes]
+  labels = np.repeat(np.asarray(classes, np.int64), samples_per_class)
+  rng = np.random.default_rng([_HELDOUT, seed, samples_per_class, *classes])
+  return _render(labels, rng, image_size, seed, noise, max_shift, dtype)
+
+
+class SyntheticIterator(_Stream):
+  """Endless batches of random identities; ``state()`` is {'step'}."""
+
+  def __init__(self, num_classes, global_batch_size, mesh, *, image_size, seed,
+               start, noise, max_shift, dtype, process_index, process_count):
+    super().__init__(mesh, process_count)
+    self.batch_size = local_batch_size(global_batch_size, mesh, process_count)
+    if num_classes < 1:
+      raise ValueError(f'num_classes must be positive, got {num_classes}')
+    self.num_classes, self.image_size, self.seed = num_classes, image_size, seed
+    self.noise, self.max_shift, self.dtype = noise, max_shift, dtype
+    self.process_index = process_index
+    if isinstance(start, Mapping) and set(start) != {'step'}:
+      raise ValueError(f'start {start!r} is not a state() of a synthetic '
+                       "stream: it needs exactly the key 'step'")
+    step = start['step'] if isinstance(start, Mapping) else (start or 0)
+    if int(step) < 0:
+      raise ValueError(f'start step must be >= 0, got {step}')
+    self._step = int(step)
+
+  def state(self) -> dict[str, int]:
+    return {'step': self._step}
+
+  def next_local(self) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(
+        [_STREAM, self.seed, self._step, self.process_index])
+    labels = rng.integers(0, self.num_classes, self.batch_size)
+    images, labels = _render(labels, rng, self.image_size, self.seed,
+                             self.noise, self.max_shift, self.dtype)
+    self._step += 1
+    return {'image': images, 'label': labels}
+
+
+def synthetic_stream(num_classes: int, batch_size: int, mesh: Mesh,
+                     image_size: int = 112, seed: int = 0, *,
+                     start: Mapping[str, int] | int | None = None,
+                     noise: float = 24.0, max_shift: int = 4,
+                     dtype: Any = np.float32,
+                     process_index: int | None = None,
+                     process_count: int | None = None) -> SyntheticIterator:
+  """Learnable batches without files or TensorFlow: each of num_classes
+  identities is a fixed prototype from (seed, class), each sample that
+  prototype shifted and noised; batch (global) k is drawn from (seed, k,
+  process), so ``start`` (a state() or a step) resumes exactly."""
+  index, count = _processes(process_index, process_count)
+  return SyntheticIterator(num_classes, batch_size, mesh,
+                           image_size=image_size, seed=seed, start=start,
+                           noise=noise, max_shift=max_shift, dtype=dtype,
+                           process_index=index, process_count=count)
