@@ -27,6 +27,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from data_prep.shards import serialize  # noqa: E402
 from npcface_jax import input_pipeline as ip  # noqa: E402
 
 SIZE = 112
@@ -66,12 +67,7 @@ def write_dataset(out: str, images, labels, num_classes: int, shards: int):
     with tf.io.TFRecordWriter(path) as writer:
       for k in range(bounds[s], bounds[s + 1]):
         jpeg = tf.io.encode_jpeg(images[k], quality=90).numpy()
-        writer.write(tf.train.Example(features=tf.train.Features(feature={
-            'image': tf.train.Feature(bytes_list=tf.train.BytesList(
-                value=[jpeg])),
-            'label': tf.train.Feature(int64_list=tf.train.Int64List(
-                value=[int(labels[k])])),
-        })).SerializeToString())
+        writer.write(serialize(jpeg, int(labels[k])))
   tfds.folder_dataset.write_metadata(
       data_dir=out,
       features=tfds.features.FeaturesDict({
