@@ -10,10 +10,12 @@ unsafe, and the workers need only Pillow and NumPy.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
 import io
+import itertools
 import multiprocessing
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
@@ -162,6 +164,31 @@ def prepare_all(jobs: Iterable[Job], options: Options,
       while _recs:
         _recs.popitem()[1].close()
     return
+  # A bounded window of chunks in flight (Executor.map would submit every
+  # job at once and could hold a whole dataset's JPEGs in memory when the
+  # writer falls behind).
+  chunks = _chunks(jobs, _CHUNK)
   with concurrent.futures.ProcessPoolExecutor(
       workers, mp_context=multiprocessing.get_context('spawn')) as pool:
-    yield from pool.map(run, jobs, chunksize=64)
+    pending = collections.deque(
+        pool.submit(_run_chunk, chunk, options)
+        for chunk in itertools.islice(chunks, 4 * workers))
+    while pending:
+      results = pending.popleft().result()
+      chunk = next(chunks, None)
+      if chunk is not None:
+        pending.append(pool.submit(_run_chunk, chunk, options))
+      yield from results
+
+
+_CHUNK = 64
+
+
+def _chunks(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
+  it = iter(jobs)
+  while chunk := list(itertools.islice(it, size)):
+    yield chunk
+
+
+def _run_chunk(jobs: list[Job], options: Options) -> list[bytes | Skip]:
+  return [_run(job, options) for job in jobs]
