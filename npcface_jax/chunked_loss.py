@@ -82,12 +82,27 @@ class _Shard:
   def psum(self, x):
     return x if self.axis_name is None else lax.psum(x, self.axis_name)
 
-  def varying(self, x):
-    """Marks a loop's initial carry as differing per shard, like its body."""
+  def varying(self, x, *inputs):
+    """Marks a loop's initial carry as differing over every mesh axis that
+    the inputs differ over (the class axis, and a batch axis if the batch
+    is split too), like the loop's body."""
     if self.axis_name is None:
       return x
-    return jax.tree.map(
-        lambda a: lax.pcast(a, self.axis_name, to='varying'), x)
+    want = frozenset({self.axis_name}).union(*map(_varying_axes, inputs))
+
+    def cast(a):
+      missing = tuple(sorted(want - _varying_axes(a)))
+      return lax.pcast(a, missing, to='varying') if missing else a
+
+    return jax.tree.map(cast, x)
+
+
+def _varying_axes(x) -> frozenset:
+  """The shard_map axes over which x differs (its type's 'vma')."""
+  aval = jax.typeof(x)
+  if hasattr(aval, 'vma'):
+    return frozenset(aval.vma)
+  return frozenset(aval.manual_axis_type.varying)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
@@ -134,7 +149,7 @@ def _forward(xn, w, labels, state, parts, chunk_size, axis_name,
 
   cos_store = lax.empty((full, batch, chunk_size), jnp.float32)
   cos_store, carry = lax.fori_loop(0, full, body,
-                                   shard.varying((cos_store, carry)))
+                                   shard.varying((cos_store, carry), xn, w))
   cos_rest = None
   if rest:
     cos_rest, carry = block(w[full * chunk_size:], full * chunk_size, carry)
@@ -146,16 +161,17 @@ def _forward(xn, w, labels, state, parts, chunk_size, axis_name,
   z_y = parts.positive(c_y, row, sums)
   lse = jnp.logaddexp(run_max + jnp.log(run_sum), z_y)
   ce = lse - z_y
+  top1 = z_y >= run_max  # the target beats every negative logit
   residuals = (xn, w, labels, state, wy, inv_y, c_y, row, sums, lse, z_y,
                cos_store, cos_rest)
-  return (ce, row, sums), residuals
+  return (ce, row, sums, top1), residuals
 
 
 def _backward(parts, chunk_size, axis_name, num_classes, residuals,
               cotangents):
   (xn, w, labels, state, wy, inv_y, c_y, row, sums, lse, z_y, cos_store,
    cos_rest) = residuals
-  g = cotangents[0]  # row and sums are outputs for logging, not for grads
+  g = cotangents[0]  # row, sums and top1 are for logging, not for grads
   shard = _Shard(w, labels, axis_name, num_classes)
   full, rest = _blocks(w.shape[0], chunk_size)
 
@@ -177,7 +193,7 @@ def _backward(parts, chunk_size, axis_name, num_classes, residuals,
     return dxn + dx_k, lax.dynamic_update_slice_in_dim(dw, dw_k, start, 0)
 
   grads = (jnp.zeros_like(xn), lax.empty(w.shape, jnp.float32))
-  dxn, dw = lax.fori_loop(0, full, body, shard.varying(grads))
+  dxn, dw = lax.fori_loop(0, full, body, shard.varying(grads, xn, w))
   if rest:
     dx_r, dw_r = block(w[full * chunk_size:], full * chunk_size, cos_rest)
     dxn = dxn + dx_r
@@ -189,6 +205,10 @@ def _backward(parts, chunk_size, axis_name, num_classes, residuals,
   dxn = dxn + dc_y[:, None] * wy
   dw = dw.at[shard.local_label].add(
       _normalize_rows_vjp(wy, inv_y, dc_y[:, None] * xn))
+  # A batch split over another axis too: W's gradient sums over its shards.
+  batch_axes = tuple(sorted(_varying_axes(xn) - _varying_axes(w)))
+  if batch_axes:
+    dw = lax.psum(dw, batch_axes)
   # The state (a batch statistic's history, a step) gets no gradient.
   return shard.psum(dxn), dw, None, jax.tree.map(jnp.zeros_like, state)
 
@@ -202,7 +222,8 @@ def chunked_cross_entropy(embeddings: Array, weights: Array, labels: Array,
                           num_classes: int | None = None):
   """Per-sample cross-entropy (B,) over the head's logits of
   cosine(embeddings, weights), with the head's row constants and sums
-  (for its state and diagnostics), ``chunk_size`` classes at a time.
+  (for its state and diagnostics) and whether each target logit is the
+  largest (top-1, bool), ``chunk_size`` classes at a time.
   ``state`` is the head's state (SphereFace, CurricularFace), passed to the
   parts' ``row``.
 

@@ -45,35 +45,45 @@ def classifier_loss(embeddings: Array, weights: Array, labels: Array,
                     num_classes: int | None = None,
                     chunk_size: int | None = None) -> tuple[Array, HeadOutput]:
   """Per-sample cross-entropy (B,) and the head's output for one shard
-  (or the whole classifier when ``axis_name`` is None).
+  (or the whole classifier when ``axis_name`` is None); the output's
+  metrics hold the head's diagnostics and ``top1`` (B,) bool, whether the
+  target logit is the largest.
 
   With ``chunk_size`` the loss runs chunked and fused (chunked_loss.py):
   same values and gradients, far less memory, and the returned HeadOutput
   has ``logits=None``.
   """
   if chunk_size is not None:
-    ce, row, sums = chunked_loss.chunked_cross_entropy(
+    ce, row, sums, top1 = chunked_loss.chunked_cross_entropy(
         embeddings, weights, labels, head.parts(), state, chunk_size=chunk_size,
         axis_name=axis_name, num_classes=num_classes)
     new_state, metrics = head.after_parts(state, row, sums)
-    return ce, HeadOutput(None, new_state, jnp.zeros((), jnp.float32), metrics)
+    return ce, HeadOutput(None, new_state, jnp.zeros((), jnp.float32),
+                          {**metrics, 'top1': top1})
   out = head(cosine(embeddings, weights), labels, state, params,
              axis_name=axis_name, num_classes=num_classes)
-  ce = losses.per_sample_cross_entropy(out.logits, labels, axis_name=axis_name)
-  return ce, out
+  ce, top1 = losses.cross_entropy_and_top1(out.logits, labels,
+                                           axis_name=axis_name)
+  return ce, out._replace(metrics={**out.metrics, 'top1': top1})
 
 
 def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
-                            axis: str = 'model', return_logits: bool = False,
+                            axis: str = 'model', batch_axis: str | None = None,
+                            return_logits: bool = False,
                             chunk_size: int | None = None):
   """``f(embeddings, weights, labels, state, params) -> (ce, HeadOutput)``
   with the weights' rows (and AdaM-softmax's margins) split over ``axis``.
 
-  ``weights`` has ``padded_num_classes(num_classes, mesh.shape[axis])`` rows;
-  embeddings, labels and head state are replicated over ``axis``, and ``ce``
-  comes back replicated, ready for any criterion's ``reduce`` in the global
-  view. Differentiate through f from outside (the global view): the gradient
-  of a replicated input then comes out summed correctly (DESIGN.md s. 5).
+  ``weights`` has ``padded_num_classes(num_classes, mesh.shape[axis])`` rows.
+  By default embeddings, labels and head state are replicated over the mesh
+  and ``ce`` comes back replicated, ready for any criterion's ``reduce`` in
+  the global view. With ``batch_axis`` (e.g. 'data' of a 2-D mesh) the batch
+  is split over that axis as well, so each device scores only its rows
+  against its classes; ``ce`` and the per-sample metrics come back split
+  the same way. Heads whose state is a batch statistic (``head.
+  batch_statistics``) need the whole batch on every shard and refuse it.
+  Differentiate through f from outside (the global view): the gradient of a
+  replicated input then comes out summed correctly (DESIGN.md s. 5).
   The logits (sharded on their class axis) come back only with
   ``return_logits``, since at millions of classes they are the largest array;
   with ``chunk_size`` each shard runs the chunked loss and no logits exist.
@@ -81,6 +91,10 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
   if chunk_size is not None and return_logits:
     raise ValueError('the chunked loss never forms the logits: '
                      'return_logits needs chunk_size=None')
+  if batch_axis is not None and head.batch_statistics:
+    raise ValueError(
+        f'head {head.name!r} keeps a statistic of the whole batch in its '
+        'state, so its batch cannot be split over shards: use batch_axis=None')
 
   def local(embeddings, weights, labels, state, params):
     ce, out = classifier_loss(embeddings, weights, labels, head, state, params,
@@ -90,11 +104,12 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
       out = out._replace(logits=jnp.zeros((), jnp.float32))
     return ce, out
 
-  logits_spec = P(None, axis) if return_logits else P()
-  in_specs = (P(), P(axis), P(), P(), P(axis))
+  rows = P(batch_axis)
+  logits_spec = P(batch_axis, axis) if return_logits else P()
+  in_specs = (rows, P(axis), rows, P(), P(axis))
   mapped = jax.shard_map(
       local, mesh=mesh, in_specs=in_specs,
-      out_specs=(P(), HeadOutput(logits_spec, P(), P(), P())))
+      out_specs=(rows, HeadOutput(logits_spec, P(), P(), rows)))
   if AxisType.Explicit not in mesh.axis_types:
     return mapped
 

@@ -27,6 +27,15 @@ def per_sample_cross_entropy(logits: Array, labels: Array, *, axis_name=None,
 
   ``num_classes`` masks padding columns when the head did not already.
   """
+  return cross_entropy_and_top1(logits, labels, axis_name=axis_name,
+                                num_classes=num_classes)[0]
+
+
+def cross_entropy_and_top1(logits: Array, labels: Array, *, axis_name=None,
+                           num_classes: int | None = None
+                           ) -> tuple[Array, Array]:
+  """The per-sample cross-entropy and whether the target logit is the
+  largest (training top-1 under the head's margins), from one pass."""
   z = logits.astype(jnp.float32)
   cols = heads.columns(z, labels, axis_name, num_classes)
   if cols.valid is not None:
@@ -38,7 +47,7 @@ def per_sample_cross_entropy(logits: Array, labels: Array, *, axis_name=None,
   target = heads.take_target(z, cols)
   if axis_name is not None:
     sumexp, target = lax.psum((sumexp, target), axis_name)
-  return jnp.log(sumexp) + (zmax - target)
+  return jnp.log(sumexp) + (zmax - target), lax.stop_gradient(target >= zmax)
 
 
 def softmax_cross_entropy(logits: Array, labels: Array, *, axis_name=None,

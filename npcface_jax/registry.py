@@ -54,6 +54,9 @@ class _Entry:
   parts: Callable[..., heads.MarginParts] | None = None
   # (state, row, sums, options) -> (new state, metrics) on the chunked path.
   after_parts: Callable[..., tuple[dict, dict]] = _NOTHING_AFTER
+  # Whether the new state is a statistic of the whole batch (AdaCos's
+  # median, CurricularFace's mean), so the batch must not be split.
+  batch_statistics: bool = False
 
 
 _HEADS: dict[str, _Entry] = {
@@ -70,7 +73,8 @@ _HEADS: dict[str, _Entry] = {
                          parts=heads.cosface_parts),
     'arcface': _Entry(heads.arcface_logits, 'plain',
                       parts=heads.arcface_parts),
-    'adacos': _Entry(heads.adacos_logits, 'state', heads.adacos_init_state),
+    'adacos': _Entry(heads.adacos_logits, 'state', heads.adacos_init_state,
+                     batch_statistics=True),
     'adam_softmax': _Entry(
         heads.adam_softmax_logits, 'params',
         init_params=lambda key, n: {'margins': heads.adam_init_margins(key, n)}),
@@ -84,7 +88,8 @@ _HEADS: dict[str, _Entry] = {
         heads.curricularface_logits, 'state',
         lambda n: heads.curricularface_init_state(),
         parts=heads.curricularface_parts,
-        after_parts=lambda st, row, sums, o: ({'t': row[1]}, {})),
+        after_parts=lambda st, row, sums, o: ({'t': row[1]}, {}),
+        batch_statistics=True),
     'npcface': _Entry(
         heads.npcface_logits, 'diagnostics',
         parts=heads.npcface_parts,
@@ -138,6 +143,11 @@ class Head:
 
   def init_params(self, key: Array, num_classes: int) -> dict[str, Array]:
     return self._entry.init_params(key, num_classes)
+
+  @property
+  def batch_statistics(self) -> bool:
+    """Whether the state update needs the whole batch in one place."""
+    return self._entry.batch_statistics
 
   @property
   def has_parts(self) -> bool:

@@ -1,12 +1,26 @@
 """Eight fake CPU devices, set before JAX starts its backend, so every test
-run exercises the sharded paths (DESIGN.md section 5)."""
+run exercises the sharded paths (DESIGN.md section 5); and one compilation
+cache for the session, so that a program compiled once (a train step that
+a test runs, stops and resumes, also in a subprocess) is not compiled
+again."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  _cache = tempfile.mkdtemp(prefix='npcface_jax_tests_cache_')
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache  # subprocesses too
+  os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '1'
 
 import jax  # noqa: E402
 
 NUM_DEVICES = 8
 jax.config.update('jax_num_cpu_devices', NUM_DEVICES)
+jax.config.update('jax_compilation_cache_dir',
+                  os.environ['JAX_COMPILATION_CACHE_DIR'])
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)

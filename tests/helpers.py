@@ -1,7 +1,12 @@
 """Random cosine matrices for the head tests: fresh each run (the seed is in
 every failure message), covering the cases the heads must get right."""
 
+import pathlib
+
 import numpy as np
+
+# The shared real-face test data (never copied into the repository).
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 
 
 def fresh_rng():
@@ -51,6 +56,27 @@ def assert_same_step(got, want, msg, loss_rtol=1e-5):
     np.testing.assert_allclose(a, b, rtol=1e-5,
                                atol=1e-5 * float(np.max(np.abs(b))),
                                err_msg=msg)
-  jax.tree.map(
-      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, err_msg=msg),
-      (out1.state, out1.metrics), (out0.state, out0.metrics))
+  jax.tree.map(lambda a, b: _assert_close(a, b, msg),
+               (out1.state, out1.metrics), (out0.state, out0.metrics))
+
+
+def _assert_close(a, b, msg):
+  a, b = np.asarray(a), np.asarray(b)
+  if np.issubdtype(b.dtype, np.floating):
+    np.testing.assert_allclose(a, b, rtol=1e-5, err_msg=msg)
+  else:  # counts and flags (top1) agree exactly
+    np.testing.assert_array_equal(a, b, err_msg=msg)
+
+
+def orl_people(tmp_path, people):
+  """A folder of ORL identities s<p> (symlinks into the shared data), for
+  data_prep; skips the test, saying why, where the data is absent."""
+  import pytest  # noqa: PLC0415
+  faces = SHARED_DATA / 'orl_faces'
+  if not faces.is_dir():
+    pytest.skip(f'ORL faces not found at {faces} (shared test data absent)')
+  src = tmp_path / 'orl_src'
+  src.mkdir()
+  for p in people:
+    (src / f's{p}').symlink_to(faces / f's{p}')
+  return src

@@ -68,7 +68,7 @@ def test_npcface_against_float64_reference():
   wn = np.asarray(w, np.float64)
   wn /= np.linalg.norm(wn, axis=1, keepdims=True)
   logits, frozen, counts = ref.npcface(xn @ wn.T, y)
-  ce, _, sums = chunked_cross_entropy(x, w, y, nf.heads.npcface_parts(),
+  ce, _, sums, _ = chunked_cross_entropy(x, w, y, nf.heads.npcface_parts(),
                                       chunk_size=16)
   np.testing.assert_allclose(ce, ref.cross_entropy(logits, y), rtol=1e-5,
                              atol=1e-4, err_msg=f'seed {seed}')

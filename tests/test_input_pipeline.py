@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from npcface_jax import input_pipeline as ip
 from tests.conftest import NUM_DEVICES
+from tests.helpers import SHARED_DATA, orl_people
 
 tf = pytest.importorskip('tensorflow')
 tfds = pytest.importorskip('tensorflow_datasets')
@@ -25,7 +26,6 @@ tfds = pytest.importorskip('tensorflow_datasets')
 SIZE = 112
 SHARDS = (13, 9, 10)  # 32 examples in three uneven files.
 NUM_CLASSES = 5
-ORL = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 
 
 def write_dataset(out, images, labels, shard_lengths, num_classes):
@@ -286,15 +286,10 @@ def test_orl_folder_through_data_prep_and_the_pipeline(tmp_path, mesh):
   data_prep train``'s conversion into the stream, flips off: each epoch
   holds every image once, exactly the decode of its stored JPEG, labelled
   by its identity, and within JPEG error of the source resized."""
-  orl = ORL / 'orl_faces'
-  if not orl.is_dir():
-    pytest.skip(f'ORL faces not found at {orl} (shared test data absent)')
+  src = orl_people(tmp_path, range(1, 5))
+  orl = SHARED_DATA / 'orl_faces'
   from PIL import Image  # noqa: PLC0415
   from data_prep import train_set  # noqa: PLC0415
-  src = tmp_path / 'src'
-  src.mkdir()
-  for p in range(1, 5):
-    (src / f's{p}').symlink_to(orl / f's{p}')
   out = tmp_path / 'out'
   report = train_set.convert(str(src), str(out), num_shards=2, workers=1,
                              progress=False)

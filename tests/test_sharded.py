@@ -176,3 +176,66 @@ def test_sharded_chunked_refuses_logits(mesh):
   with pytest.raises(ValueError, match='never forms the logits'):
     classifier.sharded_classifier_loss(mesh, nf.get_head('npcface'), 61,
                                        chunk_size=4, return_logits=True)
+
+
+@pytest.fixture(scope='module')
+def mesh_2d():
+  """4 'data' x 2 'model', as the trainer lays out a class-sharded run."""
+  return jax.make_mesh((4, 2), ('data', 'model'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+@pytest.mark.parametrize('name,chunk_size', [('npcface', None),
+                                             ('npcface', 5), ('arcface', None),
+                                             ('sphereface', 3)])
+def test_batch_split_over_data_axis(mesh_2d, name, chunk_size):
+  """Rows over 'data' and classes over 'model' at once (no device repeats
+  another's work) equals the unsharded loss, gradients and metrics."""
+  rng, seed = fresh_rng()
+  num_classes = 61
+  x, w, y = _problem(rng, num_classes)
+  head = nf.get_head(name)
+  state = head.init_state(num_classes)
+  padded = classifier.padded_num_classes(num_classes, 2)
+  sharded = classifier.sharded_classifier_loss(
+      mesh_2d, head, num_classes, batch_axis='data', chunk_size=chunk_size)
+
+  def full(x, w, state):
+    ce, out = classifier.classifier_loss(x, w, y, head, state, {})
+    return jnp.mean(ce), out._replace(logits=jnp.zeros(()))
+
+  def split(x, w, state):
+    ce, out = sharded(x, jnp.pad(w, [(0, padded - num_classes), (0, 0)]), y,
+                      state, {})
+    return jnp.mean(ce), out
+
+  want, got = [jax.jit(jax.value_and_grad(fn, (0, 1), has_aux=True))(x, w, state)
+               for fn in (full, split)]
+  assert_same_step(got, want, msg=f'{name} chunk {chunk_size} seed {seed}')
+
+
+def test_batch_statistic_heads_refuse_a_split_batch(mesh_2d):
+  for name in ('adacos', 'curricularface'):
+    with pytest.raises(ValueError, match='statistic of the whole batch'):
+      classifier.sharded_classifier_loss(mesh_2d, nf.get_head(name), 61,
+                                         batch_axis='data')
+
+
+@pytest.mark.parametrize('chunk_size', [None, 7])
+def test_top1_is_target_logit_largest(mesh, chunk_size):
+  """top1 against the full logits' argmax, on one device and sharded."""
+  rng, seed = fresh_rng()
+  num_classes = 61
+  x, w, y = _problem(rng, num_classes)
+  head = nf.get_head('npcface')
+  logits = np.asarray(head(classifier.cosine(x, w), y).logits)
+  want = logits.argmax(axis=1) == y
+  assert 0 < want.sum() < B, f'want a mix of right and wrong, seed {seed}'
+  _, out = classifier.classifier_loss(x, w, y, head, chunk_size=chunk_size)
+  np.testing.assert_array_equal(out.metrics['top1'], want, f'seed {seed}')
+  padded = classifier.padded_num_classes(num_classes, NUM_DEVICES)
+  sharded = classifier.sharded_classifier_loss(mesh, head, num_classes,
+                                               chunk_size=chunk_size)
+  _, out = jax.jit(sharded)(x, jnp.pad(w, [(0, padded - num_classes), (0, 0)]),
+                            y, {}, {})
+  np.testing.assert_array_equal(out.metrics['top1'], want, f'seed {seed}')

@@ -6,6 +6,12 @@ conv 3x3/2 to 64, depthwise 3x3, three bottleneck stages (expansion 128,
 (GDC) + BN, linear 512 without bias + BN. Every conv is followed by BN and
 PReLU except the bottlenecks' projections and the GDC (linear). Parameters:
 1,200,512 with PReLU, 1,192,960 without (tested).
+
+For tests and demos, ``width`` scales every channel count of the body
+(to multiples of 8; the embedding stays ``embedding_dim``) and any square
+input whose side is a multiple of 16 is taken: the network downsamples by
+16 and the GDC's kernel is the final map's side, so it still reduces to
+1x1. The defaults (width 1, 112x112) are the network above.
 """
 
 from __future__ import annotations
@@ -16,8 +22,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from npcface_jax.models.layers import (Conv, DepthwiseConv, PReLU, batch_norm,
-                                       check_face_size)
+from npcface_jax.models.layers import Conv, DepthwiseConv, PReLU, batch_norm
 
 Dtype = Any
 
@@ -66,31 +71,53 @@ class _Bottleneck(nn.Module):
     return x + y if self.residual else y
 
 
+def _channels(n: int, width: float) -> int:
+  """n * width to the nearest multiple of 8, at least 8, so that a scaled
+  network keeps vector-friendly channel counts (exact at width 1)."""
+  return max(8, int(n * width / 8 + 0.5) * 8)
+
+
+def _gdc_kernel(images) -> int:
+  """The final map's side, the GDC's kernel: the input's side / 16, which
+  the four stride-2 convolutions reach exactly only for such sides."""
+  h, w = images.shape[1:3]
+  if h != w or h % 16 or not h:
+    raise ValueError('MobileFaceNet takes square images whose side is a '
+                     f'multiple of 16 (112 is standard), got {h}x{w}')
+  return h // 16
+
+
 class MobileFaceNet(nn.Module):
-  """``(images NHWC 112x112, train) -> embedding (B, embedding_dim)``."""
+  """``(images NHWC 112x112, train) -> embedding (B, embedding_dim)``;
+  ``width`` and other square sizes (multiples of 16) give reduced nets."""
 
   embedding_dim: int = 512
+  width: float = 1.0  # multiplies the body's channel counts
   impl: str = 'auto'
   dtype: Dtype | None = None  # compute dtype; parameters stay float32
 
   @nn.compact
   def __call__(self, images, train: bool):
-    check_face_size('MobileFaceNet', images)
+    gdc = _gdc_kernel(images)
+    if not self.width > 0:
+      raise ValueError(f'MobileFaceNet width must be positive, got '
+                       f'{self.width}')
+    c = functools.partial(_channels, width=self.width)
     conv = functools.partial(_ConvBN, impl=self.impl, dtype=self.dtype)
     block = functools.partial(_Bottleneck, impl=self.impl, dtype=self.dtype)
     x = images.astype(self.dtype or images.dtype)
-    x = conv(64, 3, 2)(x, train)                          # 56x56
-    x = conv(64, 3, 1, depthwise=True)(x, train)
+    x = conv(c(64), 3, 2)(x, train)                       # side / 2
+    x = conv(c(64), 3, 1, depthwise=True)(x, train)
     # (channels, expansion of the downsampling block, of the residual
     # blocks, residual blocks): the last stage expands 512 then 256.
     for features, down, expansion, repeats in ((64, 128, 128, 4),
                                                (128, 256, 256, 6),
                                                (128, 512, 256, 2)):
-      x = block(features, down, stride=2)(x, train)       # 28, 14, 7
+      x = block(c(features), c(down), stride=2)(x, train)  # / 4, 8, 16
       for _ in range(repeats):
-        x = block(features, expansion, residual=True)(x, train)
-    x = conv(512)(x, train)
-    x = conv(512, 7, depthwise=True, linear=True, padding=0)(x, train)  # GDC
+        x = block(c(features), c(expansion), residual=True)(x, train)
+    x = conv(c(512))(x, train)
+    x = conv(c(512), gdc, depthwise=True, linear=True, padding=0)(x, train)
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.embedding_dim, use_bias=False, dtype=self.dtype)(x)
     return batch_norm(train, self.dtype)(x).astype(jnp.float32)

@@ -1,0 +1,79 @@
+"""Every field of a training run; the defaults are the paper's
+CASIA-WebFace recipe (MobileFaceNet + NPCFace). The other configs import
+this one and change a few fields. Override any field on the command line:
+
+    python -m npcface_jax.main --config=configs/casia_mobileface.py \
+        --workdir=/tmp/casia --config.dataset=/data/casia_prep \
+        --config.head=arcface --config.head_options.arcface.margin=0.45
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from npcface_jax import registry
+
+
+def _options(names, get):
+  """Every head's (or criterion's) options with their defaults filled in,
+  so each one is overridable; only the selected one is used."""
+  out = ml_collections.ConfigDict()
+  for name in names:
+    out[name] = ml_collections.ConfigDict({
+        k: config_dict.placeholder(float) if v is None else v
+        for k, v in get(name).options.items()})
+  return out
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  # Data: a data_prep output directory (class count, image size and size of
+  # an epoch come from its metadata), or 'synthetic' identities in memory.
+  c.dataset = ''
+  c.num_classes = -1  # -1: the dataset's; any other value must agree with it
+  c.synthetic = ml_collections.ConfigDict(dict(
+      num_classes=1000, image_size=112, noise=24.0, epoch_examples=100_000,
+      heldout_identities=0, heldout_samples=4, heldout_pairs=600))
+  c.flip = True  # random horizontal flip
+  c.shuffle_buffer = 16_384
+
+  # Backbone (npcface_jax.models): compute dtype 'float32' or 'bfloat16'; the
+  # classifier and the loss always run in float32.
+  c.model = 'mobilefacenet'
+  c.model_options = ml_collections.ConfigDict()
+  c.embedding_dim = 512
+  c.dtype = 'float32'
+
+  # Head and criterion by name, each with its options (registry.py).
+  c.head = 'npcface'
+  c.head_options = _options(registry.head_names(), registry.get_head)
+  c.criterion = 'softmax'
+  c.criterion_options = _options(registry.criterion_names(),
+                                 registry.get_criterion)
+  c.chunk_size = 0  # classes per block of the fused chunked loss; 0: off
+  c.model_parallel = 1  # devices on the 'model' axis, splitting the classes
+
+  # Optimisation: SGD with momentum; the learning rate divided by lr_decay's
+  # inverse at each boundary (in epochs).
+  c.batch_size = 128  # global, over all devices and hosts
+  c.num_epochs = 30
+  c.num_train_steps = -1  # > 0: overrides num_epochs
+  c.learning_rate = 0.1
+  c.lr_boundaries = (16, 24, 28)
+  c.lr_decay = 0.1
+  c.warmup_epochs = 0.0
+  c.momentum = 0.9
+  c.weight_decay = 5e-4
+  c.grad_clip_norm = 0.0  # > 0: clip the gradients' global norm
+  c.seed = 0
+
+  # Logging, checkpoints and verification.
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2000
+  c.keep_checkpoints = 3
+  c.eval_every_steps = 5000  # 0: only at the end
+  c.eval_at_start = True  # the untrained network's accuracy, for reference
+  c.verification_targets = ''  # comma-separated insightface .bin files
+  c.eval_batch_size = 256
+  c.eval_flip = True
+  return c

@@ -1,0 +1,142 @@
+"""Checkpoints of the train state and the input position, with orbax.
+
+Saves are asynchronous (the arrays are copied to host memory, then written
+in the background while training goes on), every N steps and on demand, and
+keep the newest few. A restore lays every array out as the current run
+wants it, so a checkpoint written on 8 devices restores onto 1 or 16; the
+classifier's zero padding rows (their count depends on the 'model' axis)
+are added or dropped on the way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+class Checkpointer:
+  """A CheckpointManager for (train state, input position) pairs."""
+
+  def __init__(self, directory: str, *, keep: int, every_steps: int,
+               asynchronous: bool = True):
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        item_handlers={'state': ocp.StandardCheckpointHandler(),
+                       'input': ocp.JsonCheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=max(every_steps, 1),
+            enable_async_checkpointing=asynchronous))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: Any, input_state: dict,
+           force: bool = False) -> bool:
+    """Saves when ``step`` is on the interval (or ``force``); True if it did."""
+    return self._manager.save(
+        step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            input=ocp.args.JsonSave(dict(input_state))),
+        force=force)
+
+  def restore(self, target: Any, step: int | None = None
+              ) -> tuple[Any, dict, int] | None:
+    """(state, input position, step) of the newest (or the given) step,
+    laid out like ``target`` (a tree of jax.ShapeDtypeStruct with
+    shardings); None when there is no checkpoint yet."""
+    step = self._manager.latest_step() if step is None else step
+    if step is None:
+      return None
+    saved = self._manager.item_metadata(step)['state']
+    abstract, fixes = _restore_targets(target, saved, self.directory, step)
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract),
+            input=ocp.args.JsonRestore()))
+    state = jax.tree.map(lambda a, t, fix: fix(a, t) if fix else a,
+                         restored['state'], target, fixes,
+                         is_leaf=lambda x: x is None)
+    return state, dict(restored['input']), step
+
+  def reached_preemption(self, step: int) -> bool:
+    """Whether JAX's preemption sync (several processes) says stop here."""
+    return self._manager.reached_preemption(step)
+
+  def wait(self) -> None:
+    """Blocks until every started save is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def _restore_targets(target, saved, directory, step):
+  """Per leaf: what to ask orbax for, and how to fix up what it returns.
+
+  Leaves whose saved shape differs from the target's only in the leading
+  (class) dimension are restored whole, replicated, and then padded with
+  zero rows or cut back to the target's row count."""
+  saved_tree = getattr(saved, 'tree', saved)
+  saved_shapes = {_path_key(p): tuple(s.shape) for p, s in
+                  jax.tree_util.tree_leaves_with_path(saved_tree)}
+  paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+  abstract, fixes = [], []
+  for path, t in paths_leaves:
+    key = _path_key(path)
+    if key not in saved_shapes:
+      raise ValueError(
+          f'checkpoint {directory}/{step} has no array {key!r}: it was '
+          'written by a different model, head or optimizer; use another '
+          '--workdir')
+    shape = saved_shapes[key]
+    if shape == tuple(t.shape):
+      abstract.append(t)
+      fixes.append(None)
+      continue
+    if len(shape) != len(t.shape) or shape[1:] != tuple(t.shape[1:]):
+      raise ValueError(
+          f'checkpoint {directory}/{step} holds {key!r} of shape {shape} '
+          f'where this run has {tuple(t.shape)}: it was written by a '
+          'different model or class count; use another --workdir')
+    replicated = NamedSharding(t.sharding.mesh, P())
+    abstract.append(jax.ShapeDtypeStruct(shape, t.dtype, sharding=replicated))
+    fixes.append(_resize_rows)
+  return treedef.unflatten(abstract), treedef.unflatten(fixes)
+
+
+def _path_key(path) -> str:
+  """'params/classifier' from a key path of attributes, keys or indices,
+  so that a dataclass state and its saved dict form match."""
+  parts = []
+  for k in path:
+    for attr in ('name', 'key', 'idx'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+  return '/'.join(parts)
+
+
+def _resize_rows(array: jax.Array, target) -> jax.Array:
+  rows = target.shape[0]
+  have = array.shape[0]
+  if have > rows:
+    dropped = np.asarray(jax.device_get(array[rows:]))
+    if np.any(dropped):
+      raise ValueError(
+          f'cannot restore {have} classifier rows into {rows}: the dropped '
+          'rows are not padding (they are not zero)')
+    array = array[:rows]
+  else:
+    array = jnp.pad(array, [(0, rows - have)] + [(0, 0)] * (array.ndim - 1))
+  logging.info('checkpoint rows %d -> %d (padding for the model axis)', have,
+               rows)
+  return jax.device_put(array, target.sharding)

@@ -1,0 +1,168 @@
+"""Checks of a training config before anything compiles.
+
+Every impossible value is reported at once, each naming its field and what
+would fix it, so a typo costs seconds rather than a compile or a failed
+first step on a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from npcface_jax import models, registry
+
+_DTYPES = ('float32', 'bfloat16')
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message lists every problem."""
+
+
+def head_options(config) -> dict[str, Any]:
+  """The selected head's options as a plain dict."""
+  return dict(config.head_options[config.head]) if (
+      config.head in config.head_options) else {}
+
+
+def criterion_options(config) -> dict[str, Any]:
+  return dict(config.criterion_options[config.criterion]) if (
+      config.criterion in config.criterion_options) else {}
+
+
+def check(config, *, num_devices: int, process_count: int = 1) -> None:
+  """Raises ConfigError listing every problem of ``config``."""
+  problems: list[str] = []
+
+  def need(ok: bool, field: str, message: str):
+    if not ok:
+      problems.append(f'config.{field} = {_get(config, field)!r}: {message}')
+
+  need(bool(config.dataset), 'dataset',
+       "set it to a `python -m data_prep train` output directory, or "
+       "'synthetic' for synthetic identities")
+  if config.dataset and config.dataset != 'synthetic':
+    need(os.path.isdir(config.dataset), 'dataset',
+         'no such directory (run `python -m data_prep train` first)')
+  need(config.num_classes == -1 or config.num_classes > 0, 'num_classes',
+       "use -1 (the dataset's count) or a positive number")
+  need(config.model in models.names(), 'model',
+       f'choose one of {models.names()}')
+  need(config.dtype in _DTYPES, 'dtype', f'choose one of {list(_DTYPES)}')
+  need(config.embedding_dim > 0, 'embedding_dim', 'must be positive')
+
+  need(config.head in registry.head_names(), 'head',
+       f'choose one of {registry.head_names()}')
+  if config.head in registry.head_names():
+    _check_head(config, problems)
+  need(config.criterion in registry.criterion_names(), 'criterion',
+       f'choose one of {registry.criterion_names()}')
+  if config.criterion in registry.criterion_names():
+    try:
+      registry.get_criterion(config.criterion, **criterion_options(config))
+    except ValueError as e:
+      problems.append(f'config.criterion_options.{config.criterion}: {e}')
+  opts = criterion_options(config)
+  if 'keep_fraction' in opts:
+    need(0 < opts['keep_fraction'] <= 1,
+         f'criterion_options.{config.criterion}.keep_fraction',
+         'must be in (0, 1]')
+  if 'gamma' in opts:
+    need(opts['gamma'] >= 0, f'criterion_options.{config.criterion}.gamma',
+         'must be >= 0')
+
+  need(config.chunk_size >= 0, 'chunk_size', 'use 0 (off) or a positive size')
+  mp = config.model_parallel
+  need(mp >= 1 and num_devices % mp == 0, 'model_parallel',
+       f'must divide the {num_devices} devices')
+  need(config.batch_size > 0 and config.batch_size % num_devices == 0
+       and config.batch_size % process_count == 0, 'batch_size',
+       f'must be a positive multiple of the {num_devices} devices '
+       f'(and of the {process_count} processes)')
+  need(config.eval_batch_size > 0 and
+       config.eval_batch_size % num_devices == 0, 'eval_batch_size',
+       f'must be a positive multiple of the {num_devices} devices')
+
+  need(config.num_train_steps > 0 or config.num_epochs > 0, 'num_epochs',
+       'must be positive (or set num_train_steps)')
+  need(config.learning_rate > 0, 'learning_rate', 'must be positive')
+  bounds = list(config.lr_boundaries)
+  need(all(b > 0 for b in bounds) and bounds == sorted(set(bounds)),
+       'lr_boundaries', 'must be positive epochs in increasing order')
+  need(0 < config.lr_decay <= 1, 'lr_decay', 'must be in (0, 1]')
+  need(config.warmup_epochs >= 0, 'warmup_epochs', 'must be >= 0')
+  need(0 <= config.momentum < 1, 'momentum', 'must be in [0, 1)')
+  need(config.weight_decay >= 0, 'weight_decay', 'must be >= 0')
+  need(config.grad_clip_norm >= 0, 'grad_clip_norm',
+       'use 0 (off) or a positive norm')
+  need(config.log_every_steps > 0, 'log_every_steps', 'must be positive')
+  need(config.checkpoint_every_steps > 0, 'checkpoint_every_steps',
+       'must be positive')
+  need(config.keep_checkpoints >= 1, 'keep_checkpoints', 'must be >= 1')
+  need(config.eval_every_steps >= 0, 'eval_every_steps',
+       'use 0 (only at the end) or a positive interval')
+  for path in verification_targets(config):
+    need(os.path.isfile(path), 'verification_targets',
+         f'{path!r} is not a file (insightface .bin verification sets)')
+  syn = config.synthetic
+  if config.dataset == 'synthetic':
+    need(syn.num_classes > 1, 'synthetic.num_classes', 'must be at least 2')
+    need(syn.image_size > 0, 'synthetic.image_size', 'must be positive')
+    need(syn.epoch_examples >= config.batch_size, 'synthetic.epoch_examples',
+         f'must be at least the batch ({config.batch_size})')
+    if syn.heldout_identities:
+      need(syn.heldout_identities >= 2 and syn.heldout_samples >= 2,
+           'synthetic.heldout_identities',
+           'needs at least 2 identities of at least 2 samples '
+           '(synthetic.heldout_samples) to make pairs')
+      need(syn.heldout_pairs >= 20, 'synthetic.heldout_pairs',
+           'must be at least 20 for 10-fold verification')
+  if problems:
+    raise ConfigError('the config cannot run:\n  ' + '\n  '.join(problems))
+
+
+def check_num_classes(config, dataset_classes: int) -> None:
+  """The config's class count (if given) must be the dataset's."""
+  if config.num_classes not in (-1, dataset_classes):
+    raise ConfigError(
+        f'config.num_classes = {config.num_classes} but the dataset '
+        f'{config.dataset!r} has {dataset_classes} classes (data_prep '
+        'metadata): use -1 to take the dataset\'s count')
+
+
+def verification_targets(config) -> list[str]:
+  return [p.strip() for p in str(config.verification_targets).split(',')
+          if p.strip()]
+
+
+def _check_head(config, problems):
+  options = head_options(config)
+  try:
+    head = registry.get_head(config.head, **options)
+  except ValueError as e:
+    problems.append(f'config.head_options.{config.head}: {e}')
+    return
+  field = f'head_options.{config.head}'
+  if 'scale' in head.options and not head.options['scale'] > 0:
+    problems.append(f'config.{field}.scale = {head.options["scale"]!r}: '
+                    'must be positive')
+  for name in ('margin', 'm0', 'm1', 'alpha'):
+    if name in head.options and head.options[name] < 0:
+      problems.append(f'config.{field}.{name} = {head.options[name]!r}: '
+                      'must be >= 0')
+  if 't' in head.options and head.options['t'] < 1:
+    problems.append(f'config.{field}.t = {head.options["t"]!r}: must be >= 1 '
+                    '(it scales hard negatives up)')
+  if config.chunk_size > 0 and not head.has_parts:
+    problems.append(f'config.chunk_size = {config.chunk_size}: head '
+                    f'{config.head!r} has no chunked form; use 0')
+
+
+def _get(config, field: str):
+  value = config
+  for part in field.split('.'):
+    try:
+      value = value[part]
+    except (KeyError, TypeError):
+      return None
+  return value

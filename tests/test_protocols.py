@@ -1,0 +1,239 @@
+"""The pair verification protocol equals brute force: every candidate
+threshold tried in a loop, every fold's threshold chosen that way; plus
+cases worked out by hand. Fresh random inputs each run, the seed in every
+failure message."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from npcface_jax import protocols
+from tests.helpers import fresh_rng
+
+
+def _brute_best_threshold(sim, same):
+  """Try -inf and each distinct value in increasing order; keep the first
+  with the most correct pairs."""
+  best_t, best_correct = None, -1
+  for t in [-np.inf] + sorted(set(float(s) for s in sim)):
+    correct = sum(bool(s > t) == bool(y) for s, y in zip(sim, same))
+    if correct > best_correct:
+      best_t, best_correct = t, correct
+  return best_t, best_correct / len(sim)
+
+
+def _brute_verification(sim, same, num_folds):
+  """Folds from np.array_split (first n % k one larger), each tested at the
+  brute-force best threshold of the rest."""
+  folds = np.array_split(np.arange(len(sim)), num_folds)
+  accs, thresholds = [], []
+  for test in folds:
+    train = np.setdiff1d(np.arange(len(sim)), test)
+    t, _ = _brute_best_threshold(sim[train], same[train])
+    correct = sum(bool(sim[i] > t) == bool(same[i]) for i in test)
+    accs.append(correct / len(test))
+    thresholds.append(t)
+  return accs, thresholds
+
+
+def _random_pairs(rng, n):
+  """Similarities, sometimes rounded to a few levels so that ties occur,
+  and labels that lean toward high similarity being "same"."""
+  sim = rng.uniform(-1.0, 1.0, n)
+  if rng.random() < 0.6:
+    sim = np.round(sim, int(rng.integers(0, 2)))
+  same = rng.random(n) < 1 / (1 + np.exp(-4 * sim))
+  kind = rng.integers(0, 6)
+  if kind == 0:
+    same[:] = True
+  elif kind == 1:
+    same[:] = False
+  return sim, same
+
+
+def test_best_threshold_matches_brute_force():
+  rng, seed = fresh_rng()
+  for trial in range(300):
+    n = int(rng.integers(1, 25))
+    sim, same = _random_pairs(rng, n)
+    msg = (f'seed {seed}, trial {trial}, sim {sim.tolist()}, '
+           f'same {same.tolist()}')
+    got = protocols.best_threshold(sim, same)
+    want = _brute_best_threshold(sim, same)
+    assert got[0] == want[0], msg
+    assert got[1] == want[1], msg
+
+
+def test_best_threshold_all_same_and_all_different():
+  rng, seed = fresh_rng()
+  sim = np.round(rng.uniform(-1, 1, 17), 1)
+  msg = f'seed {seed}'
+  assert protocols.best_threshold(sim, np.ones(17, bool)) == (-np.inf, 1.0), msg
+  # All "different": the largest value calls every pair different.
+  assert protocols.best_threshold(sim, np.zeros(17, bool)) == (
+      float(sim.max()), 1.0), msg
+
+
+def test_best_threshold_hand_cases():
+  # Equal values fall on one side together: 0.5 as the threshold calls all
+  # three 0.5s different (4 of 6 right); 0.2 calls them same (5 of 6).
+  sim = [0.2, 0.5, 0.5, 0.5, 0.9, 0.1]
+  same = [0, 1, 1, 0, 1, 0]
+  assert protocols.best_threshold(sim, same) == (0.2, 5 / 6)
+  # 0.1 and 0.3 both get 3 of 4: the smaller one wins the tie.
+  assert protocols.best_threshold([0.3, 0.1, 0.4, 0.2], [0, 0, 1, 1]) == (
+      0.1, 0.75)
+  assert protocols.best_threshold([0.3], [1]) == (-np.inf, 1.0)
+  assert protocols.best_threshold([0.3], [0]) == (0.3, 1.0)
+
+
+def test_verification_accuracy_matches_brute_force():
+  rng, seed = fresh_rng()
+  for trial in range(60):
+    num_folds = int(rng.integers(2, 8))
+    n = int(rng.integers(num_folds, 40))
+    sim, same = _random_pairs(rng, n)
+    msg = (f'seed {seed}, trial {trial}, folds {num_folds}, '
+           f'sim {sim.tolist()}, same {same.tolist()}')
+    got = protocols.verification_accuracy(sim, same, num_folds)
+    accs, thresholds = _brute_verification(sim, same, num_folds)
+    assert got['fold_accuracies'] == accs, msg
+    assert got['fold_thresholds'] == thresholds, msg
+    np.testing.assert_allclose(got['accuracy'], np.mean(accs), rtol=1e-12,
+                               err_msg=msg)
+    np.testing.assert_allclose(got['accuracy_std'], np.std(accs), rtol=1e-12,
+                               atol=1e-15, err_msg=msg)
+    finite = [t for t in thresholds if np.isfinite(t)]
+    want_t = np.mean(finite) if finite else -np.inf
+    np.testing.assert_allclose(got['threshold'], want_t, rtol=1e-12,
+                               err_msg=msg)
+
+
+def test_verification_accuracy_hand_made_20_pairs():
+  # sim_k = k / 20; "same" iff k >= 10, except pair 3 (same, low) and pair
+  # 15 (different, high). On all 20 the best threshold is 0.45 (k = 9), 2
+  # errors. With 10 folds of 2, each fold's training set still picks 0.45,
+  # except fold 4 (pairs 8, 9 held out): nothing in training lies between
+  # 0.35 and 0.5, so the smallest equally good threshold is 0.35 and both
+  # held-out "different" pairs (0.40, 0.45) are called same. Folds 1 and 7
+  # hold the two odd pairs, one error each.
+  sim = np.arange(20) / 20
+  same = np.arange(20) >= 10
+  same[3], same[15] = True, False
+  assert protocols.best_threshold(sim, same) == (0.45, 0.9)
+  got = protocols.verification_accuracy(sim, same, 10)
+  assert got['fold_accuracies'] == [1, .5, 1, 1, 0, 1, 1, .5, 1, 1]
+  assert got['fold_thresholds'] == [.45, .45, .45, .45, .35,
+                                    .45, .45, .45, .45, .45]
+  np.testing.assert_allclose(got['accuracy'], 0.8, rtol=1e-12)
+  # Deviations 0.2 (x7), -0.3 (x2), -0.8: variance 1.1 / 10.
+  np.testing.assert_allclose(got['accuracy_std'], np.sqrt(0.11), rtol=1e-12)
+  np.testing.assert_allclose(got['threshold'], 0.44, rtol=1e-12)
+
+
+def test_separable_pairs_score_one():
+  # "Different" pairs are orthogonal (similarity exactly 0), "same" pairs
+  # nearly parallel: every fold's threshold is 0 and every pair is right.
+  rng, seed = fresh_rng()
+  n, dim = 123, 16
+  same = rng.random(n) < 0.5
+  same[:2] = [True, False]
+  emb = np.empty((2 * n, dim))
+  for k in range(n):
+    if same[k]:
+      v = rng.normal(size=dim)
+      emb[2 * k], emb[2 * k + 1] = v, 3 * v + 0.1 * rng.normal(size=dim)
+    else:
+      i, j = rng.choice(dim, 2, replace=False)
+      emb[2 * k], emb[2 * k + 1] = 0, 0
+      emb[2 * k, i], emb[2 * k + 1, j] = rng.uniform(0.1, 5, 2)
+  sim = protocols.pair_similarities(emb)
+  msg = f'seed {seed}'
+  assert np.all(sim[~same] == 0) and np.all(sim[same] > 0.5), msg
+  got = protocols.verification_accuracy(sim, same, 10)
+  assert got['accuracy'] == 1.0 and got['accuracy_std'] == 0.0, msg
+  assert got['threshold'] == 0.0, msg
+
+
+def test_all_same_gives_minus_inf_threshold():
+  got = protocols.verification_accuracy(np.linspace(-1, 1, 12), [1] * 12, 3)
+  assert got['threshold'] == -np.inf and got['accuracy'] == 1.0
+
+
+def test_pair_similarities_matches_loop():
+  rng, seed = fresh_rng()
+  n, dim = 37, 9
+  emb = rng.normal(size=(2 * n, dim)) * rng.uniform(1e-3, 1e3, (2 * n, 1))
+  emb[4] = 0           # a zero row against a nonzero one
+  emb[10:12] = 0       # two zero rows
+  emb[7] = -3 * emb[6]  # opposite directions
+  want = []
+  for k in range(n):
+    a, b = emb[2 * k], emb[2 * k + 1]
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    want.append(0.0 if na == 0 or nb == 0 else a @ b / (na * nb))
+  got = protocols.pair_similarities(emb)
+  msg = f'seed {seed}'
+  assert got.shape == (n,) and got.dtype == np.float64, msg
+  np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=msg)
+  assert got[2] == 0 and got[5] == 0, msg
+  np.testing.assert_allclose(got[3], -1.0, rtol=1e-15, err_msg=msg)
+  assert np.all(np.abs(got) <= 1), msg
+
+
+def test_pair_similarities_extreme_scale_and_float32():
+  emb = np.array([[1e300, 1e300], [2e300, 2e300], [1e-300, 0], [0, 1e-300]])
+  np.testing.assert_allclose(protocols.pair_similarities(emb), [1.0, 0.0],
+                             atol=1e-15)
+  emb32 = np.float32([[1, 2, 3], [1, 2, 3]])
+  np.testing.assert_allclose(protocols.pair_similarities(emb32), [1.0],
+                             rtol=1e-12)
+
+
+def test_pair_similarities_errors():
+  with pytest.raises(ValueError, match='even number of rows'):
+    protocols.pair_similarities(np.ones((5, 3)))
+  with pytest.raises(ValueError, match='2-D'):
+    protocols.pair_similarities(np.ones(6))
+  with pytest.raises(ValueError, match='2-D'):
+    protocols.pair_similarities(np.ones((2, 3, 4)))
+  with pytest.raises(ValueError, match='NaN'):
+    protocols.pair_similarities(np.array([[np.nan, 1.0], [1.0, 1.0]]))
+
+
+def test_fold_sizes():
+  bounds = protocols.kfold_bounds(298, 10)
+  assert [b - a for a, b in bounds] == [30] * 8 + [29] * 2
+  assert bounds[0][0] == 0 and bounds[-1][1] == 298
+  assert all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
+  assert protocols.kfold_bounds(6000, 10) == [
+      (600 * i, 600 * (i + 1)) for i in range(10)]
+  assert [b - a for a, b in protocols.kfold_bounds(7, 3)] == [3, 2, 2]
+
+
+def test_verification_accuracy_errors():
+  sim = np.linspace(-1, 1, 20)
+  same = sim > 0
+  with pytest.raises(ValueError, match='differ in length'):
+    protocols.verification_accuracy(sim, same[:-1])
+  with pytest.raises(ValueError, match='at least 10 pairs'):
+    protocols.verification_accuracy(sim[:9], same[:9])
+  with pytest.raises(ValueError, match='at least 2'):
+    protocols.verification_accuracy(sim, same, 1)
+  with pytest.raises(ValueError, match='integer'):
+    protocols.verification_accuracy(sim, same, 2.5)
+  with pytest.raises(ValueError, match='integer'):
+    protocols.verification_accuracy(sim, same, True)
+  with pytest.raises(ValueError, match='issame must be boolean'):
+    protocols.verification_accuracy(sim, np.where(same, 2, 0))
+  with pytest.raises(ValueError, match='issame must be boolean'):
+    protocols.verification_accuracy(sim, np.where(same, 'y', 'n'))
+  with pytest.raises(ValueError, match='NaN'):
+    protocols.verification_accuracy(np.where(same, np.nan, 0), same)
+  with pytest.raises(ValueError, match='at least one pair'):
+    protocols.best_threshold([], [])
+  # 0 / 1 numbers and plain lists are accepted as labels.
+  a = protocols.verification_accuracy(sim, same.astype(np.float32), 4)
+  b = protocols.verification_accuracy(list(sim), list(same), 4)
+  assert a == b

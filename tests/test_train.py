@@ -1,0 +1,334 @@
+"""The trainer: config checks, the sharded step against one device, restore
+onto other device counts, exact resume after SIGTERM, and ORL end to end."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import casia_mobileface, default, demo, ms1m_attention56
+from npcface_jax import checkpoint, config_checks, input_pipeline, train
+from npcface_jax.models import layers
+from tests.conftest import NUM_DEVICES
+from tests.helpers import SHARED_DATA, orl_people
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# A tiny run on synthetic identities: 61 classes (so the classifier pads
+# over 2 or 4 'model' devices), 32x32 faces, an eighth-width MobileFaceNet.
+TINY = {
+    'dataset': 'synthetic', 'synthetic.num_classes': 61,
+    'synthetic.image_size': 32, 'synthetic.epoch_examples': 64,
+    'synthetic.heldout_identities': 0, 'model_options.width': 0.125,
+    'embedding_dim': 32, 'batch_size': 16, 'num_train_steps': 6,
+    'lr_boundaries': (3,), 'log_every_steps': 2, 'checkpoint_every_steps': 3,
+    'eval_every_steps': 0, 'eval_at_start': False, 'eval_batch_size': 16,
+    'head_options.npcface.scale': 32.0,
+}
+
+
+# A stateful head (its state must resume too) over a sharded classifier.
+RESUMED = {'head': 'sphereface', 'model_parallel': 2}
+
+
+def _config(base=None, **overrides):
+  c = (base or default.get_config)()
+  for key, value in {**TINY, **overrides}.items():
+    *path, leaf = key.split('.')
+    node = c
+    for part in path:
+      node = node[part]
+    node[leaf] = value
+  return c
+
+
+def _flags(overrides) -> list[str]:
+  """The same settings as command-line overrides of configs/demo.py."""
+  out = []
+  for key, value in overrides.items():
+    if isinstance(value, tuple):
+      value = '(' + ','.join(map(str, value)) + ',)'
+    out.append(f'--config.{key}={value}')
+  return out
+
+
+def _classifier_rows(state, num_classes):
+  return np.asarray(jax.device_get(state.params['classifier']))[:num_classes]
+
+
+def _assert_same_params(a, b, num_classes, rtol=0.0, atol=0.0):
+  np.testing.assert_allclose(_classifier_rows(a, num_classes),
+                             _classifier_rows(b, num_classes), rtol=rtol,
+                             atol=atol)
+  for x, y in zip(jax.tree.leaves(jax.device_get(a.params['backbone'])),
+                  jax.tree.leaves(jax.device_get(b.params['backbone']))):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+  for x, y in zip(jax.tree.leaves(jax.device_get(a.batch_stats)),
+                  jax.tree.leaves(jax.device_get(b.batch_stats))):
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol)
+
+
+# --- Configs -----------------------------------------------------------------
+
+def test_shipped_configs_pass_the_checks(tmp_path):
+  config_checks.check(demo.get_config(), num_devices=NUM_DEVICES)
+  for module in (casia_mobileface, ms1m_attention56):
+    for head in ('npcface', 'arcface', 'curricularface', 'adacos'):
+      c = module.get_config(head)
+      c.dataset = str(tmp_path)
+      config_checks.check(c, num_devices=NUM_DEVICES)
+      assert c.head == head
+  c = casia_mobileface.get_config()
+  assert (c.batch_size, c.num_epochs, tuple(c.lr_boundaries)) == (
+      128, 30, (16, 24, 28))
+  assert dict(c.head_options.npcface) == {
+      'scale': 64.0, 'm0': 0.4, 'm1': 0.2, 't': 1.1, 'alpha': 0.25,
+      'hard_margin': None, 'easy_margin': False}
+  assert (c.momentum, c.weight_decay, c.learning_rate, c.flip) == (
+      0.9, 5e-4, 0.1, True)
+  c = ms1m_attention56.get_config()
+  assert (c.model, c.batch_size, c.num_epochs, tuple(c.lr_boundaries)) == (
+      'attention56', 512, 20, (8, 14, 18))
+
+
+def test_impossible_values_are_named_before_compiling():
+  c = _config(**{'head_options.npcface.scale': -1.0, 'batch_size': 12,
+                 'model_parallel': 3, 'lr_boundaries': (5, 2),
+                 'momentum': 1.5, 'dataset': ''})
+  with pytest.raises(config_checks.ConfigError) as e:
+    config_checks.check(c, num_devices=NUM_DEVICES)
+  message = str(e.value)
+  for field in ('config.head_options.npcface.scale = -1.0',
+                'config.batch_size = 12', 'config.model_parallel = 3',
+                'config.lr_boundaries', 'config.momentum = 1.5',
+                'config.dataset'):
+    assert field in message, message
+  c = _config(head='adacos', chunk_size=64)
+  with pytest.raises(config_checks.ConfigError, match='no chunked form'):
+    config_checks.check(c, num_devices=NUM_DEVICES)
+  c = _config(head='cosface')
+  c.head_options.cosface = {'margn': 0.3}
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"head_options.cosface: .*no option\(s\) \['margn'\]"):
+    config_checks.check(c, num_devices=NUM_DEVICES)
+  with pytest.raises(config_checks.ConfigError,
+                     match='config.num_classes = 60 but the dataset'):
+    train.open_data(_config(num_classes=60), train.make_mesh(2))
+
+
+def test_learning_rate_schedule_in_epochs():
+  c = _config(learning_rate=0.1, lr_boundaries=(2, 3), warmup_epochs=1.0)
+  schedule = train.learning_rate_schedule(c, steps_per_epoch=10)
+  lrs = [float(schedule(s)) for s in (0, 4, 9, 10, 19, 20, 29, 30)]
+  np.testing.assert_allclose(lrs, [0.01, 0.05, 0.1, 0.1, 0.1, 0.01, 0.01,
+                                   0.001], rtol=1e-6)
+
+
+# --- The step on a mesh ------------------------------------------------------
+
+class TinyNet(nn.Module):
+  """A small backbone with the parts that matter to the step's layout
+  (convolution, BatchNorm statistics, dropout): compiles in a second,
+  where MobileFaceNet takes twenty."""
+
+  embedding_dim: int = 32
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, images, train: bool):
+    x = layers.Conv(8, 3, 2, dtype=self.dtype)(images.astype(
+        self.dtype or images.dtype))
+    x = layers.PReLU()(layers.batch_norm(train, self.dtype)(x))
+    x = nn.Dropout(0.2, deterministic=not train)(x)
+    x = nn.Dense(self.embedding_dim, dtype=self.dtype)(
+        x.reshape(x.shape[0], -1))
+    return layers.batch_norm(train, self.dtype)(x).astype(jnp.float32)
+
+
+def _task(config, mesh, tiny):
+  data = train.open_data(config, mesh)
+  task = train.make_task(config, mesh, data)
+  if tiny:  # the same compute dtype as the configured backbone
+    task = dataclasses.replace(task, model=TinyNet(config.embedding_dim,
+                                                   task.model.dtype))
+  return data, task
+
+
+def _run_steps(config, mesh, steps, tiny=False):
+  data, task = _task(config, mesh, tiny)
+  state = train.init_state(task)
+  step = train.make_train_step(task, train.state_shardings(task, state))
+  stream = data.open(None)
+  history = []
+  for _ in range(steps):
+    state, metrics = step(state, next(stream))
+    history.append(jax.device_get(metrics))
+  return state, history
+
+
+@pytest.mark.parametrize('overrides', [
+    {'model_parallel': 2},
+    {'model_parallel': 4, 'head': 'curricularface', 'chunk_size': 8},
+    {'model_parallel': 1, 'head': 'sphereface', 'grad_clip_norm': 1.0},
+], ids=['npcface-model2', 'curricular-model4-chunked', 'sphere-data8-clip'])
+def test_sharded_step_equals_one_device(overrides):
+  """8 devices (data x model, classes split over 'model') take the same
+  steps as one device: parameters, BatchNorm statistics, head state."""
+  # A small learning rate: at 0.1 this tiny network's first steps are
+  # chaotic enough to amplify float32 summation-order differences 100-fold
+  # per step.
+  c = _config(learning_rate=0.01, **overrides)
+  one, h1 = _run_steps(c, train.make_mesh(1, jax.devices()[:1]), 3, tiny=True)
+  many, h8 = _run_steps(c, train.make_mesh(c.model_parallel), 3, tiny=True)
+  _assert_same_params(many, one, 61, rtol=1e-4, atol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4),
+               jax.device_get(many.head_state), jax.device_get(one.head_state))
+  for m1, m8 in zip(h1, h8):
+    for k in m1:
+      np.testing.assert_allclose(m8[k], m1[k], rtol=1e-4, atol=1e-6,
+                                 err_msg=k)
+  assert int(many.step) == 3
+  if c.head == 'npcface':
+    assert 0 < h8[0]['npcface/hard_share'] <= 1 and h8[0]['npcface/margin'] > 0
+
+
+def test_bfloat16_backbone_follows_float32():
+  """config.dtype='bfloat16': the backbone computes in bf16 on bf16 images,
+  the classifier, loss and parameters stay float32, and a step's loss and
+  gradient are float32's to bf16 precision (the backbones' own bf16 tests
+  are in test_models.py)."""
+  c = _config(**RESUMED, dtype='bfloat16')
+  mesh = train.make_mesh(2)
+  assert train.create_model(c).dtype == jnp.bfloat16
+  assert train.create_model(c, train_dtype=False).dtype is None  # eval
+  assert next(train.open_data(c, mesh).open(None))['image'].dtype == (
+      jnp.bfloat16)
+  f32 = _run_steps(_config(**RESUMED), mesh, 1, tiny=True)
+  bf16 = _run_steps(c, mesh, 1, tiny=True)
+  assert all(x.dtype == np.float32
+             for x in jax.tree.leaves(bf16[0].params))
+  np.testing.assert_allclose(bf16[1][0]['loss'], f32[1][0]['loss'], rtol=1e-2)
+  np.testing.assert_allclose(bf16[1][0]['grad_norm'], f32[1][0]['grad_norm'],
+                             rtol=0.1)
+
+
+def test_checkpoint_restores_onto_other_device_counts(tmp_path):
+  """Saved on 8 devices (classes over 2: 62 rows), restored onto 3 devices
+  (63 rows) and onto 1 (61 rows): the same parameters, padding added or
+  dropped."""
+  c = _config()
+  mesh8 = train.make_mesh(2)
+  state8, _ = _run_steps(c, mesh8, 1, tiny=True)
+  ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2, every_steps=1)
+  ckpt.save(1, state8, {'step': 1})
+  ckpt.wait()
+  for devices, model in ((jax.devices()[:3], 3), (jax.devices()[:1], 1)):
+    mesh = train.make_mesh(model, devices)
+    _, task = _task(c, mesh, tiny=True)
+    target = train.abstract_state(task)
+    state, position, step = ckpt.restore(target)
+    assert (step, position) == (1, {'step': 1})
+    assert state.params['classifier'].shape[0] == task.padded_classes
+    assert state.params['classifier'].sharding == (
+        target.params['classifier'].sharding)
+    _assert_same_params(state, state8, 61)
+    np.testing.assert_array_equal(
+        np.asarray(state.params['classifier'])[61:], 0.0)
+  ckpt.close()
+
+
+# --- Resume and preemption ---------------------------------------------------
+
+def _main(workdir, overrides, env_devices=NUM_DEVICES):
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             JAX_NUM_CPU_DEVICES=str(env_devices), TF_CPP_MIN_LOG_LEVEL='2')
+  return subprocess.Popen(
+      [sys.executable, '-m', 'npcface_jax.main', f'--workdir={workdir}',
+       '--config=configs/demo.py', *_flags(overrides)],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+
+
+def test_sigterm_saves_and_resume_equals_uninterrupted(tmp_path):
+  """A run stopped by SIGTERM writes a checkpoint, exits 0, and the restart
+  from the same workdir ends on exactly the uninterrupted run's parameters
+  (input position and head state included)."""
+  overrides = {**TINY, **RESUMED, 'num_train_steps': 16,
+               'log_every_steps': 1, 'checkpoint_every_steps': 100}
+  c = _config(**overrides)
+  full = train.train_and_evaluate(c, str(tmp_path / 'full')).state
+
+  workdir = tmp_path / 'stopped'
+  proc = _main(workdir, overrides)
+  lines = []
+  for line in proc.stdout:  # wait until training runs, then preempt
+    lines.append(line)
+    if 'step 3/16' in line:
+      proc.send_signal(signal.SIGTERM)
+      break
+  rest, _ = proc.communicate(timeout=300)
+  log = ''.join(lines) + rest
+  assert proc.returncode == 0, log[-3000:]
+  assert 'preempted: checkpoint of step' in log, log[-3000:]
+  stopped = checkpoint.Checkpointer(str(workdir / 'checkpoints'), keep=3,
+                                    every_steps=100)
+  stop_step = stopped.latest_step()
+  stopped.close()
+  assert 3 <= stop_step < 16, log[-3000:]
+
+  resumed = train.train_and_evaluate(c, str(workdir))
+  assert int(resumed.state.step) == 16 and not resumed.preempted
+  _assert_same_params(resumed.state, full, 61)
+  np.testing.assert_array_equal(resumed.state.head_state['step'],
+                                full.head_state['step'])
+
+
+def test_command_line_reports_config_errors(tmp_path):
+  proc = _main(tmp_path, {'head_options.npcface.scale': -2.0}, env_devices=1)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode != 0
+  assert 'config.head_options.npcface.scale = -2.0: must be positive' in out
+
+
+# --- End to end on real faces ------------------------------------------------
+
+def test_orl_end_to_end(tmp_path):
+  """data_prep on ORL people s1..s30, training through the real pipeline
+  and step (quarter-width MobileFaceNet, 48x48 faces), then verification on
+  the held-out s31..s40 pairs of the fixture .bin: clearly better than the
+  same network untrained."""
+  pairs = SHARED_DATA / 'orl_bin' / 'orl_test.bin'
+  if not pairs.is_file():
+    pytest.skip(f'{pairs} not found (shared test data absent)')
+  src = orl_people(tmp_path, range(1, 31))
+  from data_prep import train_set  # noqa: PLC0415
+  prep = tmp_path / 'prep'
+  train_set.convert(str(src), str(prep), image_size=48, fit='pad',
+                    num_shards=2, workers=1, progress=False)
+  c = _config(**{
+      'dataset': str(prep), 'model_options.width': 0.25,
+      'embedding_dim': 128, 'batch_size': 32, 'num_train_steps': 200,
+      'lr_boundaries': (16, 20), 'log_every_steps': 50,
+      'checkpoint_every_steps': 100, 'verification_targets': str(pairs),
+      'eval_at_start': True, 'eval_batch_size': 64, 'shuffle_buffer': 512})
+  assert input_pipeline.dataset_info(prep).num_classes == 30
+  start = time.time()
+  outcome = train.train_and_evaluate(c, str(tmp_path / 'work'))
+  record = json.loads((tmp_path / 'work' / 'eval' /
+                       'verification.json').read_text())
+  untrained = record['history'][0]['orl_test']
+  trained = outcome.verification['orl_test']['accuracy']
+  assert record['history'][-1] == {'step': 200, 'orl_test': trained}
+  assert record['best']['orl_test']['accuracy'] >= trained
+  assert trained >= untrained + 0.10, (untrained, trained, time.time() - start)
