@@ -59,8 +59,10 @@ def cases(batch: int, num_classes: int, chunk_size: int) -> dict:
   # The backbone alone, same optimizer.
   target = jnp.asarray(rng.normal(size=(batch, config.embedding_dim)),
                        jnp.float32)
-  backbone = [state[0].params['backbone'], state[0].batch_stats,
-              task.tx.init(state[0].params['backbone'])]
+  # Copies: the full step donates (deletes) its state's buffers.
+  params, stats = jax.tree.map(jnp.array, (state[0].params['backbone'],
+                                           state[0].batch_stats))
+  backbone = [params, stats, task.tx.init(params)]
 
   def backbone_step(params, stats, opt):
     def loss_fn(p):

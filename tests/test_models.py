@@ -192,14 +192,16 @@ def test_bfloat16_forward(name):
                                                 variables, images)
 
   for train in (False, True):
-    out16, out32 = forward(jnp.bfloat16, train), forward(None, train)
-    assert out16.shape == out32.shape == (4, 512)
+    out16 = forward(jnp.bfloat16, train)
+    assert out16.shape == (4, 512)
     assert out16.dtype == jnp.float32  # embeddings leave in float32
     assert np.all(np.isfinite(out16))
+    if _BF16_UNCHECKED_MODE.get(name) == train:
+      continue  # finiteness only (above): no float32 forward to compare
+    out32 = forward(None, train)
     cos = np.sum(out16 * out32, 1) / (np.linalg.norm(out16, axis=1)
                                       * np.linalg.norm(out32, axis=1))
-    if _BF16_UNCHECKED_MODE.get(name) != train:
-      assert np.all(cos > 0.97), (train, cos)
+    assert np.all(cos > 0.97), (train, cos)
 
 
 @pytest.mark.parametrize('name', DISTINCT_BACKBONES)
