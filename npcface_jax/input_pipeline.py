@@ -157,6 +157,18 @@ def local_batch_size(global_batch_size: int, mesh: Mesh,
   return global_batch_size // process_count
 
 
+def steps_per_epoch(info: DatasetInfo, global_batch_size: int, mesh: Mesh,
+                    process_count: int) -> int:
+  """Batches in an epoch: each process's share, cut to an equal length."""
+  batch = local_batch_size(global_batch_size, mesh, process_count)
+  share = min(share_lengths(info.shard_lengths, process_count))
+  if share < batch:
+    raise ValueError(
+        f'each of {process_count} process(es) gets {share} examples, fewer '
+        f'than its batch of {batch}: use a smaller batch or more data')
+  return share // batch
+
+
 def to_global(local_batch: Mapping[str, np.ndarray],
               mesh: Mesh) -> dict[str, jax.Array]:
   """Stitches each process's slice into global arrays sharded on 'data'."""
@@ -220,13 +232,8 @@ class TrainIterator(_Stream):
     super().__init__(mesh, process_count)
     self.info = info
     self.batch_size = local_batch_size(global_batch_size, mesh, process_count)
-    share = min(share_lengths(info.shard_lengths, process_count))
-    self.steps_per_epoch = share // self.batch_size
-    if not self.steps_per_epoch:
-      raise ValueError(
-          f'each of {process_count} process(es) gets {share} examples, fewer '
-          f'than its batch of {self.batch_size}: use a smaller batch or more '
-          'data')
+    self.steps_per_epoch = steps_per_epoch(info, global_batch_size, mesh,
+                                           process_count)
     self.epoch_length = self.steps_per_epoch * self.batch_size
     self._epoch, self._index = self._parse_start(start)
     ds = _train_dataset(info, seed=seed, start=(self._epoch, self._index),

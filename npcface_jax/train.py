@@ -274,8 +274,8 @@ def open_data(config, mesh: Mesh) -> Data:
         start=start, flip=config.flip, dtype=image_dtype,
         shuffle_buffer=config.shuffle_buffer)
 
-  # The epoch's length depends on the process count and batch: ask a stream.
-  steps = open_stream(None).steps_per_epoch
+  steps = input_pipeline.steps_per_epoch(info, config.batch_size, mesh,
+                                         jax.process_count())
   return Data(info.num_classes, info.image_size, steps, open_stream)
 
 
