@@ -21,6 +21,21 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 
+class _OrbaxInfoFilter(logging.Filter):
+  """Drops orbax's INFO chatter (a dozen lines per save); its warnings
+  and errors still show."""
+
+  def filter(self, record):
+    return (record.levelno >= logging.WARNING
+            or f'{os.sep}orbax{os.sep}' not in record.pathname)
+
+
+def quiet_orbax_info() -> None:
+  """Installs _OrbaxInfoFilter on the root logger's handlers (absl's)."""
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_OrbaxInfoFilter())
+
+
 class Checkpointer:
   """A CheckpointManager for (train state, input position) pairs."""
 
@@ -65,6 +80,43 @@ class Checkpointer:
                          restored['state'], target, fixes,
                          is_leaf=lambda x: x is None)
     return state, dict(restored['input']), step
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def restore_parts(self, parts: dict, sharding, step: int | None = None
+                    ) -> tuple[dict, int]:
+    """(arrays, step): only the state's subtrees named by ``parts`` (e.g.
+    {'params': ['backbone'], 'batch_stats': None} for evaluation), each
+    array laid out with ``sharding``, the rest never read; shapes come from
+    the checkpoint, so no config has to rebuild the optimizer or classifier.
+    """
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f'no checkpoint in {self.directory}: train '
+                              'first, or point --workdir at a trained run')
+    step = max(steps) if step is None else step
+    if step not in steps:
+      raise FileNotFoundError(f'no checkpoint of step {step} in '
+                              f'{self.directory}; it has steps {steps}')
+    saved = self._manager.item_metadata(step)['state']
+    saved = getattr(saved, 'tree', saved)
+    subset = {key: saved[key] if children is None else
+              {c: saved[key][c] for c in children}
+              for key, children in parts.items()}
+    abstract = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+        subset)
+    # The manager's handler restores whole trees only; the state item is a
+    # PyTree checkpoint, which a PyTreeCheckpointer reads in part.
+    with ocp.PyTreeCheckpointer() as reader:
+      out = reader.restore(
+          os.path.join(self.directory, str(step), 'state'),
+          args=ocp.args.PyTreeRestore(
+              abstract, partial_restore=True,
+              restore_args=ocp.checkpoint_utils.construct_restore_args(
+                  abstract)))
+    return out, step
 
   def reached_preemption(self, step: int) -> bool:
     """Whether JAX's preemption sync (several processes) says stop here."""

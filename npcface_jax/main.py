@@ -22,7 +22,7 @@ if os.path.isdir(os.path.join(_ROOT, 'configs')) and _ROOT not in sys.path:
 
 import jax  # noqa: E402
 
-from npcface_jax import config_checks, train  # noqa: E402
+from npcface_jax import checkpoint, config_checks, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Where checkpoints, TensorBoard events, '
@@ -51,20 +51,10 @@ def _initialize_distributed():
     jax.distributed.initialize()  # addresses from the cluster's environment
 
 
-class _OrbaxInfoFilter(logging.Filter):
-  """Drops orbax's INFO chatter (a dozen lines per save); its warnings
-  and errors still show."""
-
-  def filter(self, record):
-    return (record.levelno >= logging.WARNING
-            or f'{os.sep}orbax{os.sep}' not in record.pathname)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  for handler in logging.getLogger().handlers:
-    handler.addFilter(_OrbaxInfoFilter())
+  checkpoint.quiet_orbax_info()
   _initialize_distributed()
   logging.info('JAX process %d of %d, %d local devices of %d: %s',
                jax.process_index(), jax.process_count(),

@@ -124,17 +124,22 @@ def kfold_bounds(num_pairs: int, num_folds: int) -> list[tuple[int, int]]:
   return bounds
 
 
-def _check_num_folds(num_folds) -> int:
-  if isinstance(num_folds, (bool, np.bool_)):
-    raise ValueError(f'num_folds must be an integer, got {num_folds!r}')
+def check_integer(value, name: str, minimum: int) -> int:
+  """value as an int (NumPy integers too; not bools nor floats), at least
+  ``minimum``; else a ValueError naming ``name``."""
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f'{name} must be an integer, got {value!r}')
   try:
-    num_folds = operator.index(num_folds)
+    value = operator.index(value)
   except TypeError:
-    raise ValueError(
-        f'num_folds must be an integer, got {num_folds!r}') from None
-  if num_folds < 2:
-    raise ValueError(f'num_folds must be at least 2, got {num_folds}')
-  return num_folds
+    raise ValueError(f'{name} must be an integer, got {value!r}') from None
+  if value < minimum:
+    raise ValueError(f'{name} must be at least {minimum}, got {value}')
+  return value
+
+
+def _check_num_folds(num_folds) -> int:
+  return check_integer(num_folds, 'num_folds', 2)
 
 
 def verification_accuracy(similarity, issame, num_folds: int = 10) -> dict:
@@ -166,3 +171,114 @@ def verification_accuracy(similarity, issame, num_folds: int = 10) -> dict:
       'fold_accuracies': accuracies,
       'fold_thresholds': thresholds,
   }
+
+
+# --- ROC, TAR at FAR, AUC ---------------------------------------------------
+
+# The false accept rates the benchmarks report (BLUFR, IJB-B/C, MegaFace).
+FARS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+
+
+def impostors_accepted(far: float, num_impostors: int) -> int:
+  """k = floor(far * num_impostors): how many impostor pairs FAR ``far``
+  lets through (the product nudged up so that 0.1 * 30 counts as 3)."""
+  if not 0.0 < far <= 1.0:
+    raise ValueError(f'a false accept rate must lie in (0, 1], got {far}')
+  return int(np.floor(far * num_impostors * (1 + 1e-12)))
+
+
+def far_threshold(top_impostors, num_impostors: int, far: float):
+  """The threshold of "accept iff similarity > t" that accepts at most
+  ``far`` of ``num_impostors`` impostor pairs and as many genuine pairs as
+  possible: the (k + 1)-th largest impostor similarity, k =
+  impostors_accepted(far, num_impostors); -inf when k is every impostor.
+
+  ``top_impostors`` needs only the k + 1 largest impostor similarities (in
+  any order), so a caller scoring a billion impostors in chunks keeps just
+  those. None when the pair count cannot measure ``far`` (k < 1: not even
+  one impostor may pass, so the rate is not resolved).
+  """
+  k = impostors_accepted(far, num_impostors)
+  if k < 1:
+    return None
+  if k >= num_impostors:
+    return -np.inf
+  top = np.asarray(top_impostors, np.float64).ravel()
+  if top.shape[0] < k + 1:
+    raise ValueError(f'FAR {far:g} of {num_impostors} impostors needs the '
+                     f'{k + 1} largest impostor similarities, got '
+                     f'{top.shape[0]}')
+  return float(-np.partition(-top, k)[k])
+
+
+def tar_at_far(similarity, issame, fars=FARS) -> list[dict]:
+  """TAR at each FAR the pair count supports (at least one impostor may
+  pass): the largest true accept rate of any threshold whose false accept
+  rate is at most ``far``, exactly (no interpolation along a sampled ROC).
+
+  Returns [{'far', 'tar', 'threshold', 'false_accepts'}] in the order of
+  ``fars``, leaving out the unsupported ones.
+  """
+  sim = _as_similarity(similarity)
+  same = _as_issame(issame, sim.shape[0])
+  genuine, impostor = sim[same], sim[~same]
+  if not genuine.size or not impostor.size:
+    raise ValueError(f'TAR at FAR needs genuine and impostor pairs, got '
+                     f'{genuine.size} and {impostor.size}')
+  impostor = np.sort(impostor)[::-1]
+  out = []
+  for far in fars:
+    t = far_threshold(impostor, impostor.size, far)
+    if t is None:
+      continue
+    out.append({'far': float(far), 'tar': float(np.mean(genuine > t)),
+                'threshold': t,
+                'false_accepts': int(np.sum(impostor > t))})
+  return out
+
+
+def roc_curve(similarity, issame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(far, tar, thresholds) at every distinct similarity, from accepting
+  nothing to accepting everything: pair i is accepted at threshold t iff
+  similarity > t. Exact, O(N log N)."""
+  sim = _as_similarity(similarity)
+  same = _as_issame(issame, sim.shape[0])
+  num_same, num_diff = int(same.sum()), int((~same).sum())
+  if not num_same or not num_diff:
+    raise ValueError(f'a ROC needs genuine and impostor pairs, got '
+                     f'{num_same} and {num_diff}')
+  order = np.argsort(-sim, kind='stable')
+  sorted_sim = sim[order]
+  true_acc = np.cumsum(same[order])
+  false_acc = np.arange(1, sim.shape[0] + 1) - true_acc
+  # thresholds[j] accepts exactly the first j runs of equal values.
+  last = np.flatnonzero(np.append(sorted_sim[1:] != sorted_sim[:-1], True))
+  tar = np.append(0, true_acc[last]) / num_same
+  far = np.append(0, false_acc[last]) / num_diff
+  thresholds = np.append(sorted_sim[last], -np.inf)
+  return far, tar, thresholds
+
+
+def auc(similarity, issame) -> float:
+  """Area under the ROC: the chance that a random genuine pair scores above
+  a random impostor pair, ties counting one half (Mann-Whitney U)."""
+  sim = _as_similarity(similarity)
+  same = _as_issame(issame, sim.shape[0])
+  genuine, impostor = sim[same], np.sort(sim[~same])
+  if not genuine.size or not impostor.size:
+    raise ValueError(f'an AUC needs genuine and impostor pairs, got '
+                     f'{genuine.size} and {impostor.size}')
+  below = np.searchsorted(impostor, genuine, side='left')
+  ties = np.searchsorted(impostor, genuine, side='right') - below
+  return float((below.sum() + 0.5 * ties.sum())
+               / (genuine.size * impostor.size))
+
+
+def verification_report(similarity, issame, num_folds: int = 10,
+                        fars=FARS) -> dict:
+  """Everything results.json records for a labelled pair set: k-fold
+  accuracy (verification_accuracy), TAR at the supported FARs and AUC."""
+  report = verification_accuracy(similarity, issame, num_folds)
+  report['tar_at_far'] = tar_at_far(similarity, issame, fars)
+  report['auc'] = auc(similarity, issame)
+  return report

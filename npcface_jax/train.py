@@ -405,6 +405,20 @@ class _Verifier:
     return results
 
 
+RUN_INFO = 'run.json'
+
+
+def write_run_info(workdir: str, config, data: Data) -> None:
+  """workdir/run.json: the config and the data's sizes, so that evaluation
+  (python -m npcface_jax.evaluate) rebuilds the model from the workdir."""
+  info = {'config': json.loads(config.to_json_best_effort()),
+          'image_size': data.image_size, 'num_classes': data.num_classes}
+  path = os.path.join(workdir, RUN_INFO)
+  with open(path + '.tmp', 'w') as f:
+    json.dump(info, f, indent=1)
+  os.replace(path + '.tmp', path)
+
+
 def train_and_evaluate(config, workdir: str) -> Outcome:
   """Trains (or resumes training) in ``workdir`` as ``config`` says."""
   from clu import metric_writers  # noqa: PLC0415 (imports TensorFlow)
@@ -416,6 +430,8 @@ def train_and_evaluate(config, workdir: str) -> Outcome:
   task = make_task(config, mesh, data)
   num_steps = total_steps(config, data)
   os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    write_run_info(workdir, config, data)
 
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)

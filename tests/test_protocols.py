@@ -237,3 +237,121 @@ def test_verification_accuracy_errors():
   a = protocols.verification_accuracy(sim, same.astype(np.float32), 4)
   b = protocols.verification_accuracy(list(sim), list(same), 4)
   assert a == b
+
+
+# --- ROC, TAR at FAR, AUC ----------------------------------------------------
+
+def _brute_tar_at_far(sim, same, far):
+  """Try every threshold (-inf and each value); among those accepting at
+  most far * #impostors impostors (accept iff sim > t), the highest TAR;
+  None when not even one impostor may pass."""
+  gen, imp = sim[same], sim[~same]
+  allowed = np.floor(far * len(imp) * (1 + 1e-12))
+  if allowed < 1:
+    return None
+  best = None
+  for t in [-np.inf] + sorted(set(float(s) for s in sim)):
+    if sum(i > t for i in imp) <= allowed:
+      tar = sum(g > t for g in gen) / len(gen)
+      best = tar if best is None else max(best, tar)
+  return best
+
+
+def _both_kinds(rng, n):
+  sim, same = _random_pairs(rng, n)
+  same[0], same[-1] = True, False  # at least one of each
+  return sim, same
+
+
+def test_tar_at_far_matches_brute_force():
+  rng, seed = fresh_rng()
+  fars = (1.0, 0.5, 0.3, 0.1, 0.05, 1e-2, 1e-3)
+  for trial in range(200):
+    sim, same = _both_kinds(rng, int(rng.integers(2, 60)))
+    msg = f'seed {seed}, trial {trial}, sim {sim.tolist()}, same {same.tolist()}'
+    got = protocols.tar_at_far(sim, same, fars)
+    want = {f: _brute_tar_at_far(sim, same, f) for f in fars}
+    assert [g['far'] for g in got] == [f for f in fars
+                                       if want[f] is not None], msg
+    imp = sim[~same]
+    for g in got:
+      assert g['tar'] == want[g['far']], msg
+      accepted = int(np.sum(imp > g['threshold']))
+      assert g['false_accepts'] == accepted, msg
+      assert accepted <= g['far'] * len(imp) * (1 + 1e-12), msg
+      assert g['tar'] == np.mean(sim[same] > g['threshold']), msg
+
+
+def test_tar_at_far_hand_case():
+  # Impostors 0.1..0.9 plus 0.95 (10); genuine 0.5, 0.92, 0.97, 0.99.
+  imp = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95]
+  gen = [0.5, 0.92, 0.97, 0.99]
+  sim = np.array(imp + gen)
+  same = np.array([False] * 10 + [True] * 4)
+  got = protocols.tar_at_far(sim, same, (0.1, 0.2, 0.5, 0.01))
+  # FAR 0.1: one impostor may pass; threshold 0.9 (the 2nd largest).
+  assert got[0] == {'far': 0.1, 'tar': 0.75, 'threshold': 0.9,
+                    'false_accepts': 1}
+  assert got[1]['threshold'] == 0.8 and got[1]['tar'] == 0.75
+  # FAR 0.5: five pass; threshold 0.5 rejects the genuine 0.5 (not > 0.5).
+  assert got[2]['threshold'] == 0.5 and got[2]['tar'] == 0.75
+  assert len(got) == 3  # 0.01 of 10 impostors: unsupported, left out
+
+
+def test_far_threshold_from_top_scores_only():
+  rng, seed = fresh_rng()
+  imp = rng.normal(size=10_000)
+  for far in (1e-1, 1e-2, 1e-3, 1e-4):
+    k = protocols.impostors_accepted(far, imp.size)
+    top = np.sort(imp)[-(k + 1):]
+    rng.shuffle(top)
+    assert protocols.far_threshold(top, imp.size, far) == (
+        protocols.far_threshold(imp, imp.size, far)), f'seed {seed}'
+    with pytest.raises(ValueError, match=f'needs the {k + 1} largest'):
+      protocols.far_threshold(top[1:], imp.size, far)
+  assert protocols.far_threshold(imp, imp.size, 1e-5) is None
+  assert protocols.far_threshold(imp, imp.size, 1.0) == -np.inf
+  with pytest.raises(ValueError, match=r'\(0, 1\]'):
+    protocols.far_threshold(imp, imp.size, 0.0)
+
+
+def test_roc_curve_matches_brute_force():
+  rng, seed = fresh_rng()
+  for trial in range(100):
+    sim, same = _both_kinds(rng, int(rng.integers(2, 40)))
+    msg = f'seed {seed}, trial {trial}, sim {sim.tolist()}, same {same.tolist()}'
+    far, tar, thresholds = protocols.roc_curve(sim, same)
+    values = sorted(set(float(s) for s in sim), reverse=True)
+    np.testing.assert_array_equal(thresholds, values + [-np.inf], msg)
+    for f, t, th in zip(far, tar, thresholds):
+      assert f == np.mean(sim[~same] > th), msg
+      assert t == np.mean(sim[same] > th), msg
+    assert (far[0], tar[0], far[-1], tar[-1]) == (0, 0, 1, 1), msg
+
+
+def test_auc_matches_brute_force():
+  rng, seed = fresh_rng()
+  for trial in range(100):
+    sim, same = _both_kinds(rng, int(rng.integers(2, 40)))
+    msg = f'seed {seed}, trial {trial}, sim {sim.tolist()}, same {same.tolist()}'
+    gen, imp = sim[same], sim[~same]
+    want = np.mean([(g > i) + 0.5 * (g == i) for g in gen for i in imp])
+    np.testing.assert_allclose(protocols.auc(sim, same), want, rtol=1e-12,
+                               err_msg=msg)
+    # The trapezoid under the exact ROC is the same number.
+    far, tar, _ = protocols.roc_curve(sim, same)
+    np.testing.assert_allclose(np.trapezoid(tar, far), want, rtol=1e-12,
+                               atol=1e-15, err_msg=msg)
+
+
+def test_verification_report_and_errors():
+  rng, seed = fresh_rng()
+  sim, same = _both_kinds(rng, 300)
+  report = protocols.verification_report(sim, same)
+  assert report['auc'] == protocols.auc(sim, same), f'seed {seed}'
+  assert report['tar_at_far'] == protocols.tar_at_far(sim, same)
+  assert report['accuracy'] == protocols.verification_accuracy(
+      sim, same)['accuracy']
+  for fn in (protocols.tar_at_far, protocols.roc_curve, protocols.auc):
+    with pytest.raises(ValueError, match='genuine and impostor'):
+      fn(sim, np.ones(300, bool))
