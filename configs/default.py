@@ -65,6 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.momentum = 0.9
   c.weight_decay = 5e-4
   c.grad_clip_norm = 0.0  # > 0: clip the gradients' global norm
+  # A NaN or infinite loss is never applied; 'stop' ends the run naming the
+  # step (the newest checkpoint is the last good state), 'skip' goes on.
+  c.nonfinite = 'stop'
   c.seed = 0
 
   # Logging, checkpoints and verification.

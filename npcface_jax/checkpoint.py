@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 
@@ -42,34 +44,90 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int, every_steps: int,
                asynchronous: bool = True):
     self.directory = os.path.abspath(directory)
-    self._manager = ocp.CheckpointManager(
+    self._options = dict(keep=keep, every_steps=every_steps,
+                         asynchronous=asynchronous)
+    self._manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    o = self._options
+    return ocp.CheckpointManager(
         self.directory,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
                        'input': ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=max(every_steps, 1),
-            enable_async_checkpointing=asynchronous))
+            max_to_keep=o['keep'],
+            save_interval_steps=max(o['every_steps'], 1),
+            enable_async_checkpointing=o['asynchronous'],
+            # A save cut short (killed, disk full) leaves a temporary
+            # folder; it is removed when the next run opens the directory.
+            cleanup_tmp_directories=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(step)
+
   def save(self, step: int, state: Any, input_state: dict,
            force: bool = False) -> bool:
-    """Saves when ``step`` is on the interval (or ``force``); True if it did."""
-    return self._manager.save(
-        step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            input=ocp.args.JsonSave(dict(input_state))),
-        force=force)
+    """Saves when ``step`` is on the interval (or ``force``); True if it did.
+    A failed write (this one, or an earlier asynchronous one surfacing now)
+    raises CheckpointWriteError; the checkpoints already on disk stay."""
+    try:
+      return self._manager.save(
+          step, args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              input=ocp.args.JsonSave(dict(input_state))),
+          force=force)
+    except Exception as e:  # noqa: BLE001 (OSError, or orbax wrapping it)
+      raise self._write_error(step, e) from e
+
+  def _write_error(self, step: int, error: Exception):
+    done = [s for s in self.all_steps() if s != step]
+    resume = (f'rerun with the same --workdir to resume from step '
+              f'{max(done)}' if done else 'rerun to start again')
+    return CheckpointWriteError(
+        f'writing a checkpoint (step {step}) to {self.directory} failed: '
+        f'{type(error).__name__}: {error}. The checkpoints already there '
+        f'({done or "none"}) are intact; free space or fix the directory, '
+        f'then {resume}.')
 
   def restore(self, target: Any, step: int | None = None
               ) -> tuple[Any, dict, int] | None:
     """(state, input position, step) of the newest (or the given) step,
     laid out like ``target`` (a tree of jax.ShapeDtypeStruct with
-    shardings); None when there is no checkpoint yet."""
-    step = self._manager.latest_step() if step is None else step
-    if step is None:
-      return None
+    shardings); None when there is no checkpoint yet.
+
+    A newest checkpoint that cannot be read (corrupt, half written) is moved
+    aside as corrupt-<step>-<time> with a warning, and the previous one is
+    restored instead; nothing is deleted."""
+    if step is not None:
+      return self._restore(target, step)
+    while (latest := self._manager.latest_step()) is not None:
+      try:
+        return self._restore(target, latest)
+      except CheckpointMismatch:
+        raise
+      except Exception as e:  # noqa: BLE001 (orbax raises many kinds)
+        aside = self._move_aside(latest)
+        logging.warning('checkpoint %s/%d cannot be read (%s: %s); moved '
+                        'it to %s and trying the one before it',
+                        self.directory, latest, type(e).__name__,
+                        str(e)[:500], aside)
+    return None
+
+  def _move_aside(self, step: int) -> str:
+    aside = os.path.join(self.directory,
+                         f'corrupt-{step}-{int(time.time())}')
+    if jax.process_index() == 0:
+      os.replace(os.path.join(self.directory, str(step)), aside)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'checkpoint aside {step}')
+    self._manager.close()
+    self._manager = self._open()
+    return aside
+
+  def _restore(self, target: Any, step: int) -> tuple[Any, dict, int]:
     saved = self._manager.item_metadata(step)['state']
     abstract, fixes = _restore_targets(target, saved, self.directory, step)
     restored = self._manager.restore(
@@ -123,12 +181,29 @@ class Checkpointer:
     return self._manager.reached_preemption(step)
 
   def wait(self) -> None:
-    """Blocks until every started save is on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until every started save is on disk; CheckpointWriteError if
+    one failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._write_error(self._manager.latest_step() or -1, e) from e
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the saves and releases the manager; a failed save is
+    logged, not raised (call wait() first to see it raised)."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      logging.error('%s', self._write_error(-1, e))
     self._manager.close()
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written; earlier ones are intact."""
+
+
+class CheckpointMismatch(ValueError):
+  """The checkpoint was written by another model, head or optimizer."""
 
 
 def _restore_targets(target, saved, directory, step):
@@ -145,7 +220,7 @@ def _restore_targets(target, saved, directory, step):
   for path, t in paths_leaves:
     key = _path_key(path)
     if key not in saved_shapes:
-      raise ValueError(
+      raise CheckpointMismatch(
           f'checkpoint {directory}/{step} has no array {key!r}: it was '
           'written by a different model, head or optimizer; use another '
           '--workdir')
@@ -155,7 +230,7 @@ def _restore_targets(target, saved, directory, step):
       fixes.append(None)
       continue
     if len(shape) != len(t.shape) or shape[1:] != tuple(t.shape[1:]):
-      raise ValueError(
+      raise CheckpointMismatch(
           f'checkpoint {directory}/{step} holds {key!r} of shape {shape} '
           f'where this run has {tuple(t.shape)}: it was written by a '
           'different model or class count; use another --workdir')
@@ -183,7 +258,7 @@ def _resize_rows(array: jax.Array, target) -> jax.Array:
   if have > rows:
     dropped = np.asarray(jax.device_get(array[rows:]))
     if np.any(dropped):
-      raise ValueError(
+      raise CheckpointMismatch(
           f'cannot restore {have} classifier rows into {rows}: the dropped '
           'rows are not padding (they are not zero)')
     array = array[:rows]

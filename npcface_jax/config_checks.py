@@ -95,6 +95,8 @@ def check(config, *, num_devices: int, process_count: int = 1) -> None:
   need(config.weight_decay >= 0, 'weight_decay', 'must be >= 0')
   need(config.grad_clip_norm >= 0, 'grad_clip_norm',
        'use 0 (off) or a positive norm')
+  need(config.nonfinite in ('stop', 'skip'), 'nonfinite',
+       "must be 'stop' or 'skip'")
   need(config.log_every_steps > 0, 'log_every_steps', 'must be positive')
   need(config.checkpoint_every_steps > 0, 'checkpoint_every_steps',
        'must be positive')

@@ -64,6 +64,8 @@ def main(argv):
     outcome = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except config_checks.ConfigError as e:
     raise app.UsageError(str(e)) from None
+  except (train.NonFiniteLoss, checkpoint.CheckpointWriteError) as e:
+    sys.exit(f'error: {e}')
   for name, result in outcome.verification.items():
     print(f'{name}: verification accuracy {100 * result["accuracy"]:.2f}% '
           f'+- {100 * result["accuracy_std"]:.2f}')

@@ -230,10 +230,15 @@ def make_train_step(task: Task, shardings: TrainState):
       params['head'] = {'margins': heads.adam_project_margins(
           params['head']['margins'])}
     metrics = _step_metrics(loss, ce, out, grads, task.schedule(state.step))
-    new = state.replace(step=state.step + 1, params=params,
-                        batch_stats=batch_stats, opt_state=opt_state,
-                        head_state=out.state)
-    return new, metrics
+    new = state.replace(params=params, batch_stats=batch_stats,
+                        opt_state=opt_state, head_state=out.state)
+    # A NaN or infinite loss or gradient is never applied: the state stays
+    # as it was (the batch is consumed), so every checkpoint holds finite
+    # numbers; the loop stops or skips on the 'nonfinite' flag.
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
+    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    metrics['nonfinite'] = (~finite).astype(jnp.float32)
+    return new.replace(step=state.step + 1), metrics
 
   return jax.jit(step, donate_argnums=0,
                  out_shardings=(shardings, NamedSharding(task.mesh, P())))
@@ -463,12 +468,18 @@ def train_and_evaluate(config, workdir: str) -> Outcome:
   pending: list[dict] = []
   images_per_step = config.batch_size
   last_time, last_step = time.time(), step
+  unchecked: list[tuple[int, Array]] = []  # (step, its nonfinite flag)
   try:
     while step < num_steps:
       state, metrics = train_step(state, next(stream))
       step += 1
       pending.append(metrics)
-      if step % config.log_every_steps == 0 or step == num_steps:
+      unchecked.append((step, metrics['nonfinite']))
+      due_log = step % config.log_every_steps == 0 or step == num_steps
+      if due_log or checkpoints.should_save(step):  # never save past a NaN
+        _check_finite(unchecked, config.nonfinite, checkpoints)
+        unchecked = []
+      if due_log:
         summary = {k: float(np.mean(v)) for k, v in
                    _stack(jax.device_get(pending)).items()}
         now = time.time()
@@ -498,12 +509,38 @@ def train_and_evaluate(config, workdir: str) -> Outcome:
         return Outcome(state, results, True)
     if checkpoints.latest_step() != step:
       checkpoints.save(step, state, stream.state(), force=True)
+    checkpoints.wait()  # a failed write surfaces here, not at exit
     results = verifier(step, state)
     return Outcome(state, results, False)
   finally:
     preemption.close()
     checkpoints.close()
     writer.flush()
+
+
+class NonFiniteLoss(RuntimeError):
+  """The loss or the gradient became NaN or infinite (config.nonfinite =
+  'stop'); the update of that step was not applied."""
+
+
+def _check_finite(unchecked, policy: str, checkpoints) -> None:
+  """Stops at the first step whose loss or gradient was not finite, or, with
+  policy 'skip', warns for each one (their updates were never applied)."""
+  flags = jax.device_get([flag for _, flag in unchecked])
+  for (step, _), flag in zip(unchecked, flags):
+    if not flag:
+      continue
+    if policy == 'skip':
+      logging.warning('step %d: loss or gradient not finite; the step was '
+                      'skipped (config.nonfinite=skip)', step)
+      continue
+    raise NonFiniteLoss(
+        f'step {step}: the loss or the gradient is NaN or infinite. Its '
+        'update was not applied and training stopped; the newest checkpoint '
+        f'(step {checkpoints.latest_step()}) holds the last good state and '
+        'a rerun resumes from it. Lower config.learning_rate, set '
+        'config.grad_clip_norm, or set config.nonfinite=skip to skip such '
+        'steps.')
 
 
 def _peers_preempted(checkpoints, step) -> bool:

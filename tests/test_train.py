@@ -21,7 +21,7 @@ from configs import casia_mobileface, default, demo, ms1m_attention56
 from npcface_jax import checkpoint, config_checks, input_pipeline, train
 from npcface_jax.models import layers
 from tests.conftest import NUM_DEVICES
-from tests.helpers import SHARED_DATA, orl_people
+from tests.helpers import SHARED_DATA, fresh_rng, orl_people
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -260,38 +260,60 @@ def _main(workdir, overrides, env_devices=NUM_DEVICES):
       text=True)
 
 
-def test_sigterm_saves_and_resume_equals_uninterrupted(tmp_path):
+def _run_until(workdir, overrides, step, sig):
+  """Starts the command line, sends ``sig`` once it logs ``step``, and
+  returns (exit status, log)."""
+  proc = _main(workdir, overrides)
+  lines = []
+  for line in proc.stdout:  # wait until training runs, then interrupt
+    lines.append(line)
+    if f'step {step}/' in line:
+      proc.send_signal(sig)
+      break
+  rest, _ = proc.communicate(timeout=300)
+  return proc.returncode, ''.join(lines) + rest
+
+
+def _latest_step(workdir):
+  ckpt = checkpoint.Checkpointer(str(workdir / 'checkpoints'), keep=3,
+                                 every_steps=100)
+  step = ckpt.latest_step()
+  ckpt.close()
+  return step
+
+
+def test_sigterm_and_kill9_resume_equal_uninterrupted(tmp_path):
   """A run stopped by SIGTERM writes a checkpoint, exits 0, and the restart
   from the same workdir ends on exactly the uninterrupted run's parameters
-  (input position and head state included)."""
+  (input position and head state included). A run killed with SIGKILL at
+  a random step (a save maybe half written) restarts from its newest
+  checkpoint and ends on the same parameters too."""
   overrides = {**TINY, **RESUMED, 'num_train_steps': 16,
-               'log_every_steps': 1, 'checkpoint_every_steps': 100}
+               'log_every_steps': 1, 'checkpoint_every_steps': 4}
   c = _config(**overrides)
   full = train.train_and_evaluate(c, str(tmp_path / 'full')).state
 
   workdir = tmp_path / 'stopped'
-  proc = _main(workdir, overrides)
-  lines = []
-  for line in proc.stdout:  # wait until training runs, then preempt
-    lines.append(line)
-    if 'step 3/16' in line:
-      proc.send_signal(signal.SIGTERM)
-      break
-  rest, _ = proc.communicate(timeout=300)
-  log = ''.join(lines) + rest
-  assert proc.returncode == 0, log[-3000:]
+  status, log = _run_until(workdir, overrides, 3, signal.SIGTERM)
+  assert status == 0, log[-3000:]
   assert 'preempted: checkpoint of step' in log, log[-3000:]
-  stopped = checkpoint.Checkpointer(str(workdir / 'checkpoints'), keep=3,
-                                    every_steps=100)
-  stop_step = stopped.latest_step()
-  stopped.close()
-  assert 3 <= stop_step < 16, log[-3000:]
-
+  assert 3 <= _latest_step(workdir) < 16, log[-3000:]
   resumed = train.train_and_evaluate(c, str(workdir))
   assert int(resumed.state.step) == 16 and not resumed.preempted
   _assert_same_params(resumed.state, full, 61)
   np.testing.assert_array_equal(resumed.state.head_state['step'],
                                 full.head_state['step'])
+
+  rng, seed = fresh_rng()
+  kill_at = int(rng.integers(5, 13))
+  workdir = tmp_path / 'killed'
+  status, log = _run_until(workdir, overrides, kill_at, signal.SIGKILL)
+  assert status == -signal.SIGKILL, (seed, log[-3000:])
+  assert 'preempted' not in log
+  assert _latest_step(workdir) < 16, (seed, kill_at)
+  resumed = train.train_and_evaluate(c, str(workdir))
+  assert int(resumed.state.step) == 16, (seed, kill_at)
+  _assert_same_params(resumed.state, full, 61)
 
 
 def test_command_line_reports_config_errors(tmp_path):
