@@ -3,7 +3,7 @@ PyTorch step of the same network, float32 and bfloat16, with MFU.
 
     python benchmarks/gpu_train_bench.py [--models mobilefacenet resnet50]
         [--classes 85742] [--rounds 5] [--steps 10] [--json OUT.json]
-    python benchmarks/gpu_train_bench.py --quick      # CPU smoke run, < 1 min
+    python benchmarks/gpu_train_bench.py --quick      # CPU smoke run
     python benchmarks/gpu_train_bench.py --summary A.json B.json \
         [--loss-json LOSS.json]                       # the table of saved runs
 
@@ -29,8 +29,9 @@ Float32 means TF32 tensor-core math in both: JAX's default precision on the
 GPU, and torch with cudnn/matmul TF32 allowed here (its convolutions' default).
 
 Cases of one model and dtype run interleaved, round after round, each round
-`--steps` steps queued and synchronised once; step times are medians over
-rounds and ratios medians of per-round ratios. bfloat16 goes first, then
+`--steps` steps queued and synchronised once (fewer for a case whose steps
+would take over --round-s); step times are medians over rounds and ratios
+medians of per-round ratios. bfloat16 goes first, then
 float32, each group freed before the next, and the JSON is rewritten after
 every round, so a run cut short by a timeout keeps what it measured.
 
@@ -70,12 +71,14 @@ from npcface_jax import models, train  # noqa: E402
 EMBEDDING = 512
 IMAGE = 112
 LR, MOMENTUM, WEIGHT_DECAY = 0.1, 0.9, 5e-4
-NPCFACE = dict(scale=64.0, m0=0.4, m1=0.2, t=1.1, alpha=0.25)  # registry's
+# heads.NPCFACE_PRESETS['paper'], which torch_npcface_loss implements.
+NPCFACE = dict(scale=64.0, m0=0.4, m1=0.2, t=1.1, alpha=0.25)
 DTYPES = ('bfloat16', 'float32')
 # Per-GPU batches typical of face-recognition training on an 80 GB card.
 BATCH = {'mobilefacenet': 512, 'resnet50': 256}
-# (name, dense bf16, dense TF32) TFLOP/s by the vendor's datasheets; first
-# match on the device name wins (GH200 and H200 share the H100 SXM's).
+# (part of the device name, card, dense bf16, dense TF32 TFLOP/s) by the
+# vendor's datasheets; the first match wins (GH200 and H200 have the H100
+# SXM's compute).
 PEAKS = (('H200', 'H200 (H100 SXM compute)', 989.0, 494.0),
          ('H100 PCIe', 'H100 PCIe', 756.0, 378.0),
          ('H100 NVL', 'H100 NVL', 835.0, 418.0),
@@ -314,7 +317,7 @@ class TorchCase:
     self.net.train()
     if cuda:
       torch.cuda.reset_peak_memory_stats()
-    self.compile_s = 0.0  # set by the warm-up (autotuning, torch.compile)
+    self.compile_s = 0.0  # torch's happens in the warm-up steps
     self.memory_mb = None
 
   def _step(self):
@@ -329,7 +332,7 @@ class TorchCase:
   def run(self, steps: int) -> float:
     for _ in range(steps):
       loss = self._step()
-    value = float(loss)  # synchronises
+    value = float(loss.detach())  # synchronises
     if self.device.type == 'cuda':
       self.memory_mb = self.torch.cuda.max_memory_allocated() / 2**20
     return value
@@ -357,42 +360,49 @@ def run_group(args, payload, model, dtype, options, flops, count):
       specs.append(('shifted', None))
   if 'torch' in args.frameworks:
     specs.append((None, 'torch'))
-  cases = []
+  cases, case = [], None
   for impl, framework in specs:
     label = f'{model} {dtype} {framework or "jax " + impl}'
     print(f'building {label} (batch {batch})', flush=True)
+    start = time.perf_counter()
     try:
       if framework == 'torch':
         case = TorchCase(model, dtype, batch, args.classes, options, data,
                          count, args.torch_compile)
       else:
         case = JaxCase(model, dtype, impl, batch, args.classes, options, data)
-      start = time.perf_counter()
       loss = case.run(args.warmup)
-      case.compile_s += time.perf_counter() - start
-    except ImportError as e:
-      print(f'  skipped: {e} (PyTorch is optional)', flush=True)
+    except Exception as e:  # noqa: BLE001 (e.g. out of memory: go on)
+      print(f'  skipped: {type(e).__name__}: {e}', flush=True)
       continue
-    print(f'  ready in {case.compile_s:.1f} s (compile + {args.warmup} '
-          f'warm-up steps), loss {loss:.3f}', flush=True)
+    ready = time.perf_counter() - start
+    # Steps per round: --steps, fewer where a step is slow (the shifted
+    # formulation on a GPU may be), so that no case eats the budget.
+    start = time.perf_counter()
+    case.run(1)
+    steps = max(1, min(args.steps, int(args.round_s
+                                       / (time.perf_counter() - start))))
+    print(f'  ready in {ready:.1f} s (build, compile {case.compile_s:.1f} s, '
+          f'{args.warmup} warm-up steps), loss {loss:.3f}; {steps} steps a '
+          'round', flush=True)
     row = {'model': model, 'dtype': dtype, 'case': case.name,
            'batch': batch, 'classes': args.classes,
            'model_flops': 3 * batch * flops
                           + 6 * batch * args.classes * EMBEDDING,
-           'params': count, 'compile_s': case.compile_s,
-           'warmup_loss': loss, 'times': []}
+           'params': count, 'compile_s': case.compile_s, 'ready_s': ready,
+           'warmup_loss': loss, 'steps': steps, 'times': []}
     payload['rows'].append(row)
     cases.append((case, row))
   _write(args.json, payload)
   for r in range(args.rounds):
     for case, row in cases:
       start = time.perf_counter()
-      case.run(args.steps)
-      row['times'].append((time.perf_counter() - start) / args.steps)
+      case.run(row['steps'])
+      row['times'].append((time.perf_counter() - start) / row['steps'])
       row['memory_mb'] = case.memory_mb
     _write(args.json, payload)
     print(f'{model} {dtype}: round {r + 1}/{args.rounds} done', flush=True)
-  del cases
+  cases = case = None  # free this group's GPU memory before the next
   gc.collect()
   if 'torch' in sys.modules and sys.modules['torch'].cuda.is_available():
     sys.modules['torch'].cuda.empty_cache()
@@ -402,7 +412,6 @@ def summarize(payloads: list[dict], loss_rows: list[dict] | None = None) -> str:
   """The short table of one or more runs' rows (and the loss bench's)."""
   first = payloads[0]
   peaks = first['peaks']
-  rows = [r for p in payloads for r in p['rows']]
   fmt_peak = lambda v: '?' if v is None else f'{v:g}'
   lines = [
       f'# {first["device"]}: jax {first["jax"]}'
@@ -410,15 +419,17 @@ def summarize(payloads: list[dict], loss_rows: list[dict] | None = None) -> str:
       + f'; MFU against {peaks["source"]} dense peaks: bf16 '
       f'{fmt_peak(peaks["bfloat16"])}, fp32 as TF32 '
       f'{fmt_peak(peaks["float32"])} TFLOP/s; C = {first["classes"]:,}, '
-      f'{first["rounds"]} rounds x {first["steps"]} steps, medians',
+      f'{first["rounds"]} rounds of up to {first["steps"]} steps, medians',
       '| model | dtype | case | batch | ms/step | img/s | MFU % | ratio | '
       'ready s |',
       '|---|---|---|---:|---:|---:|---:|---|---:|']
 
-  def find(row, case):
+  def find(rows, row, cases):
+    """The timed row of the same run, model and dtype whose case is one
+    of ``cases`` (ratios need rows timed in the same rounds)."""
     for other in rows:
-      if (other['model'], other['dtype'], other['case']) == (
-          row['model'], row['dtype'], case) and other['times']:
+      if ((other['model'], other['dtype']) == (row['model'], row['dtype'])
+          and other['case'] in cases and other['times']):
         return other
     return None
 
@@ -428,32 +439,33 @@ def summarize(payloads: list[dict], loss_rows: list[dict] | None = None) -> str:
                                                    slow['times']))
 
   verdicts = []
-  for row in rows:
+  for rows, row in [(p['rows'], r) for p in payloads for r in p['rows']]:
     if not row['times']:
       lines.append(f'| {row["model"]} | {row["dtype"]} | {row["case"]} | '
                    f'{row["batch"]} | not timed | | | | '
-                   f'{row["compile_s"]:.0f} |')
+                   f'{row["ready_s"]:.0f} |')
       continue
     step = statistics.median(row['times'])
     peak = peaks[row['dtype']]
     mfu = ('' if not peak else
            f'{100 * row["model_flops"] / step / (peak * 1e12):.1f}')
     note = ''
-    torch_row = find(row, 'torch')
+    torch_row = find(rows, row, ('torch', 'torch compiled'))
     if row['case'] == 'jax' and torch_row:
       x = ratio(row, torch_row)
-      note = f'{x:.2f}x torch'
-      verdicts.append(f'{row["model"]} {row["dtype"]} {x:.2f}x')
-    elif row['case'].startswith('jax ') and find(row, 'jax'):
-      note = f'{ratio(row, find(row, "jax")):.2f}x native'
+      note = f'{x:.2f}x {torch_row["case"]}'
+      verdicts.append(f'{row["model"]} {row["dtype"]} {x:.2f}x '
+                      f'{torch_row["case"]}')
+    elif row['case'].startswith('jax ') and find(rows, row, ('jax',)):
+      note = f'{ratio(row, find(rows, row, ("jax",))):.2f}x native'
     lines.append(f'| {row["model"]} | {row["dtype"]} | {row["case"]} | '
                  f'{row["batch"]} | {1e3 * step:.1f} | '
                  f'{row["batch"] / step:,.0f} | {mfu} | {note} | '
-                 f'{row["compile_s"]:.0f} |')
+                 f'{row["ready_s"]:.0f} |')
   if verdicts:
     lines.append('JAX step x PyTorch (target >= 1.0): ' + ', '.join(verdicts))
   if loss_rows:
-    lines += ['| loss (B 512, D 512, fp32) | C | ms | x floor |',
+    lines += ['| loss_bench.py | C | ms | x floor |',
               '|---|---:|---:|---:|']
     lines += [f'| {r["head"]} | {r["classes"]:,} | {r["ms"]:.2f} | '
               f'{r["x_floor"]:.2f} |' for r in loss_rows
@@ -466,8 +478,9 @@ def main():
   parser.add_argument('--models', nargs='+', default=['mobilefacenet',
                                                       'resnet50'],
                       choices=['mobilefacenet', 'resnet50'])
-  parser.add_argument('--dtypes', nargs='+', default=list(DTYPES),
-                      choices=DTYPES)
+  parser.add_argument('--dtypes', nargs='+', choices=DTYPES,
+                      help='default: both (--quick: bf16 MobileFaceNet, '
+                      'fp32 ResNet)')
   parser.add_argument('--shifted', nargs='*', default=['bfloat16'],
                       choices=DTYPES,
                       help="dtypes in which MobileFaceNet also runs "
@@ -479,7 +492,9 @@ def main():
                       help='per step; 0: 512 MobileFaceNet, 256 ResNet-50')
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--steps', type=int, default=10,
-                      help='steps per timed round')
+                      help='steps per timed round (at most)')
+  parser.add_argument('--round-s', type=float, default=1.0,
+                      help='fewer steps where they would take longer')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--torch-compile', action='store_true',
                       help='torch.compile the network and loss (slow start)')
@@ -501,8 +516,8 @@ def main():
       try:
         with open(path) as f:
           payloads.append(json.load(f))
-      except (OSError, ValueError) as e:
-        print(f'{path}: {e}')
+      except (OSError, ValueError) as e:  # a part skipped or cut short
+        print(f'no results from {path}: {e}')
     loss_rows = None
     if args.loss_json and os.path.exists(args.loss_json):
       with open(args.loss_json) as f:
@@ -514,13 +529,21 @@ def main():
     return
 
   options = {m: {} for m in args.models}
+  dtypes = {m: args.dtypes or list(DTYPES) for m in args.models}
   if args.quick:
-    # Reduced nets at 112x112 (IResNet takes no other size; MobileFaceNet
-    # any multiple of 16) so that compiling and running fit a CPU minute.
-    args.batch, args.classes = args.batch or 4, 1000
+    # Every code path once, on reduced nets at 112x112 (IResNet takes no
+    # other size; MobileFaceNet any multiple of 16), compiled without
+    # LLVM's expensive passes: a smoke run, its times mean nothing.
+    args.batch, args.classes = args.batch or 2, 1000
     args.rounds, args.steps, args.warmup = 2, 1, 1
     options = {'mobilefacenet': {'width': 0.25},
                'resnet50': {'units': (1, 1, 1, 1)}}
+    dtypes = {m: args.dtypes or {'mobilefacenet': ['bfloat16'],
+                                 'resnet50': ['float32']}[m]
+              for m in args.models}
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '')
+                               + ' --xla_backend_optimization_level=0'
+                               ' --xla_llvm_disable_expensive_passes=true')
   device = jax.devices()[0]
   kind = device.device_kind if device.platform == 'gpu' else (
       f'{device.platform}: {platform.processor() or platform.machine()}')
@@ -544,12 +567,17 @@ def main():
   payload = {'device': kind, 'peaks': peaks, 'jax': jax.__version__,
              'torch': torch_version, 'classes': args.classes,
              'rounds': args.rounds, 'steps': args.steps, 'rows': []}
+  if args.quick and 'torch' in args.frameworks:
+    for model in args.models:  # the full-size nets' structure, cheaply
+      count = sum(p.numel() for p in torch_network(model, {}).parameters())
+      assert count == param_count(model, {}), (model, count)
+      print(f'{model} full size: {count:,} parameters in JAX and torch')
   for model in args.models:
     flops = forward_flops(model, options[model])
     count = param_count(model, options[model])
     print(f'{model}: {count:,} parameters, {flops / 1e9:.3f} GFLOP per '
           'image forward (XLA)', flush=True)
-    for dtype in args.dtypes:
+    for dtype in dtypes[model]:
       run_group(args, payload, model, dtype, options[model], flops, count)
   print()
   print(summarize([payload]))
