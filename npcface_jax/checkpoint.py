@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from typing import Any
 
@@ -46,6 +47,7 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     self._options = dict(keep=keep, every_steps=every_steps,
                          asynchronous=asynchronous)
+    _remove_unfinished(self.directory)
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:
@@ -57,10 +59,7 @@ class Checkpointer:
         options=ocp.CheckpointManagerOptions(
             max_to_keep=o['keep'],
             save_interval_steps=max(o['every_steps'], 1),
-            enable_async_checkpointing=o['asynchronous'],
-            # A save cut short (killed, disk full) leaves a temporary
-            # folder; it is removed when the next run opens the directory.
-            cleanup_tmp_directories=True))
+            enable_async_checkpointing=o['asynchronous']))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -196,6 +195,21 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001
       logging.error('%s', self._write_error(-1, e))
     self._manager.close()
+
+
+def _remove_unfinished(directory: str) -> None:
+  """Deletes the temporary folders of saves cut short (killed, disk full)
+  before the manager starts. Done here, synchronously: orbax's own
+  cleanup_tmp_directories runs in the background and raced with the first
+  save of the same step, which reuses the same temporary name."""
+  if jax.process_index() == 0 and os.path.isdir(directory):
+    for name in sorted(os.listdir(directory)):
+      if '.orbax-checkpoint-tmp' in name:
+        logging.warning('removing %s/%s: a checkpoint save that never '
+                        'finished', directory, name)
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices('checkpoint tmp cleanup')
 
 
 class CheckpointWriteError(OSError):

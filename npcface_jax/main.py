@@ -20,6 +20,15 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_ROOT, 'configs')) and _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
+# Several CPU devices (tests, CPU-only hosts): XLA:CPU's concurrency-
+# optimised scheduler can order one program's collectives differently per
+# device and deadlock under load (tests/conftest.py); only the CPU compiler
+# reads this flag.
+_SCHEDULE = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+if _SCHEDULE not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '
+                             + _SCHEDULE).strip()
+
 import jax  # noqa: E402
 
 from npcface_jax import checkpoint, config_checks, train  # noqa: E402

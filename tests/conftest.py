@@ -10,6 +10,14 @@ import shutil
 import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# XLA:CPU's concurrency-optimised scheduler can start one program's
+# collectives in different orders on different fake devices; with two test
+# processes on two cores that deadlocked the train step's all-reduces
+# (rendezvous timeouts, then abort). The in-order schedule does not.
+_SCHEDULE = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+if _SCHEDULE not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '
+                             + _SCHEDULE).strip()  # subprocesses too
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _cache = tempfile.mkdtemp(prefix='npcface_jax_tests_cache_')
