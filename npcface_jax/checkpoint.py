@@ -43,11 +43,14 @@ class Checkpointer:
   """A CheckpointManager for (train state, input position) pairs."""
 
   def __init__(self, directory: str, *, keep: int, every_steps: int,
-               asynchronous: bool = True):
+               asynchronous: bool = True, read_only: bool = False):
+    """``read_only``: for readers such as evaluation, which may run while
+    training writes: no unfinished save is cleaned up."""
     self.directory = os.path.abspath(directory)
     self._options = dict(keep=keep, every_steps=every_steps,
                          asynchronous=asynchronous)
-    _remove_unfinished(self.directory)
+    if not read_only:
+      _remove_unfinished(self.directory)
     self._manager = self._open()
 
   def _open(self) -> ocp.CheckpointManager:

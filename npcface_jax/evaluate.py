@@ -173,7 +173,7 @@ def restore_variables(workdir: str, mesh: Mesh, step: int | None = None):
   from npcface_jax import checkpoint  # noqa: PLC0415
   checkpoints = checkpoint.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=1, every_steps=1,
-      asynchronous=False)
+      asynchronous=False, read_only=True)
   try:
     state, step = checkpoints.restore_parts(
         {'params': ['backbone'], 'batch_stats': None},
