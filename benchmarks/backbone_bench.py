@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from torch_models import torch_network  # beside this file
 from npcface_jax import models
 
 LR, MOMENTUM, WEIGHT_DECAY = 0.01, 0.9, 5e-4
@@ -104,49 +105,9 @@ def jax_cases(name: str, batch: int, impl: str = 'auto') -> dict:
 
 def torch_cases(batch: int) -> dict:
   import torch
-  from torch import nn
-
-  def conv_bn(cin, cout, k=1, s=1, groups=1, linear=False, padding=None):
-    pad = k // 2 if padding is None else padding
-    layers = [nn.Conv2d(cin, cout, k, s, pad, groups=groups, bias=False),
-              nn.BatchNorm2d(cout)]
-    return nn.Sequential(*layers, *([] if linear else [nn.PReLU(cout)]))
-
-  class Bottleneck(nn.Module):
-    def __init__(self, cin, cout, expansion, stride, residual):
-      super().__init__()
-      self.residual = residual
-      self.body = nn.Sequential(
-          conv_bn(cin, expansion), conv_bn(expansion, expansion, 3, stride,
-                                           groups=expansion),
-          conv_bn(expansion, cout, linear=True))
-
-    def forward(self, x):
-      return x + self.body(x) if self.residual else self.body(x)
-
-  class MobileFaceNet(nn.Module):
-    def __init__(self):
-      super().__init__()
-      layers = [conv_bn(3, 64, 3, 2), conv_bn(64, 64, 3, groups=64)]
-      cin = 64
-      for features, down, expansion, repeats in ((64, 128, 128, 4),
-                                                 (128, 256, 256, 6),
-                                                 (128, 512, 256, 2)):
-        layers.append(Bottleneck(cin, features, down, 2, False))
-        layers += [Bottleneck(features, features, expansion, 1, True)
-                   for _ in range(repeats)]
-        cin = features
-      layers += [conv_bn(128, 512),
-                 conv_bn(512, 512, 7, groups=512, linear=True, padding=0),
-                 nn.Flatten(), nn.Linear(512, 512, bias=False),
-                 nn.BatchNorm1d(512)]
-      self.net = nn.Sequential(*layers)
-
-    def forward(self, x):
-      return self.net(x)
 
   torch.manual_seed(0)
-  model = MobileFaceNet()
+  model = torch_network('mobilefacenet', {})
   count = sum(p.numel() for p in model.parameters())
   assert count == MOBILEFACENET_PARAMS, (
       f'torch MobileFaceNet has {count} parameters, not the same structure')
