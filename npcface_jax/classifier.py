@@ -7,6 +7,16 @@ it inside ``jax.shard_map`` with ``axis_name`` set, where the head and the
 cross-entropy add their few collectives (DESIGN.md section 2). The class
 count is padded to a multiple of the shard count with zero rows, which the
 head masks out (logit -inf) through ``num_classes``.
+
+Partial FC (An et al., 2021) is optional: with ``num_sample`` each shard
+scores only that many of its rows, every row that is some sample's target
+plus uniformly random others, drawn afresh each step from ``key``. Shapes
+stay static. The head sees the sampled columns as the whole classifier, so
+NPCFace's hard negatives, their mean and count, the softmax and the top-1
+are all taken over the sampled classes, as in insightface's PartialFC,
+whose losses see only the sampled logits. Unsampled rows get a zero
+gradient (the optimizer's momentum and weight decay still move them, as in
+insightface's PartialFC_V2).
 """
 
 from __future__ import annotations
@@ -40,10 +50,79 @@ def padded_num_classes(num_classes: int, num_shards: int) -> int:
   return math.ceil(num_classes / num_shards) * num_shards
 
 
+def num_sampled(sample_rate: float, rows_per_shard: int) -> int | None:
+  """Rows each shard scores at Partial FC's ``sample_rate`` (None: all)."""
+  if not 0.0 < sample_rate <= 1.0:
+    raise ValueError(f'sample_rate must be in (0, 1], got {sample_rate}')
+  n = math.ceil(sample_rate * rows_per_shard)
+  return None if n >= rows_per_shard else n
+
+
+def check_sampling(num_classes: int, num_shards: int, num_sample: int,
+                   batch_rows: int) -> None:
+  """Raises ValueError where static-shape sampling could go wrong: a shard
+  with fewer sampled rows than the batch could hold more distinct targets
+  than it keeps, and the last shard must have enough real (not padding)
+  rows to fill its sample."""
+  rows = padded_num_classes(num_classes, num_shards) // num_shards
+  last_real = num_classes - (num_shards - 1) * rows
+  if num_sample < min(batch_rows, rows):
+    raise ValueError(
+        f'{num_sample} sampled classes per shard cannot hold the targets of '
+        f'{batch_rows} samples: raise the sample rate (to at least '
+        f'{min(batch_rows, rows) / rows:.3g}) or lower the batch')
+  if num_sample > last_real:
+    raise ValueError(
+        f'{num_sample} sampled classes per shard, but the last of the '
+        f'{num_shards} shards holds only {last_real} real classes (the rest '
+        f'pad {num_classes} classes to {num_shards} x {rows}): lower the '
+        'sample rate or use a class-count-dividing model_parallel')
+
+
+def sample_classes(key: Array, labels: Array, shard, num_rows: int,
+                   num_sample: int, num_classes: int | None = None) -> Array:
+  """The local rows (num_sample,) that shard ``shard`` of ``num_rows`` rows
+  scores, increasing: every row that is a target of ``labels``, then rows
+  drawn uniformly without replacement (key folded with the shard index),
+  padding rows (classes from ``num_classes`` on) only if nothing else is
+  left."""
+  offset = shard * num_rows
+  local = labels.astype(jnp.int32) - offset
+  owned = (local >= 0) & (local < num_rows)
+  score = jax.random.uniform(jax.random.fold_in(key, shard), (num_rows,))
+  if num_classes is not None:
+    score = jnp.where(offset + jnp.arange(num_rows) < num_classes, score, -1.0)
+  score = score.at[jnp.where(owned, local, num_rows)].set(2.0, mode='drop')
+  return jnp.sort(lax.top_k(score, num_sample)[1])
+
+
+def _sampled(key, weights, labels, params, num_sample, axis_name,
+             num_classes):
+  """The sampled rows of the weights (and per-class head parameters), and
+  the labels renumbered to the sampled classes: shard k's sampled row j is
+  class k * num_sample + j."""
+  num_rows = weights.shape[0]
+  shard = 0 if axis_name is None else lax.axis_index(axis_name)
+  rows = sample_classes(key, labels, shard, num_rows, num_sample, num_classes)
+  position = jnp.zeros((num_rows,), jnp.int32).at[rows].set(
+      jnp.arange(num_sample, dtype=jnp.int32))
+  local = labels.astype(jnp.int32) - shard * num_rows
+  owned = (local >= 0) & (local < num_rows)
+  renumbered = jnp.where(
+      owned, shard * num_sample + position[jnp.clip(local, 0, num_rows - 1)],
+      0)
+  if axis_name is not None:  # each label's row is held by one shard
+    renumbered = lax.psum(renumbered, axis_name)
+  params = jax.tree.map(lambda a: a[rows], params)
+  return weights[rows], renumbered, params
+
+
 def classifier_loss(embeddings: Array, weights: Array, labels: Array,
                     head: Head, state=None, params=None, *, axis_name=None,
                     num_classes: int | None = None,
-                    chunk_size: int | None = None) -> tuple[Array, HeadOutput]:
+                    chunk_size: int | None = None,
+                    num_sample: int | None = None,
+                    key: Array | None = None) -> tuple[Array, HeadOutput]:
   """Per-sample cross-entropy (B,) and the head's output for one shard
   (or the whole classifier when ``axis_name`` is None); the output's
   metrics hold the head's diagnostics and ``top1`` (B,) bool, whether the
@@ -52,7 +131,16 @@ def classifier_loss(embeddings: Array, weights: Array, labels: Array,
   With ``chunk_size`` the loss runs chunked and fused (chunked_loss.py):
   same values and gradients, far less memory, and the returned HeadOutput
   has ``logits=None``.
+
+  With ``num_sample`` (Partial FC) only that many rows of ``weights``,
+  drawn with ``key``, are scored (see the module docstring); the caller
+  keeps ``num_sample`` within ``check_sampling``'s bounds, so no padding
+  row is drawn and ``num_classes`` no longer applies.
   """
+  if num_sample is not None:
+    weights, labels, params = _sampled(key, weights, labels, params,
+                                       num_sample, axis_name, num_classes)
+    num_classes = None
   if chunk_size is not None:
     ce, row, sums, top1 = chunked_loss.chunked_cross_entropy(
         embeddings, weights, labels, head.parts(), state, chunk_size=chunk_size,
@@ -70,8 +158,10 @@ def classifier_loss(embeddings: Array, weights: Array, labels: Array,
 def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
                             axis: str = 'model', batch_axis: str | None = None,
                             return_logits: bool = False,
-                            chunk_size: int | None = None):
-  """``f(embeddings, weights, labels, state, params) -> (ce, HeadOutput)``
+                            chunk_size: int | None = None,
+                            num_sample: int | None = None):
+  """``f(embeddings, weights, labels, state, params[, key]) -> (ce,
+  HeadOutput)``
   with the weights' rows (and AdaM-softmax's margins) split over ``axis``.
 
   ``weights`` has ``padded_num_classes(num_classes, mesh.shape[axis])`` rows.
@@ -87,6 +177,8 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
   The logits (sharded on their class axis) come back only with
   ``return_logits``, since at millions of classes they are the largest array;
   with ``chunk_size`` each shard runs the chunked loss and no logits exist.
+  With ``num_sample`` each shard scores that many of its rows (Partial FC),
+  drawn from ``key`` (replicated); the logits are then the sampled ones.
   """
   if chunk_size is not None and return_logits:
     raise ValueError('the chunked loss never forms the logits: '
@@ -96,24 +188,29 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
         f'head {head.name!r} keeps a statistic of the whole batch in its '
         'state, so its batch cannot be split over shards: use batch_axis=None')
 
-  def local(embeddings, weights, labels, state, params):
+  def local(embeddings, weights, labels, state, params, key):
     ce, out = classifier_loss(embeddings, weights, labels, head, state, params,
                               axis_name=axis, num_classes=num_classes,
-                              chunk_size=chunk_size)
+                              chunk_size=chunk_size, num_sample=num_sample,
+                              key=key)
     if out.logits is None or not return_logits:
       out = out._replace(logits=jnp.zeros((), jnp.float32))
     return ce, out
 
   rows = P(batch_axis)
   logits_spec = P(batch_axis, axis) if return_logits else P()
-  in_specs = (rows, P(axis), rows, P(), P(axis))
+  in_specs = (rows, P(axis), rows, P(), P(axis), P())
   mapped = jax.shard_map(
       local, mesh=mesh, in_specs=in_specs,
       out_specs=(rows, HeadOutput(logits_spec, P(), P(), rows)))
-  if AxisType.Explicit not in mesh.axis_types:
-    return mapped
 
-  def resharded(*args):
+  def resharded(embeddings, weights, labels, state, params, key=None):
+    if (key is None) != (num_sample is None):
+      raise ValueError('a key is needed exactly when classes are sampled '
+                       f'(num_sample={num_sample})')
+    args = (embeddings, weights, labels, state, params, key)
+    if AxisType.Explicit not in mesh.axis_types:
+      return mapped(*args)
     # Explicit-axis meshes (jax.make_mesh's default) want the inputs laid
     # out as in_specs say before shard_map; an Auto mesh reshards itself.
     args = [jax.tree.map(lambda a, s=spec: jax.reshard(a, NamedSharding(mesh, s)),

@@ -72,6 +72,8 @@ def check(config, *, num_devices: int, process_count: int = 1) -> None:
          'must be >= 0')
 
   need(config.chunk_size >= 0, 'chunk_size', 'use 0 (off) or a positive size')
+  need(0 < config.sample_rate <= 1, 'sample_rate',
+       'must be in (0, 1] (1: every class, Partial FC off)')
   mp = config.model_parallel
   need(mp >= 1 and num_devices % mp == 0, 'model_parallel',
        f'must divide the {num_devices} devices')

@@ -38,7 +38,7 @@ from npcface_jax import (checkpoint, classifier, config_checks, evaluate,
                          heads, input_pipeline, models, registry)
 
 Array = jax.Array
-_STEP_RNG, _INIT_RNG = 1, 2
+_STEP_RNG, _INIT_RNG, _SAMPLE_RNG = 1, 2, 3
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -63,6 +63,7 @@ class Task:
   embedding_dim: int
   chunk_size: int | None
   seed: int
+  num_sample: int | None = None  # Partial FC: rows each shard scores
 
   @property
   def padded_classes(self) -> int:
@@ -176,15 +177,21 @@ def init_state(task: Task) -> TrainState:
   return init(jax.random.fold_in(jax.random.key(task.seed), _INIT_RNG))
 
 
+def _batch_axis(task: Task):
+  """The mesh axis the classifier's batch is split over (None: whole)."""
+  return None if task.head.batch_statistics else 'data'
+
+
 def _classify_fn(task: Task):
-  """(embeddings, W, labels, head state, head params) -> (ce, HeadOutput)."""
+  """(embeddings, W, labels, head state, head params, key) -> (ce,
+  HeadOutput); the key draws Partial FC's classes."""
   if task.mesh.shape['model'] == 1:
-    return lambda x, w, y, state, params: classifier.classifier_loss(
+    return lambda x, w, y, state, params, key: classifier.classifier_loss(
         x, w, y, task.head, state, params, num_classes=task.num_classes,
-        chunk_size=task.chunk_size)
+        chunk_size=task.chunk_size, num_sample=task.num_sample, key=key)
   return classifier.sharded_classifier_loss(
       task.mesh, task.head, task.num_classes, chunk_size=task.chunk_size,
-      batch_axis=None if task.head.batch_statistics else 'data')
+      batch_axis=_batch_axis(task), num_sample=task.num_sample)
 
 
 def _step_metrics(loss, ce, out, grads, lr) -> dict[str, Array]:
@@ -212,13 +219,16 @@ def make_train_step(task: Task, shardings: TrainState):
     rng = jax.random.fold_in(base_key, state.step)
     images = lax.with_sharding_constraint(batch['image'], all_devices)
     labels = batch['label']
+    sample_key = (None if task.num_sample is None
+                  else jax.random.fold_in(rng, _SAMPLE_RNG))
 
     def loss_fn(params):
       embeddings, mutated = task.model.apply(
           {'params': params['backbone'], 'batch_stats': state.batch_stats},
           images, train=True, mutable=['batch_stats'], rngs={'dropout': rng})
       ce, out = classify(embeddings.astype(jnp.float32), params['classifier'],
-                         labels, state.head_state, params['head'])
+                         labels, state.head_state, params['head'],
+                         sample_key)
       loss = task.criterion.reduce(ce) + out.aux_loss
       return loss, (mutated['batch_stats'], out, ce)
 
@@ -352,14 +362,28 @@ class _Preemption:
 
 def make_task(config, mesh: Mesh, data: Data) -> Task:
   tx, schedule = create_optimizer(config, data.steps_per_epoch)
+  head = registry.get_head(config.head, **config_checks.head_options(config))
+  shards = mesh.shape['model']
+  num_sample = classifier.num_sampled(
+      config.sample_rate,
+      classifier.padded_num_classes(data.num_classes, shards) // shards)
+  if num_sample is not None:
+    split = shards > 1 and not head.batch_statistics  # see _batch_axis
+    try:
+      classifier.check_sampling(
+          data.num_classes, shards, num_sample,
+          config.batch_size // (mesh.shape['data'] if split else 1))
+    except ValueError as e:
+      raise config_checks.ConfigError(
+          f'config.sample_rate = {config.sample_rate}: {e}') from e
   return Task(
-      model=create_model(config), mesh=mesh,
-      head=registry.get_head(config.head, **config_checks.head_options(config)),
+      model=create_model(config), mesh=mesh, head=head,
       criterion=registry.get_criterion(
           config.criterion, **config_checks.criterion_options(config)),
       tx=tx, schedule=schedule, num_classes=data.num_classes,
       image_size=data.image_size, embedding_dim=config.embedding_dim,
-      chunk_size=config.chunk_size or None, seed=config.seed)
+      chunk_size=config.chunk_size or None, seed=config.seed,
+      num_sample=num_sample)
 
 
 def total_steps(config, data: Data) -> int:
