@@ -106,7 +106,7 @@ def jax_config(model: str, dtype: str, impl: str, options: dict):
       model=model, model_options={'impl': impl, **options},
       embedding_dim=EMBEDDING, dtype=dtype, head='npcface',
       head_options={'npcface': NPCFACE}, criterion='softmax',
-      criterion_options={}, chunk_size=0, learning_rate=LR,
+      criterion_options={}, chunk_size=0, sample_rate=1.0, learning_rate=LR,
       lr_boundaries=(16, 24, 28), lr_decay=0.1, warmup_epochs=0.0,
       momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, grad_clip_norm=0.0,
       seed=0)

@@ -107,8 +107,8 @@ def train_memory(args, jax):
     print(f'{name:<12}{rate:>7.2g}{_mb(held):>9.0f}{held / total:>8.3f}'
           f'{_mb(m.argument_size_in_bytes):>7.0f}'
           f'{_mb(m.temp_size_in_bytes):>7.0f}{seconds:>8.2f}')
-  print(f'peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f}'
-        ' GB')
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux
+  print(f'peak RSS {peak / 2**20:.1f} GB')
 
 
 def main():

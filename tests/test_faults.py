@@ -14,15 +14,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 from npcface_jax import checkpoint, train
-from tests.test_train import TinyNet, _assert_same_params, _config
+from tests import tiny_backbone
+from tests.test_train import _assert_same_params, _config
 
 
 @pytest.fixture(autouse=True)
-def tiny_backbone(monkeypatch):
-  """test_train's small backbone in place of MobileFaceNet: the faults are
+def small_backbone(monkeypatch):
+  """The tests' small backbone in place of MobileFaceNet: the faults are
   the trainer's, and it compiles in a second rather than twenty."""
-  monkeypatch.setattr(train, 'create_model', lambda config, **_: TinyNet(
-      config.embedding_dim))
+  monkeypatch.setattr(train, 'create_model', tiny_backbone.create_model)
 
 
 class _Poisoned:

@@ -9,9 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,9 +17,10 @@ import pytest
 
 from configs import casia_mobileface, default, demo, ms1m_attention56
 from npcface_jax import checkpoint, config_checks, input_pipeline, train
-from npcface_jax.models import layers
 from tests.conftest import NUM_DEVICES
 from tests.helpers import SHARED_DATA, fresh_rng, orl_people
+from tests import tiny_backbone
+from tests.tiny_backbone import TinyNet
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -137,25 +136,6 @@ def test_learning_rate_schedule_in_epochs():
 
 # --- The step on a mesh ------------------------------------------------------
 
-class TinyNet(nn.Module):
-  """A small backbone with the parts that matter to the step's layout
-  (convolution, BatchNorm statistics, dropout): compiles in a second,
-  where MobileFaceNet takes twenty."""
-
-  embedding_dim: int = 32
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, images, train: bool):
-    x = layers.Conv(8, 3, 2, dtype=self.dtype)(images.astype(
-        self.dtype or images.dtype))
-    x = layers.PReLU()(layers.batch_norm(train, self.dtype)(x))
-    x = nn.Dropout(0.2, deterministic=not train)(x)
-    x = nn.Dense(self.embedding_dim, dtype=self.dtype)(
-        x.reshape(x.shape[0], -1))
-    return layers.batch_norm(train, self.dtype)(x).astype(jnp.float32)
-
-
 def _task(config, mesh, tiny):
   data = train.open_data(config, mesh)
   task = train.make_task(config, mesh, data)
@@ -250,20 +230,23 @@ def test_checkpoint_restores_onto_other_device_counts(tmp_path):
 
 # --- Resume and preemption ---------------------------------------------------
 
-def _main(workdir, overrides, env_devices=NUM_DEVICES):
+def _main(workdir, overrides, env_devices=NUM_DEVICES, *, extra=(),
+          module='npcface_jax.main'):
+  """The trainer's command line as a process (``module`` tests.tiny_backbone:
+  the same with the small backbone)."""
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              JAX_NUM_CPU_DEVICES=str(env_devices), TF_CPP_MIN_LOG_LEVEL='2')
   return subprocess.Popen(
-      [sys.executable, '-m', 'npcface_jax.main', f'--workdir={workdir}',
-       '--config=configs/demo.py', *_flags(overrides)],
+      [sys.executable, '-m', module, f'--workdir={workdir}',
+       '--config=configs/demo.py', *_flags(overrides), *extra],
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True)
 
 
 def _run_until(workdir, overrides, step, sig):
-  """Starts the command line, sends ``sig`` once it logs ``step``, and
-  returns (exit status, log)."""
-  proc = _main(workdir, overrides)
+  """Starts the command line (small backbone), sends ``sig`` once it logs
+  ``step``, and returns (exit status, log)."""
+  proc = _main(workdir, overrides, module='tests.tiny_backbone')
   lines = []
   for line in proc.stdout:  # wait until training runs, then interrupt
     lines.append(line)
@@ -282,14 +265,17 @@ def _latest_step(workdir):
   return step
 
 
-def test_sigterm_and_kill9_resume_equal_uninterrupted(tmp_path):
+def test_sigterm_and_kill9_resume_equal_uninterrupted(tmp_path, monkeypatch):
   """A run stopped by SIGTERM writes a checkpoint, exits 0, and the restart
   from the same workdir ends on exactly the uninterrupted run's parameters
   (input position and head state included). A run killed with SIGKILL at
   a random step (a save maybe half written) restarts from its newest
-  checkpoint and ends on the same parameters too."""
-  overrides = {**TINY, **RESUMED, 'num_train_steps': 16,
-               'log_every_steps': 1, 'checkpoint_every_steps': 4}
+  checkpoint and ends on the same parameters too. The small backbone
+  throughout (its steps take milliseconds, hence 64 of them, so that the
+  signals land mid-run)."""
+  monkeypatch.setattr(train, 'create_model', tiny_backbone.create_model)
+  overrides = {**TINY, **RESUMED, 'num_train_steps': 64,
+               'log_every_steps': 1, 'checkpoint_every_steps': 8}
   c = _config(**overrides)
   full = train.train_and_evaluate(c, str(tmp_path / 'full')).state
 
@@ -297,22 +283,22 @@ def test_sigterm_and_kill9_resume_equal_uninterrupted(tmp_path):
   status, log = _run_until(workdir, overrides, 3, signal.SIGTERM)
   assert status == 0, log[-3000:]
   assert 'preempted: checkpoint of step' in log, log[-3000:]
-  assert 3 <= _latest_step(workdir) < 16, log[-3000:]
+  assert 3 <= _latest_step(workdir) < 64, log[-3000:]
   resumed = train.train_and_evaluate(c, str(workdir))
-  assert int(resumed.state.step) == 16 and not resumed.preempted
+  assert int(resumed.state.step) == 64 and not resumed.preempted
   _assert_same_params(resumed.state, full, 61)
   np.testing.assert_array_equal(resumed.state.head_state['step'],
                                 full.head_state['step'])
 
   rng, seed = fresh_rng()
-  kill_at = int(rng.integers(5, 13))
+  kill_at = int(rng.integers(10, 41))
   workdir = tmp_path / 'killed'
   status, log = _run_until(workdir, overrides, kill_at, signal.SIGKILL)
   assert status == -signal.SIGKILL, (seed, log[-3000:])
   assert 'preempted' not in log
-  assert _latest_step(workdir) < 16, (seed, kill_at)
+  assert _latest_step(workdir) < 64, (seed, kill_at)
   resumed = train.train_and_evaluate(c, str(workdir))
-  assert int(resumed.state.step) == 16, (seed, kill_at)
+  assert int(resumed.state.step) == 64, (seed, kill_at)
   _assert_same_params(resumed.state, full, 61)
 
 
@@ -354,3 +340,23 @@ def test_orl_end_to_end(tmp_path):
   assert record['history'][-1] == {'step': 200, 'orl_test': trained}
   assert record['best']['orl_test']['accuracy'] >= trained
   assert trained >= untrained + 0.10, (untrained, trained, time.time() - start)
+
+
+def test_gpu_bench_config_carries_what_make_task_reads(monkeypatch):
+  """benchmarks/gpu_train_bench.py builds the trainer's step from a plain
+  namespace (a GPU machine has no ml_collections): it must keep every field
+  that make_task reads."""
+  import importlib.util  # noqa: PLC0415
+  monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
+  for name in ('XLA_PYTHON_CLIENT_PREALLOCATE', 'XLA_PYTHON_CLIENT_MEM_FRACTION'):
+    monkeypatch.setenv(name, '')  # what it sets for a GPU, undone after
+  spec = importlib.util.spec_from_file_location(
+      'gpu_train_bench', ROOT / 'benchmarks' / 'gpu_train_bench.py')
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  config = bench.jax_config('mobilefacenet', 'float32', 'native',
+                            {'width': 0.125})
+  task = train.make_task(config, train.make_mesh(1, jax.devices()[:1]),
+                         train.Data(100, 32, 10, None))
+  assert (task.num_classes, task.num_sample, task.chunk_size) == (100, None,
+                                                                  None)
