@@ -347,7 +347,7 @@ def test_gpu_bench_config_carries_what_make_task_reads(monkeypatch):
   namespace (a GPU machine has no ml_collections): it must keep every field
   that make_task reads."""
   import importlib.util  # noqa: PLC0415
-  monkeypatch.syspath_prepend(str(ROOT / 'benchmarks'))
+  monkeypatch.setattr(sys, 'path', [str(ROOT / 'benchmarks'), *sys.path])
   for name in ('XLA_PYTHON_CLIENT_PREALLOCATE', 'XLA_PYTHON_CLIENT_MEM_FRACTION'):
     monkeypatch.setenv(name, '')  # what it sets for a GPU, undone after
   spec = importlib.util.spec_from_file_location(

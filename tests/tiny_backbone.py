@@ -11,13 +11,11 @@ its environment decides its device count.
 
 from typing import Any
 
-from npcface_jax import main as _main  # first: it sets XLA's CPU flags
+import flax.linen as nn
+import jax.numpy as jnp
 
-import flax.linen as nn  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from npcface_jax import train  # noqa: E402
-from npcface_jax.models import layers  # noqa: E402
+from npcface_jax import train
+from npcface_jax.models import layers
 
 
 class TinyNet(nn.Module):
@@ -50,5 +48,7 @@ def create_model(config, *, train_dtype: bool = True):
 
 if __name__ == '__main__':
   from absl import app  # noqa: PLC0415
+  # Its XLA:CPU flags take effect: nothing has started a backend yet.
+  from npcface_jax import main  # noqa: PLC0415
   train.create_model = create_model
-  app.run(_main.main)
+  app.run(main.main)
