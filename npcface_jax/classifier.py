@@ -138,6 +138,9 @@ def classifier_loss(embeddings: Array, weights: Array, labels: Array,
   row is drawn and ``num_classes`` no longer applies.
   """
   if num_sample is not None:
+    if key is None:
+      raise ValueError(f'num_sample={num_sample} draws classes at random: '
+                       'pass a key')
     weights, labels, params = _sampled(key, weights, labels, params,
                                        num_sample, axis_name, num_classes)
     num_classes = None
@@ -204,7 +207,7 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
       local, mesh=mesh, in_specs=in_specs,
       out_specs=(rows, HeadOutput(logits_spec, P(), P(), rows)))
 
-  def resharded(embeddings, weights, labels, state, params, key=None):
+  def loss(embeddings, weights, labels, state, params, key=None):
     if (key is None) != (num_sample is None):
       raise ValueError('a key is needed exactly when classes are sampled '
                        f'(num_sample={num_sample})')
@@ -217,4 +220,4 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
                          arg) for arg, spec in zip(args, in_specs)]
     return mapped(*args)
 
-  return resharded
+  return loss

@@ -6,9 +6,11 @@ data parallel over every device (each holds B / devices images); the
 classifier W (C, D) is replicated when the 'model' axis has size 1, else its
 rows are split over 'model' and the loss runs class-sharded
 (classifier.sharded_classifier_loss) on the embeddings of each 'data' row,
-as Partial FC does. Everything else is replicated. The step is one jit with
-explicit shardings and the state donated; gradients are taken in the global
-view, so their scale is right whatever the layout.
+as Partial FC does; with ``sample_rate`` < 1 each shard also scores only
+the batch's targets and a random share of its other classes (Partial FC's
+sampling, classifier.py). Everything else is replicated. The step is one
+jit with explicit shardings and the state donated; gradients are taken in
+the global view, so their scale is right whatever the layout.
 
 This module needs neither TensorFlow nor clu to build and run a step (a GPU
 machine fed synthetic batches has neither); the loop imports them.

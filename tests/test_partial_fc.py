@@ -162,3 +162,12 @@ def test_sampling_bounds_are_named():
     train.make_task(c, mesh, data)
   with pytest.raises(config_checks.ConfigError, match='config.sample_rate'):
     config_checks.check(_config(sample_rate=1.5), num_devices=NUM_DEVICES)
+  head = nf.get_head('npcface')
+  with pytest.raises(ValueError, match='pass a key'):
+    classifier.classifier_loss(jnp.ones((2, 4)), jnp.ones((5, 4)),
+                               jnp.array([0, 1]), head, num_sample=3)
+  sharded = classifier.sharded_classifier_loss(
+      jax.make_mesh((NUM_DEVICES,), ('model',)), head, 64)
+  with pytest.raises(ValueError, match='a key is needed exactly when'):
+    sharded(jnp.ones((2, 4)), jnp.ones((64, 4)), jnp.array([0, 1]), {}, {},
+            jax.random.key(0))
