@@ -1,21 +1,25 @@
 """Multi-host for real: two processes of two CPU devices each join JAX's
 distributed runtime (coordinator on 127.0.0.1, gloo collectives), each
 reads its own TFRecord shards of ORL faces through the real input pipeline,
-and the trainer's command line runs a few steps with the classifier split
-over two devices. The parameters they checkpoint equal one process's on
-four devices fed the same global batches (the two processes' slices,
-stitched in process order).
+and the trainer's command line runs 40 steps (over two epochs) with the
+classifier split over two devices, preempted and resumed on the way. The
+parameters they checkpoint equal one process's on four devices fed the
+same global batches (the two processes' slices, stitched in process
+order).
 
 The processes run tests.tiny_backbone: npcface_jax.main with the tests'
 small backbone (it has BatchNorm, whose statistics span the processes),
-which compiles in seconds; with MobileFaceNet this test took two minutes
-alone and passed at the same tolerances (2026-11-29). The learning rate is
+which compiles in seconds; with MobileFaceNet a 3-step version of this
+test took two minutes alone and passed at the same tolerances
+(2026-11-29). The learning rate is
 small: at 0.01 MobileFaceNet's second step met a kink of the loss
 (gradients 0.2% apart between two device layouts of one process whose
 losses agree to 1e-7) and the runs parted by 1e-3 in three steps; a
 wrongly summed or wrongly fed step still differs by the update's size."""
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -30,7 +34,7 @@ from tests import tiny_backbone
 from tests.helpers import orl_people
 from tests.test_train import ROOT, TINY, _assert_same_params, _config, _flags
 
-STEPS = 3
+STEPS = 40
 OVERRIDES = {
     'model_parallel': 2, 'batch_size': 16, 'num_train_steps': STEPS,
     'learning_rate': 1e-4, 'lr_boundaries': (5,), 'log_every_steps': 1,
@@ -70,7 +74,37 @@ def _reference(config, prep):
   return state, target, initial
 
 
+def _launch(workdir, overrides):
+  """The two processes of one run, on a fresh coordinator port."""
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='2',
+             TF_CPP_MIN_LOG_LEVEL='2')
+  return [subprocess.Popen(
+      [sys.executable, '-m', 'tests.tiny_backbone', f'--workdir={workdir}',
+       '--config=configs/demo.py', *_flags({**TINY, **overrides}),
+       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+       f'--process_id={i}'],
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True) for i in range(2)]
+
+
+def _finish(procs, head=('', '')):
+  """Both processes' logs (after ``head``, lines already read), once both
+  exited 0."""
+  try:
+    logs = [h + p.communicate(timeout=600)[0] for h, p in zip(head, procs)]
+  finally:
+    for p in procs:
+      p.kill()
+  for i, (p, log) in enumerate(zip(procs, logs)):
+    assert p.returncode == 0, f'process {i}:\n{log[-4000:]}'
+  return logs
+
+
 def test_two_processes_train_like_one(tmp_path, monkeypatch):
+  """Also a preemption across hosts: SIGTERM reaches process 0 alone at
+  step 3; JAX's preemption sync has both processes save the same later
+  step and exit 0, and the rerun of both resumes from it."""
   from data_prep import train_set  # noqa: PLC0415
   prep = tmp_path / 'prep'  # 4 shards: each process reads its own 2
   train_set.convert(str(orl_people(tmp_path, range(1, 31))), str(prep),
@@ -79,24 +113,26 @@ def test_two_processes_train_like_one(tmp_path, monkeypatch):
   overrides = {**OVERRIDES, 'dataset': str(prep)}
   config = _config(demo.get_config, **overrides)
   workdir = tmp_path / 'work'
-  port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_NUM_CPU_DEVICES='2',
-             TF_CPP_MIN_LOG_LEVEL='2')
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'tests.tiny_backbone', f'--workdir={workdir}',
-       '--config=configs/demo.py', *_flags({**TINY, **overrides}),
-       f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-       f'--process_id={i}'],
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-      text=True) for i in range(2)]
-  try:
-    logs = [p.communicate(timeout=600)[0] for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-  for i, (p, log) in enumerate(zip(procs, logs)):
-    assert p.returncode == 0, f'process {i}:\n{log[-4000:]}'
+
+  procs = _launch(workdir, overrides)
+  head = ''
+  for line in procs[0].stdout:
+    head += line
+    if f'step 3/{STEPS}' in line:
+      procs[0].send_signal(signal.SIGTERM)
+      break
+  logs = _finish(procs, (head, ''))
   assert 'JAX process 1 of 2, 2 local devices of 4' in logs[1], logs[1][-2000:]
+  saved = [re.findall(r'preempted: checkpoint of step (\d+) written', log)
+           for log in logs]
+  assert saved[0] and saved[0] == saved[1], [log[-2000:] for log in logs]
+  stopped = int(saved[0][0])
+  assert 3 <= stopped < STEPS
+
+  logs = _finish(_launch(workdir, overrides))
+  for log in logs:
+    assert f'resumed from the checkpoint of step {stopped}' in log, log[-2000:]
+    assert f'step {STEPS}/{STEPS}' in log and 'preempted' not in log
 
   monkeypatch.setattr(train, 'create_model', tiny_backbone.create_model)
   want, target, initial = _reference(config, prep)
