@@ -1,7 +1,8 @@
 """Partial FC's class sampling: which rows are drawn, the sampled NPCFace
 loss and gradients against a float64 NumPy reference over the sampled
-columns, on one device and class-sharded over eight, and in the trainer's
-step (rows never drawn move by weight decay alone)."""
+columns, on one device and class-sharded over eight, and the bounds that
+keep shapes static. (The trainer's step with sampling is in
+test_scale.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +32,10 @@ def test_sample_classes_keeps_targets_and_draws_uniformly():
     assert rows.shape == (num_sample,), seed
     assert np.all(np.diff(rows) > 0) and 0 <= rows[0] and rows[-1] < num_rows
     assert targets <= set(rows), f'a target was dropped, seed {seed}'
+  # The last shard holds 30 real classes and 10 padding rows: never drawn.
+  real = labels[labels < 110]
+  rows = classifier.sample_classes(key, real, 2, num_rows, num_sample, 110)
+  assert np.all(np.asarray(rows) < 30), (rows, seed)
   # Every non-target row is drawn with probability (k - t) / (n - t).
   draws = 4000
   rows = jax.vmap(lambda k: classifier.sample_classes(
