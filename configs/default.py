@@ -53,8 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.chunk_size = 0  # classes per block of the fused chunked loss; 0: off
   c.model_parallel = 1  # devices on the 'model' axis, splitting the classes
   # Partial FC: each step scores every target class and a random share of
-  # the others, per 'model' shard; 1.0 scores all (README, "A million
-  # classes").
+  # the others, per 'model' shard; 1.0 scores all (README, "Partial FC").
   c.sample_rate = 1.0
 
   # Optimisation: SGD with momentum; the learning rate divided by lr_decay's
