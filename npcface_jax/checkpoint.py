@@ -84,12 +84,15 @@ class Checkpointer:
     except Exception as e:  # noqa: BLE001 (OSError, or orbax wrapping it)
       raise self._write_error(step, e) from e
 
-  def _write_error(self, step: int, error: Exception):
+  def _write_error(self, step: int | None, error: Exception):
+    """The error for a failed save of ``step`` (None: an asynchronous save
+    whose step orbax does not report)."""
     done = [s for s in self.all_steps() if s != step]
     resume = (f'rerun with the same --workdir to resume from step '
               f'{max(done)}' if done else 'rerun to start again')
+    which = 'a checkpoint' if step is None else f'a checkpoint (step {step})'
     return CheckpointWriteError(
-        f'writing a checkpoint (step {step}) to {self.directory} failed: '
+        f'writing {which} to {self.directory} failed: '
         f'{type(error).__name__}: {error}. The checkpoints already there '
         f'({done or "none"}) are intact; free space or fix the directory, '
         f'then {resume}.')
@@ -188,7 +191,7 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
-      raise self._write_error(self._manager.latest_step() or -1, e) from e
+      raise self._write_error(None, e) from e
 
   def close(self) -> None:
     """Waits for the saves and releases the manager; a failed save is
@@ -196,7 +199,7 @@ class Checkpointer:
     try:
       self._manager.wait_until_finished()
     except Exception as e:  # noqa: BLE001
-      logging.error('%s', self._write_error(-1, e))
+      logging.error('%s', self._write_error(None, e))
     self._manager.close()
 
 

@@ -179,9 +179,13 @@ def init_state(task: Task) -> TrainState:
   return init(jax.random.fold_in(jax.random.key(task.seed), _INIT_RNG))
 
 
-def _batch_axis(task: Task):
-  """The mesh axis the classifier's batch is split over (None: whole)."""
-  return None if task.head.batch_statistics else 'data'
+def _batch_axis(head: registry.Head, mesh: Mesh):
+  """The mesh axis the classifier's batch is split over: 'data' when the
+  classes are sharded and the head keeps no statistic of the whole batch;
+  None when every shard (or the one classifier) scores the whole batch."""
+  if mesh.shape['model'] == 1 or head.batch_statistics:
+    return None
+  return 'data'
 
 
 def _classify_fn(task: Task):
@@ -193,7 +197,8 @@ def _classify_fn(task: Task):
         chunk_size=task.chunk_size, num_sample=task.num_sample, key=key)
   return classifier.sharded_classifier_loss(
       task.mesh, task.head, task.num_classes, chunk_size=task.chunk_size,
-      batch_axis=_batch_axis(task), num_sample=task.num_sample)
+      batch_axis=_batch_axis(task.head, task.mesh),
+      num_sample=task.num_sample)
 
 
 def _step_metrics(loss, ce, out, grads, lr) -> dict[str, Array]:
@@ -370,7 +375,7 @@ def make_task(config, mesh: Mesh, data: Data) -> Task:
       config.sample_rate,
       classifier.padded_num_classes(data.num_classes, shards) // shards)
   if num_sample is not None:
-    split = shards > 1 and not head.batch_statistics  # see _batch_axis
+    split = _batch_axis(head, mesh) is not None
     try:
       classifier.check_sampling(
           data.num_classes, shards, num_sample,
