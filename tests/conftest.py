@@ -32,3 +32,17 @@ jax.config.update('jax_num_cpu_devices', NUM_DEVICES)
 jax.config.update('jax_compilation_cache_dir',
                   os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def pytest_terminal_summary(terminalreporter):
+  """The fuzz tests' counts (recorded as the 'fuzz' property, which
+  pytest-xdist carries back from its workers): inputs tried per parser,
+  signals and hangs."""
+  lines = [value for report in terminalreporter.stats.get('passed', [])
+           + terminalreporter.stats.get('failed', [])
+           for key, value in getattr(report, 'user_properties', [])
+           if key == 'fuzz']
+  if lines:
+    terminalreporter.section('parsers fuzzed')
+    for line in sorted(lines):
+      terminalreporter.write_line(line)
