@@ -25,6 +25,7 @@ import json
 import logging
 import math
 import os
+import time
 from typing import Any
 
 import jax
@@ -153,17 +154,59 @@ def read_images(paths, image_size: int, batch_size: int, skipped: list):
 
 # --- Evaluating a trained run: python -m npcface_jax.evaluate ----------------
 
+# JSON files of ours are kilobytes; anything near this is not one.
+_MAX_JSON_BYTES = 64 << 20
+
+
+def _read_json_object(path: str) -> dict:
+  """The JSON object in path; ValueError naming the file and what is wrong
+  with it (not UTF-8, not JSON, nested too deep, not an object)."""
+  try:
+    with open(path, encoding='utf-8') as f:
+      text = f.read(_MAX_JSON_BYTES + 1)
+    if len(text) > _MAX_JSON_BYTES:
+      raise ValueError(f'it is over {_MAX_JSON_BYTES >> 20} MiB')
+    value = json.loads(text)
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path} is not UTF-8 text (byte {e.start})') from None
+  except RecursionError:
+    raise ValueError(f'{path} is not valid JSON: it nests too deeply') from None
+  except ValueError as e:  # JSONDecodeError: line and column
+    raise ValueError(f'{path} is not valid JSON: {e}') from None
+  if not isinstance(value, dict):
+    raise ValueError(f'{path} holds a JSON {type(value).__name__}, not an '
+                     'object')
+  return value
+
+
 def load_run(workdir: str):
-  """(config, image size) the run in workdir was trained with (run.json)."""
+  """(config, image size) the run in workdir was trained with (run.json);
+  ValueError naming the file, what is wrong with it and the fix."""
   import ml_collections  # noqa: PLC0415
   path = os.path.join(workdir, 'run.json')
   if not os.path.exists(path):
     raise FileNotFoundError(
         f'{path} not found: --workdir must be a directory that '
         'python -m npcface_jax.main trained in (it writes run.json)')
-  with open(path) as f:
-    info = json.load(f)
-  return ml_collections.ConfigDict(info['config']), int(info['image_size'])
+  fix = ('python -m npcface_jax.main writes it when training starts: '
+         'restore the file, or re-run training with this --workdir')
+  try:
+    info = _read_json_object(path)
+  except ValueError as e:
+    raise ValueError(f'{e}; {fix}') from None
+  if not isinstance(info.get('config'), dict):
+    what = 'not an object' if 'config' in info else 'missing'
+    raise ValueError(f'{path}: "config" is {what}; {fix}')
+  size = info.get('image_size')
+  if isinstance(size, bool) or not isinstance(size, int) or not (
+      0 < size <= 65535):
+    raise ValueError(f'{path}: "image_size" is {size!r:.40}, not an image '
+                     f'side in pixels (1 to 65535); {fix}')
+  try:
+    config = ml_collections.ConfigDict(info['config'])
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise ValueError(f'{path}: "config" is not a config ({e}); {fix}') from None
+  return config, size
 
 
 def restore_variables(workdir: str, mesh: Mesh, step: int | None = None):
@@ -243,6 +286,36 @@ def _write_json(path: str, value) -> None:
   os.replace(path + '.tmp', path)
 
 
+def _earlier_targets(results_path: str) -> dict:
+  """The targets of this checkpoint evaluated before (results.json), which
+  stay in the record. A file that is not such a record is moved aside to
+  results.json.corrupt-<time>, with a warning naming both paths, rather
+  than lost or fatal; the record starts afresh."""
+  if not os.path.exists(results_path):
+    return {}
+  try:
+    targets = _read_json_object(results_path).get('targets')
+    if not isinstance(targets, dict):
+      raise ValueError(f'{results_path} has no "targets" object')
+    for name, result in targets.items():
+      try:
+        _summary_row(name, result)
+      except (AttributeError, KeyError, TypeError, ValueError):
+        raise ValueError(f'{results_path}: target {name!r:.80} is not a '
+                         'result') from None
+    return targets
+  except ValueError as e:
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    aside, n = f'{results_path}.corrupt-{stamp}', 1
+    while os.path.exists(aside):
+      n += 1
+      aside = f'{results_path}.corrupt-{stamp}-{n}'
+    os.replace(results_path, aside)
+    logging.warning('%s: moved it to %s (nothing is lost) and started a '
+                    'fresh record at %s', e, aside, results_path)
+    return {}
+
+
 def evaluate_run(workdir: str, *, targets=(), ijb=(), probes=None,
                  distractors=None, step=None, flip=False, batch_size=None,
                  face_scores=False, export_features=False,
@@ -270,10 +343,8 @@ def evaluate_run(workdir: str, *, targets=(), ijb=(), probes=None,
   out_dir = os.path.join(workdir, 'eval', f'step_{step}' + '_flip' * flip)
   os.makedirs(out_dir, exist_ok=True)
   results_path = os.path.join(out_dir, 'results.json')
-  record = {'step': step, 'flip': flip, 'targets': {}}
-  if os.path.exists(results_path):  # earlier targets of this checkpoint stay
-    with open(results_path) as f:
-      record['targets'] = json.load(f).get('targets', {})
+  record = {'step': step, 'flip': flip,
+            'targets': _earlier_targets(results_path)}
   done: dict[str, dict] = {}
 
   def features_out(name, **arrays):
@@ -284,19 +355,21 @@ def evaluate_run(workdir: str, *, targets=(), ijb=(), probes=None,
 
   for path in targets:
     name = _target_name(path, done)
-    bins, issame = verification_bin.load_bin(path)
-    features = embedder(variables, verification_bin.decode_pairs(
-        bins, image_size))
+    pairs = verification_bin.load_pairs(path, image_size)
+    issame = pairs.issame
+    features = embedder(variables, pairs.images)
     scores = protocols.pair_similarities(features)
     result = protocols.verification_report(scores, issame)
     result.update(kind='pairs', path=os.path.abspath(path),
-                  num_pairs=len(issame))
+                  num_pairs=len(issame), skipped_pairs=pairs.skipped)
     result['roc'] = _roc(out_dir, name, scores, issame,
                          f'{name}: ROC, step {step}')
     features_out(name, **{'': features})
     done[name] = result
-    log('%s: %.2f%% +- %.2f over %d pairs', name, 100 * result['accuracy'],
-        100 * result['accuracy_std'], len(issame))
+    log('%s: %.2f%% +- %.2f over %d pairs%s', name, 100 * result['accuracy'],
+        100 * result['accuracy_std'], len(issame),
+        f' ({len(pairs.skipped)} left out: an image does not decode)'
+        * bool(pairs.skipped))
 
   for root in ijb:
     from npcface_jax import ijb as ijb_protocol  # noqa: PLC0415
