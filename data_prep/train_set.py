@@ -200,9 +200,20 @@ def _remove_previous(out: str, keep: list[str]) -> None:
 
 
 def _read_names(path: str) -> set[str]:
-  with open(path, encoding='utf-8') as f:
-    return {line.strip() for line in f
-            if line.strip() and not line.startswith('#')}
+  """The --exclude-identities file: one name a line, UTF-8."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  names = set()
+  for n, raw in enumerate(data.splitlines(), 1):
+    try:
+      line = raw.decode('utf-8').strip()
+    except UnicodeDecodeError as e:
+      raise DataPrepError(f'{path}, line {n}: not UTF-8 text ({e.reason} at '
+                          f'byte {e.start}); --exclude-identities takes a '
+                          'text file of names, one a line') from None
+    if line and not line.startswith('#'):
+      names.add(line)
+  return names
 
 
 def _landmark_key(entry: sources.Entry, listing: sources.Listing) -> str:
