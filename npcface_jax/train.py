@@ -241,7 +241,11 @@ def make_train_step(task: Task, shardings: TrainState):
 
     (loss, (batch_stats, out, ce)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
-    updates, opt_state = task.tx.update(grads, state.opt_state, state.params)
+    # The optimizer's schedule runs on state.step, the batches consumed (what
+    # lr_boundaries' epochs count, and the logged rate), not on optax's own
+    # count, which a skipped step would leave one behind.
+    updates, opt_state = task.tx.update(
+        grads, _at_step(state.opt_state, state.step), state.params)
     params = optax.apply_updates(state.params, updates)
     if 'margins' in params['head']:  # AdaM-softmax keeps margins in [0, 1]
       params['head'] = {'margins': heads.adam_project_margins(
@@ -250,15 +254,26 @@ def make_train_step(task: Task, shardings: TrainState):
     new = state.replace(params=params, batch_stats=batch_stats,
                         opt_state=opt_state, head_state=out.state)
     # A NaN or infinite loss or gradient is never applied: the state stays
-    # as it was (the batch is consumed), so every checkpoint holds finite
-    # numbers; the loop stops or skips on the 'nonfinite' flag.
+    # as it was but for the step (the batch is consumed, the schedule moves
+    # on), so every checkpoint holds finite numbers; the loop stops or skips
+    # on the 'nonfinite' flag.
     finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
     metrics['nonfinite'] = (~finite).astype(jnp.float32)
-    return new.replace(step=state.step + 1), metrics
+    return new.replace(step=state.step + 1, opt_state=_at_step(
+        new.opt_state, state.step + 1)), metrics
 
   return jax.jit(step, donate_argnums=0,
                  out_shardings=(shardings, NamedSharding(task.mesh, P())))
+
+
+def _at_step(opt_state, step: Array):
+  """opt_state with optax's step count(s) (the schedule's) set to ``step``,
+  so that a skipped step moves the learning rate on like any other."""
+  try:
+    return optax.tree_utils.tree_set(opt_state, count=step)
+  except KeyError:  # no count in the chain (a constant learning rate)
+    return opt_state
 
 
 def eval_variables(state: TrainState) -> dict:

@@ -10,6 +10,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -72,8 +73,9 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(
     tmp_path, monkeypatch, caplog):
   """NaN images in the 5th batch. With nonfinite='stop' the run ends naming
   step 5 and nothing is saved past it (the checkpoint of step 4 is the
-  newest). With 'skip' that step changes nothing but the step counter:
-  after it the state equals that checkpoint of 4 clean steps."""
+  newest). With 'skip' that step changes nothing but the step counters
+  (the state's and the schedule's): after it the state equals that
+  checkpoint of 4 clean steps."""
   _poison(monkeypatch, at=5)
   c = _config(num_train_steps=6, checkpoint_every_steps=4, log_every_steps=2)
   with pytest.raises(train.NonFiniteLoss,
@@ -90,9 +92,43 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(
       caplog.text)
   assert int(skipped.step) == 5 and _finite(skipped)
   _assert_same_params(skipped, clean4, 61)
-  for a, b in zip(jax.tree.leaves(jax.device_get(skipped.opt_state)),
+  # The optimizer's momentum is step 4's; its count (the schedule's step)
+  # moved on with the skipped batch.
+  assert int(optax.tree_utils.tree_get(skipped.opt_state, 'count')) == 5
+  for a, b in zip(jax.tree.leaves(jax.device_get(optax.tree_utils.tree_set(
+      skipped.opt_state, count=clean4.step))),
                   jax.tree.leaves(jax.device_get(clean4.opt_state))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_after_skipped_steps_the_applied_learning_rate_is_the_logged_one():
+  """Two skipped steps, then one applied, with a learning rate that rises
+  every step (warm-up): the optimizer applies schedule(state.step), the
+  rate logged, measured from plain SGD's update (-lr * gradient). It used
+  to apply the rate of two steps earlier (optax's count stayed behind)."""
+  c = _config(momentum=0.0, weight_decay=0.0, learning_rate=0.1,
+              warmup_epochs=1.0, nonfinite='skip')  # 4 steps of warm-up
+  mesh = train.make_mesh(1, jax.devices()[:1])
+  data = train.open_data(c, mesh)
+  task = train.make_task(c, mesh, data)
+  state = train.init_state(task)
+  step = train.make_train_step(task, train.state_shardings(task, state))
+  stream = data.open(None)
+  for skip in (True, True, False):
+    batch = next(stream)
+    if skip:
+      batch = dict(batch, image=batch['image'] * jnp.nan)
+    before = jax.device_get(state.params)
+    state, metrics = step(state, batch)
+    assert float(metrics['nonfinite']) == float(skip)
+  change = jax.tree.map(np.subtract, jax.device_get(state.params), before)
+  applied = float(optax.tree.norm(change)) / float(metrics['grad_norm'])
+  np.testing.assert_allclose(float(metrics['learning_rate']),
+                             float(task.schedule(2)), rtol=1e-6)
+  np.testing.assert_allclose(applied, float(metrics['learning_rate']),
+                             rtol=1e-3)
+  assert int(state.step) == 3
+  assert int(optax.tree_utils.tree_get(state.opt_state, 'count')) == 3
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path,
