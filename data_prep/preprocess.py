@@ -17,10 +17,14 @@ import functools
 import io
 import itertools
 import multiprocessing
+import os
+import stat
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from data_prep import alignment, recordio
 
@@ -54,24 +58,117 @@ class BadImage(Exception):
     self.skip = Skip(reason, detail)
 
 
+# The most pixels an image may have (134 million: 13,400 x 10,000). Real
+# photos stay under it (a 100-megapixel medium-format camera is the largest
+# in use), while one decoded image stays under 512 MB (4 bytes a pixel at
+# most, RGBA or 32-bit grey) in each worker. Checked from the header, before
+# any pixel is decoded: a 100-byte PNG can claim 30,000 x 30,000.
+MAX_PIXELS = 2**27
+# The largest file read: an uncompressed image of MAX_PIXELS at 8 bytes a
+# pixel (16-bit RGBA); a larger file is not an image this could decode.
+MAX_FILE_BYTES = 8 * MAX_PIXELS
+# The image formats decoded (each with a magic number and a maintained
+# decoder). Pillow recognises many more: some run outside programs (EPS
+# runs Ghostscript), some have no magic number and would take random bytes
+# for an image (TGA); a file handed to us as an image is one of these.
+FORMATS = ('JPEG', 'PNG', 'PPM', 'BMP', 'TIFF', 'WEBP', 'GIF', 'AVIF',
+           'JPEG2000')
+# EXIF orientation -> the transpose that shows the image as the camera
+# meant it (the table of ImageOps.exif_transpose).
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90}
+# 16-bit grey to 8 bits, rounded: v * 255 / 65535 = v / 257.
+_FROM_16_BITS = ((np.arange(65536) * 255 + 32767) // 65535).astype(np.uint8)
+
+
 def decode(data: bytes) -> Image.Image:
-  """The RGB image in data, fully decoded (so truncation shows here)."""
+  """The RGB image in data, fully decoded (so truncation shows here),
+  rotated as its EXIF orientation says. Raises only BadImage."""
   if not data:
     raise BadImage('empty', '0 bytes')
+  with warnings.catch_warnings():
+    # Pillow warns from 89 MP (MAX_PIXELS is the limit here) and about
+    # damaged EXIF blocks (the image is kept as stored): noise, per image.
+    # (catch_warnings is not thread-safe: another thread may restore the
+    # filters meanwhile; then a warning shows, or the filter stays.)
+    warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+    warnings.filterwarnings('ignore', category=UserWarning, module=r'PIL\.')
+    return _decode(data)
+
+
+def _decode(data: bytes) -> Image.Image:
   try:
-    image = Image.open(io.BytesIO(data))
+    image = Image.open(io.BytesIO(data), formats=FORMATS)
   except UnidentifiedImageError:
-    raise BadImage('not an image', 'Pillow recognises no image format in '
-                   'it') from None
+    raise BadImage('not an image', 'Pillow recognises none of '
+                   f'{", ".join(FORMATS)} in it') from None
+  except Image.DecompressionBombError as e:
+    raise BadImage('too large', f'more than the {MAX_PIXELS:,} pixels '
+                   f'allowed ({e})') from None
+  except MemoryError:
+    raise BadImage('too large', 'out of memory reading the header') from None
   except Exception as e:  # noqa: BLE001 (any decoder failure is per-image)
-    raise BadImage('corrupt image', f'{type(e).__name__}: {e}') from None
+    raise _bad(e, 'header') from None
+  width, height = image.size
+  if width * height > MAX_PIXELS:
+    raise BadImage('too large', f'{image.format} of {width} x {height} '
+                   f'pixels, more than the {MAX_PIXELS:,} allowed')
+  if width < 1 or height < 1:
+    raise BadImage('corrupt image', f'{image.format} of {width} x {height} '
+                   'pixels')
   try:
     image.load()
-    ImageOps.exif_transpose(image, in_place=True)  # as the camera meant it
-    return image if image.mode == 'RGB' else image.convert('RGB')
+    orientation = _orientation(image)
+    rgb = _to_rgb(image)
+    if orientation in _ORIENTATION:
+      rgb = rgb.transpose(_ORIENTATION[orientation])
+  except MemoryError:
+    raise BadImage('too large', f'{image.format} of {width} x {height} '
+                   'pixels: out of memory') from None
   except Exception as e:  # noqa: BLE001
-    reason = 'truncated image' if 'truncated' in str(e) else 'corrupt image'
-    raise BadImage(reason, f'{image.format}: {e}') from None
+    raise _bad(e, image.format) from None
+  return rgb
+
+
+def _bad(error: Exception, what: str) -> BadImage:
+  """A decoder's exception (OSError, SyntaxError, struct.error, ...) as the
+  reason to skip the image."""
+  text = f'{type(error).__name__}: {error}'
+  if 'truncated' in text.lower() or isinstance(error, EOFError):
+    return BadImage('truncated image', f'{what}: {text}')
+  return BadImage('corrupt image', f'{what}: {text}')
+
+
+def _orientation(image: Image.Image) -> int:
+  """The EXIF orientation, 1 (as stored) when there is none or the EXIF
+  block cannot be read: a damaged EXIF block must not cost the image."""
+  try:
+    value = image.getexif().get(0x0112, 1)
+  except Exception:  # noqa: BLE001 (Pillow's EXIF parser on damaged bytes)
+    return 1
+  return value if isinstance(value, int) else 1
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+  """8-bit RGB. 16-bit grey is scaled (Pillow's convert would clip every
+  value over 255 to white); transparent areas become black, as --pad's
+  canvas is; CMYK (Pillow reads JPEG's as Adobe-inverted) and the rest
+  through Pillow's convert."""
+  if image.mode.startswith('I'):  # 'I;16*' (16-bit PNG, TIFF) or 'I' (PGM)
+    grey = np.asarray(image)
+    if grey.dtype != np.uint16:
+      grey = np.clip(grey, 0, 65535)
+    return Image.fromarray(_FROM_16_BITS[grey]).convert('RGB')
+  if image.mode == 'RGB':
+    return image
+  if image.has_transparency_data:
+    rgba = image.convert('RGBA')
+    black = Image.new('RGBA', image.size, (0, 0, 0, 255))
+    return Image.alpha_composite(black, rgba).convert('RGB')
+  return image.convert('RGB')
 
 
 def fit(image: Image.Image, size: int, how: str) -> Image.Image:
@@ -124,25 +221,43 @@ _recs: dict[str, object] = {}  # this process's open .rec files
 
 
 def _read(job: Job) -> bytes:
+  """The image bytes of a job: a regular file of at most MAX_FILE_BYTES
+  (not a folder, FIFO or device, which could block or never end), or the
+  image of a record."""
+  if '\0' in job.path:
+    raise BadImage('unreadable file', f'{job.path!r} holds a NUL byte, which '
+                   'no path can')
   if job.offset is None:
-    with open(job.path, 'rb') as f:
-      data = f.read()
+    # Non-blocking, so that opening a FIFO returns (to be refused) at once.
+    fd = os.open(job.path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))
+    with open(fd, 'rb') as f:
+      info = os.fstat(fd)
+      if not stat.S_ISREG(info.st_mode):
+        raise BadImage('unreadable file', 'not a regular file (a folder, '
+                       'FIFO or device)')
+      if info.st_size > MAX_FILE_BYTES:
+        raise BadImage('too large', f'a file of {info.st_size:,} bytes, more '
+                       f'than the {MAX_FILE_BYTES:,} an image may have')
+      data = f.read(MAX_FILE_BYTES + 1)
     if not data:
       raise BadImage('empty', 'zero-byte file')
     return data
   f = _recs.get(job.path)
   if f is None:
     f = _recs[job.path] = open(job.path, 'rb')  # noqa: SIM115 (kept open)
+  where = f'{job.path}, record at offset {job.offset}'
   try:
-    _, image = recordio.unpack(recordio.read_record(f, job.offset))
+    _, image = recordio.unpack(recordio.read_record(f, job.offset), where)
   except recordio.RecordError as e:
     raise BadImage('unreadable record', str(e)) from None
   if not image:
-    raise BadImage('empty', 'the record holds no image bytes')
+    raise BadImage('empty', f'{where} holds no image bytes')
   return image
 
 
 def _run(job: Job, options: Options) -> bytes | Skip:
+  """prepare() of one job, or the Skip saying why not: whatever one image
+  does, it never stops a conversion or kills a worker."""
   try:
     return prepare(_read(job), options, job.landmarks)
   except BadImage as e:
@@ -151,6 +266,10 @@ def _run(job: Job, options: Options) -> bytes | Skip:
     return Skip('missing file', str(e))
   except OSError as e:
     return Skip('unreadable file', f'{type(e).__name__}: {e}')
+  except MemoryError:
+    return Skip('too large', 'out of memory')
+  except Exception as e:  # noqa: BLE001 (a bug for one image costs only it)
+    return Skip('failed', f'{type(e).__name__}: {e}')
 
 
 def prepare_all(jobs: Iterable[Job], options: Options,

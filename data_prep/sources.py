@@ -9,8 +9,11 @@ expensive decode.
 
 from __future__ import annotations
 
+import math
 import os
+import stat
 import struct
+import unicodedata
 from typing import NamedTuple
 
 from data_prep import DataPrepError, recordio
@@ -59,56 +62,163 @@ def _hidden(name: str) -> bool:
   return name.startswith('.')
 
 
+def _name_problem(name: str) -> str | None:
+  """Why ``name`` cannot be a class name, or None: tfds writes the names one
+  a line to UTF-8 label files (a newline would add a class, a name that is
+  not UTF-8 stops the write after every image was converted)."""
+  try:
+    name.encode('utf-8')
+  except UnicodeEncodeError:
+    return 'is not valid UTF-8'
+  if any(unicodedata.category(c) in ('Cc', 'Zl', 'Zp') for c in name):
+    return 'holds a control character or line break'
+  return None
+
+
 def list_folder(root: str) -> Listing:
   """Every non-hidden file under each identity folder, at any depth; files
-  directly in root (a README) belong to no identity and are left out."""
+  directly in root (a README) belong to no identity and are left out.
+
+  Links are followed, but each folder once per identity (a link back up
+  would loop for ever). Folders that cannot be read, and the images of an
+  identity whose folder name cannot be a class name, go to ``skipped``.
+  """
   root = os.path.abspath(root)
-  identities = sorted(e.name for e in os.scandir(root)
-                      if e.is_dir() and not _hidden(e.name))
+  try:
+    with os.scandir(root) as found:
+      identities = sorted(e.name for e in found
+                          if not _hidden(e.name) and _is_dir(e))
+  except OSError as e:
+    raise DataPrepError(f'cannot read the folder {root!r}: {e.strerror}; '
+                        'pass a readable image folder') from None
   if not identities:
     raise DataPrepError(f'{root!r} has no identity folders; expected '
                         'root/<identity>/<image> (or pass a list file or '
                         'a .rec)')
-  entries = []
+  entries, skipped = [], []
   for identity in identities:
-    top = os.path.join(root, identity)
-    for folder, dirs, files in os.walk(top, followlinks=True):
-      dirs[:] = sorted(d for d in dirs if not _hidden(d))
-      for name in sorted(files):
-        if not _hidden(name):
-          path = os.path.join(folder, name)
-          key = os.path.relpath(path, root).replace(os.sep, '/')
-          entries.append(Entry(key, identity, path, None))
-  return Listing('folder', None, root, entries, [])
+    problem = _name_problem(identity)
+    for key, path, error in _walk(root, identity):
+      if error:
+        skipped.append({'path': key, 'reason': 'unreadable folder',
+                        'detail': error})
+      elif problem:
+        skipped.append({'path': key, 'reason': 'bad identity name',
+                        'detail': f'the folder name {identity!r} {problem}; '
+                                  'rename it'})
+      else:
+        entries.append(Entry(key, identity, path, None))
+  return Listing('folder', None, root, entries, skipped)
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+  try:
+    return entry.is_dir()
+  except OSError:  # a link to nowhere, or no permission
+    return False
+
+
+def _walk(root: str, identity: str):
+  """(key, path, None) for each file under root/identity, in sorted order,
+  or (key, path, why) for a folder that cannot be read."""
+  seen = set()
+  errors = []
+  top = os.path.join(root, identity)
+  for folder, dirs, files in os.walk(top, onerror=errors.append,
+                                     followlinks=True):
+    while errors:
+      e = errors.pop()
+      path = e.filename or folder
+      yield _key(root, path), path, f'{e.strerror or e}'
+    try:
+      info = os.stat(folder)
+    except OSError as e:
+      yield _key(root, folder), folder, f'{e.strerror or e}'
+      dirs[:] = []
+      continue
+    if (info.st_dev, info.st_ino) in seen:  # reached again through a link
+      dirs[:] = []
+      continue
+    seen.add((info.st_dev, info.st_ino))
+    dirs[:] = sorted(d for d in dirs if not _hidden(d))
+    for name in sorted(files):
+      if not _hidden(name):
+        path = os.path.join(folder, name)
+        yield _key(root, path), path, None
+  for e in errors:
+    path = e.filename or top
+    yield _key(root, path), path, f'{e.strerror or e}'
+
+
+def _key(root: str, path: str) -> str:
+  return os.path.relpath(path, root).replace(os.sep, '/')
+
+
+# A path longer than Linux's PATH_MAX names no file; a longer label is not
+# an identity name but a damaged line.
+_MAX_PATH = 4096
+_MAX_LABEL = 255
 
 
 def list_file(list_path: str) -> Listing:
   """``path label`` lines (the path may hold spaces; the label is the last
   field); paths relative to the list file's folder. Blank lines and lines
-  starting with # are ignored."""
+  starting with # are ignored. A line that cannot be used (not UTF-8, a NUL
+  byte, no label, absurd lengths) goes to ``skipped`` naming the file and
+  line, so one bad line costs only itself; a file with no usable line is an
+  error naming its first bad line."""
   base = os.path.dirname(os.path.abspath(list_path))
-  entries = []
   try:
-    with open(list_path, encoding='utf-8') as f:
-      lines = list(f)
-  except UnicodeDecodeError:
-    raise DataPrepError(f'{list_path!r} is not a text list file; pass an '
-                        'image folder, a .rec, or a list of "path label" '
-                        'lines') from None
-  for n, line in enumerate(lines, 1):
-    line = line.strip()
-    if not line or line.startswith('#'):
-      continue
-    fields = line.rsplit(maxsplit=1)
-    if len(fields) != 2:
-      raise DataPrepError(f'{list_path}, line {n}: {line!r} has no label; '
-                          'each line must be "path label"')
-    key, identity = fields
-    entries.append(Entry(key, identity, os.path.join(base, key), None))
+    if not stat.S_ISREG(os.stat(list_path).st_mode):
+      raise DataPrepError(f'{list_path!r} is not a regular file; pass an '
+                          'image folder, a .rec, or a list of "path label" '
+                          'lines')
+    with open(list_path, 'rb') as f:
+      lines = f.read().split(b'\n')
+  except OSError as e:
+    raise DataPrepError(f'cannot read the list file {list_path!r}: '
+                        f'{e.strerror or e}') from None
+  entries, skipped = [], []
+  for n, raw in enumerate(lines, 1):
+    entry = _list_line(raw, base)
+    if isinstance(entry, Entry):
+      entries.append(entry)
+    elif entry:
+      skipped.append({'key': f'line {n}', 'reason': 'bad list line',
+                      'detail': f'{list_path}, line {n}: {entry}'})
   if not entries:
-    raise DataPrepError(f'{list_path!r} lists no images; each line must be '
-                        '"path label"')
-  return Listing('list', None, base, entries, [])
+    first = (f'; {skipped[0]["detail"]}' if skipped else '')
+    raise DataPrepError(f'{list_path!r} lists no images{first}; each line '
+                        'must be "path label" (UTF-8 text)')
+  return Listing('list', None, base, entries, skipped)
+
+
+def _list_line(raw: bytes, base: str) -> Entry | str | None:
+  """The Entry of one list line, None for a blank or comment line, or why
+  the line cannot be used."""
+  try:
+    line = raw.decode('utf-8').strip()
+  except UnicodeDecodeError as e:
+    return (f'byte {e.start} is not UTF-8 ({raw[e.start:e.start + 1]!r}); '
+            'save the list as UTF-8')
+  if not line or line.startswith('#'):
+    return None
+  if '\0' in line:
+    return 'holds a NUL byte, which no path or name can contain'
+  fields = line.rsplit(maxsplit=1)
+  if len(fields) != 2:
+    return f'{line[:60]!r} has no label; each line must be "path label"'
+  key, identity = fields
+  if len(key.encode()) > _MAX_PATH:
+    return (f'the path is {len(key.encode())} bytes long, more than any file '
+            f'system allows ({_MAX_PATH})')
+  if len(identity) > _MAX_LABEL:
+    return (f'the label is {len(identity)} characters long (at most '
+            f'{_MAX_LABEL}); is the line "path label"?')
+  problem = _name_problem(identity)
+  if problem:
+    return f'the label {identity!r} {problem}'
+  return Entry(key, identity, os.path.join(base, key), None)
 
 
 def list_rec(rec_path: str) -> Listing:
@@ -116,7 +226,8 @@ def list_rec(rec_path: str) -> Listing:
 
   insightface puts a header record at key 0 (flag 2, labels [A, B]) and
   identity records at keys A..B-1: only keys 1..A-1 are images. im2rec
-  files have no such header: every record is an image.
+  files have no such header: every record is an image. A record that cannot
+  be read or has no class label goes to ``skipped``; the listing goes on.
   """
   rec_path = os.path.abspath(rec_path)
   idx_path = rec_path[:-len('.rec')] + '.idx'
@@ -125,17 +236,22 @@ def list_rec(rec_path: str) -> Listing:
                         'RecordIO needs its .idx (im2rec writes both)')
   try:
     index = recordio.read_index(idx_path)
+    f = open(rec_path, 'rb')  # noqa: SIM115 (closed below)
   except recordio.RecordError as e:
     raise DataPrepError(str(e)) from None
+  except OSError as e:
+    raise DataPrepError(f'cannot read {e.filename!r}: {e.strerror or e}'
+                        ) from None
   entries, skipped = [], []
   layout = 'im2rec'
-  with open(rec_path, 'rb') as f:
+  with f:
     keys = sorted(index)
     first = _header(f, index[0]) if 0 in index else None
     # insightface's header: two labels [A, B] and no image bytes.
     if isinstance(first, tuple) and first[0].flag == 2 and first[1] == 0:
       layout = 'insightface'
-      keys = [k for k in keys if 1 <= k < int(first[0].labels[0])]
+      end = _images_end(first[0], rec_path, index[0])
+      keys = [k for k in keys if 1 <= k < end]
     for key in keys:
       header = _header(f, index[key])
       if isinstance(header, str):
@@ -143,9 +259,11 @@ def list_rec(rec_path: str) -> Listing:
                         'detail': header})
         continue
       label = header[0].labels[0] if header[0].labels else -1.0
-      if not (label >= 0 and label == int(label)):
+      if not (math.isfinite(label) and label >= 0 and label.is_integer()):
         skipped.append({'key': str(key), 'reason': 'bad label',
-                        'detail': f'label {label} is not a class index'})
+                        'detail': f'{rec_path}, record at offset '
+                                  f'{index[key]}: label {label} is not a '
+                                  'class index'})
         continue
       entries.append(Entry(str(key), str(int(label)), rec_path, index[key]))
   if not entries and not skipped:
@@ -153,22 +271,41 @@ def list_rec(rec_path: str) -> Listing:
   return Listing('rec', layout, os.path.dirname(rec_path), entries, skipped)
 
 
+def _images_end(header: recordio.Header, rec_path: str, offset: int) -> int:
+  """A, from the insightface header's labels [A, B] (images are keys 1..A-1,
+  identities A..B-1); an error when they cannot be that."""
+  a, b = header.labels
+  if not (math.isfinite(a) and math.isfinite(b) and a.is_integer()
+          and b.is_integer() and 1 <= a <= b):
+    raise DataPrepError(
+        f'{rec_path}: the insightface header (key 0, record at offset '
+        f'{offset}) has labels [{a}, {b}], not [1 + images, 1 + images + '
+        'identities]; the .rec is damaged: rewrite it, or remove the line of '
+        'key 0 from its .idx to read every record as an image')
+  return int(a)
+
+
 def _header(f, offset: int):
   """(Header, image byte count) of the record at offset, reading only its
   start when it is not split; the reason when it cannot be read."""
+  where = f'{f.name}, record at offset {offset}'
   try:
-    f.seek(offset)
-    head = f.read(64)
-    if len(head) >= 8 + 24:
-      magic, lrec = struct.unpack_from('<II', head)
-      length = lrec & ((1 << 29) - 1)
-      flag = struct.unpack_from('<I', head, 8)[0]
-      end = 8 + 24 + 4 * flag
-      if (magic == recordio.MAGIC and lrec >> 29 == 0 and end <= len(head)
-          and end - 8 <= length):
-        header, _ = recordio.unpack(head[8:end])
-        return header, length - (end - 8)
-    header, image = recordio.unpack(recordio.read_record(f, offset))
+    size = f.seek(0, os.SEEK_END)
+    if 0 <= offset <= size - 8:
+      f.seek(offset)
+      head = f.read(64)
+      if len(head) >= 8 + 24:
+        magic, lrec = struct.unpack_from('<II', head)
+        length = lrec & ((1 << 29) - 1)
+        flag = struct.unpack_from('<I', head, 8)[0]
+        end = 8 + 24 + 4 * flag
+        if (magic == recordio.MAGIC and lrec >> 29 == 0 and end <= len(head)
+            and end - 8 <= length <= size - offset - 8):
+          header, _ = recordio.unpack(head[8:end], where)
+          return header, length - (end - 8)
+    header, image = recordio.unpack(recordio.read_record(f, offset), where)
     return header, len(image)
   except recordio.RecordError as e:
     return str(e)
+  except OSError as e:
+    return f'{where}: {e.strerror or e}'
