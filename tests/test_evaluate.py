@@ -240,3 +240,29 @@ def test_read_images_keeps_order_and_skips_bad_files(tmp_path):
   assert skipped[1][2].startswith('unreadable')
   assert evaluate.image_files(str(tmp_path)) == sorted(
       paths[:-1], key=lambda p: os.path.basename(p))
+
+
+def test_hostile_and_damaged_bins_through_the_command(trained, tmp_path):
+  """The .bin that crashed the old reader (SIGSEGV) is refused with a usage
+  error naming it; a .bin with one undecodable image is evaluated without
+  that pair, which results.json names."""
+  if not ORL_BIN.is_file():
+    pytest.skip(f'{ORL_BIN} not found (shared test data absent)')
+  from npcface_jax import verification_bin  # noqa: PLC0415
+  from tests.test_verification_bin import forged_dtype_bin  # noqa: PLC0415
+  workdir, _ = trained
+  forged = tmp_path / 'forged.bin'
+  forged.write_bytes(forged_dtype_bin())
+  proc = _evaluate(f'--workdir={workdir}', f'--targets={forged}', devices=1)
+  assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+  assert f'{forged} is not an insightface verification .bin' in proc.stderr
+  bins, issame = verification_bin.load_bin(ORL_BIN)
+  bins[5] = bins[5][:100]  # pair 2's second image, truncated
+  damaged = tmp_path / 'damaged.bin'
+  verification_bin.save_bin(damaged, bins, issame)
+  record = evaluate.evaluate_run(str(workdir), targets=[str(damaged)],
+                                 log=lambda *a: None)
+  result = record['targets']['damaged']
+  assert result['num_pairs'] == len(issame) - 1
+  assert len(result['skipped_pairs']) == 1
+  assert result['skipped_pairs'][0].startswith('pair 2: image 5: ')
