@@ -5,12 +5,17 @@ this one and change a few fields. Override any field on the command line:
     python -m npcface_jax.main --config=configs/casia_mobileface.py \
         --workdir=/tmp/casia --config.dataset=/data/casia_prep \
         --config.head=arcface --config.head_options.arcface.margin=0.45
+
+NPCFace's options start from a preset (heads.NPCFACE_PRESETS, default
+'paper'); fields given beside it win:
+``--config.head_options.npcface.preset=facex_zoo
+--config.head_options.npcface.scale=64``.
 """
 
 import ml_collections
 from ml_collections import config_dict
 
-from npcface_jax import registry
+from npcface_jax import heads, registry
 
 
 def _options(names, get):
@@ -22,6 +27,18 @@ def _options(names, get):
         k: config_dict.placeholder(float) if v is None else v
         for k, v in get(name).options.items()})
   return out
+
+
+def _npcface_options() -> ml_collections.ConfigDict:
+  """NPCFace's ``preset`` (heads.NPCFACE_PRESETS) and its fields, each None
+  by default: None takes the preset's value, any other value (set in a
+  config or on the command line) wins over it. 'paper' keeps the paper's
+  numbers the default. None cannot be given on the command line, so with
+  a preset whose hard_margin is set (facex_zoo), hard_margin=<m0> restores
+  the paper's threshold."""
+  fields = {k: config_dict.placeholder(bool if isinstance(v, bool) else float)
+            for k, v in heads.NPCFACE_PRESETS['paper'].items()}
+  return ml_collections.ConfigDict({'preset': 'paper', **fields})
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -47,6 +64,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Head and criterion by name, each with its options (registry.py).
   c.head = 'npcface'
   c.head_options = _options(registry.head_names(), registry.get_head)
+  c.head_options.npcface = _npcface_options()  # e.g. preset='facex_zoo'
   c.criterion = 'softmax'
   c.criterion_options = _options(registry.criterion_names(),
                                  registry.get_criterion)
@@ -69,7 +87,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.weight_decay = 5e-4
   c.grad_clip_norm = 0.0  # > 0: clip the gradients' global norm
   # A NaN or infinite loss is never applied; 'stop' ends the run naming the
-  # step (the newest checkpoint is the last good state), 'skip' goes on.
+  # step (the newest checkpoint is the last good state), 'skip' goes on (the
+  # skipped batch counts as a step: the learning rate schedule moves on).
   c.nonfinite = 'stop'
   c.seed = 0
 

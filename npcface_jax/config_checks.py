@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from npcface_jax import models, registry
+from npcface_jax import heads, models, registry
 
 _DTYPES = ('float32', 'bfloat16')
 
@@ -20,9 +20,15 @@ class ConfigError(ValueError):
 
 
 def head_options(config) -> dict[str, Any]:
-  """The selected head's options as a plain dict."""
-  return dict(config.head_options[config.head]) if (
-      config.head in config.head_options) else {}
+  """The selected head's options as a plain dict for registry.get_head.
+  Beside NPCFace's ``preset`` (configs/default.py), its fields left None
+  are dropped, so that the preset gives them."""
+  if config.head not in config.head_options:
+    return {}
+  options = dict(config.head_options[config.head])
+  if config.head == 'npcface' and 'preset' in options:
+    options = {k: v for k, v in options.items() if v is not None}
+  return options
 
 
 def criterion_options(config) -> dict[str, Any]:
@@ -141,6 +147,12 @@ def verification_targets(config) -> list[str]:
 
 def _check_head(config, problems):
   options = head_options(config)
+  if config.head == 'npcface' and 'preset' in options and (
+      options['preset'] not in heads.NPCFACE_PRESETS):
+    problems.append(f'config.head_options.npcface.preset = '
+                    f'{options["preset"]!r}: choose one of '
+                    f'{sorted(heads.NPCFACE_PRESETS)}')
+    return
   try:
     head = registry.get_head(config.head, **options)
   except ValueError as e:

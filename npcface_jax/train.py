@@ -461,9 +461,12 @@ RUN_INFO = 'run.json'
 
 def write_run_info(workdir: str, config, data: Data) -> None:
   """workdir/run.json: the config and the data's sizes, so that evaluation
-  (python -m npcface_jax.evaluate) rebuilds the model from the workdir."""
+  (python -m npcface_jax.evaluate) rebuilds the model from the workdir, and
+  the head's options as trained (NPCFace's preset filled in)."""
+  head = registry.get_head(config.head, **config_checks.head_options(config))
   info = {'config': json.loads(config.to_json_best_effort()),
-          'image_size': data.image_size, 'num_classes': data.num_classes}
+          'head_options': head.options, 'image_size': data.image_size,
+          'num_classes': data.num_classes}
   path = os.path.join(workdir, RUN_INFO)
   with open(path + '.tmp', 'w') as f:
     json.dump(info, f, indent=1)

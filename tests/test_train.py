@@ -14,9 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from configs import casia_mobileface, default, demo, ms1m_attention56
-from npcface_jax import checkpoint, config_checks, input_pipeline, train
+from npcface_jax import (checkpoint, config_checks, heads, input_pipeline,
+                         registry, train)
 from tests.conftest import NUM_DEVICES
 from tests.helpers import SHARED_DATA, fresh_rng, orl_people
 from tests import tiny_backbone
@@ -91,7 +94,8 @@ def test_shipped_configs_pass_the_checks(tmp_path):
   c = casia_mobileface.get_config()
   assert (c.batch_size, c.num_epochs, tuple(c.lr_boundaries)) == (
       128, 30, (16, 24, 28))
-  assert dict(c.head_options.npcface) == {
+  assert c.head_options.npcface.preset == 'paper'
+  assert registry.get_head(c.head, **config_checks.head_options(c)).options == {
       'scale': 64.0, 'm0': 0.4, 'm1': 0.2, 't': 1.1, 'alpha': 0.25,
       'hard_margin': None, 'easy_margin': False}
   assert (c.momentum, c.weight_decay, c.learning_rate, c.flip) == (
@@ -99,6 +103,60 @@ def test_shipped_configs_pass_the_checks(tmp_path):
   c = ms1m_attention56.get_config()
   assert (c.model, c.batch_size, c.num_epochs, tuple(c.lr_boundaries)) == (
       'attention56', 512, 20, (8, 14, 18))
+
+
+def _command_line_config(*overrides):
+  """configs/casia_mobileface.py with ``overrides`` parsed as main's flags."""
+  argv = ['main', *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      'config', str(ROOT / 'configs' / 'casia_mobileface.py'),
+      flag_values=values, lock_config=True, sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def _trained_head_options(config):
+  """The options of the head the trainer builds (make_task)."""
+  config.dataset = 'synthetic'
+  task = train.make_task(config, train.make_mesh(1, jax.devices()[:1]),
+                         train.Data(100, 32, 10, None))
+  return task.head.options
+
+
+@pytest.mark.parametrize('preset', sorted(heads.NPCFACE_PRESETS))
+def test_npcface_preset_on_the_command_line(preset, tmp_path):
+  """--config.head_options.npcface.preset=P gives the head exactly preset
+  P; a field given beside it wins over the preset's; run.json records
+  both the preset and the options trained with."""
+  flag = f'--config.head_options.npcface.preset={preset}'
+  c = _command_line_config(flag)
+  assert _trained_head_options(c) == heads.NPCFACE_PRESETS[preset]
+  config_checks.check(c, num_devices=NUM_DEVICES)
+  train.write_run_info(str(tmp_path), c, train.Data(100, 32, 10, None))
+  run = json.loads((tmp_path / train.RUN_INFO).read_text())
+  assert run['config']['head_options']['npcface']['preset'] == preset
+  assert run['head_options'] == heads.NPCFACE_PRESETS[preset]
+
+  c = _command_line_config(flag, '--config.head_options.npcface.alpha=0.3',
+                           '--config.head_options.npcface.easy_margin=true')
+  assert _trained_head_options(c) == {
+      **heads.NPCFACE_PRESETS[preset], 'alpha': 0.3, 'easy_margin': True}
+
+
+def test_npcface_options_default_to_the_paper_and_name_a_bad_preset():
+  assert _trained_head_options(_command_line_config()) == (
+      heads.NPCFACE_PRESETS['paper'])
+  assert _trained_head_options(_command_line_config(
+      '--config.head_options.npcface.m1=0')) == (
+          heads.NPCFACE_PRESETS['negative_only'])
+  c = _command_line_config('--config.head_options.npcface.preset=facexzoo')
+  c.dataset = 'synthetic'
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"config.head_options.npcface.preset = 'facexzoo': "
+                           r"choose one of \['facex_zoo', 'negative_only', "
+                           r"'paper', 'positive_only'\]"):
+    config_checks.check(c, num_devices=NUM_DEVICES)
 
 
 def test_impossible_values_are_named_before_compiling():
