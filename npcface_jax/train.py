@@ -321,9 +321,16 @@ def verification_sets(config, image_size: int) -> dict[str, tuple]:
   from npcface_jax import verification_bin  # noqa: PLC0415 (needs Pillow)
   sets = {}
   for path in config_checks.verification_targets(config):
-    bins, issame = verification_bin.load_bin(path)
+    try:
+      pairs = verification_bin.load_pairs(path, image_size)
+    except ValueError as e:
+      raise config_checks.ConfigError(
+          f'config.verification_targets: {e}') from None
     name = os.path.splitext(os.path.basename(path))[0]
-    sets[name] = (verification_bin.decode_pairs(bins, image_size), issame)
+    if pairs.skipped:
+      logging.warning('%s: %d pairs left out, an image does not decode: %s',
+                      name, len(pairs.skipped), '; '.join(pairs.skipped[:3]))
+    sets[name] = (pairs.images, pairs.issame)
   syn = config.synthetic
   if config.dataset == 'synthetic' and syn.heldout_identities:
     sets['synthetic_heldout'] = synthetic_pairs(
