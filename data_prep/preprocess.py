@@ -73,6 +73,10 @@ MAX_FILE_BYTES = 8 * MAX_PIXELS
 # for an image (TGA); a file handed to us as an image is one of these.
 FORMATS = ('JPEG', 'PNG', 'PPM', 'BMP', 'TIFF', 'WEBP', 'GIF', 'AVIF',
            'JPEG2000')
+# Magic numbers, to tell a damaged image from a file that is none.
+_SIGNATURES = ((b'\x89PNG\r\n\x1a\n', 'PNG'), (b'\xff\xd8\xff', 'JPEG'),
+               (b'GIF87a', 'GIF'), (b'GIF89a', 'GIF'), (b'II*\0', 'TIFF'),
+               (b'MM\0*', 'TIFF'))
 # EXIF orientation -> the transpose that shows the image as the camera
 # meant it (the table of ImageOps.exif_transpose).
 _ORIENTATION = {
@@ -103,6 +107,11 @@ def _decode(data: bytes) -> Image.Image:
   try:
     image = Image.open(io.BytesIO(data), formats=FORMATS)
   except UnidentifiedImageError:
+    signature = next((name for magic, name in _SIGNATURES
+                      if data.startswith(magic)), None)
+    if signature:  # Pillow hides why its plugin gave up
+      raise BadImage('corrupt image', f'{signature} whose header cannot be '
+                     'read (damaged or cut short)') from None
     raise BadImage('not an image', 'Pillow recognises none of '
                    f'{", ".join(FORMATS)} in it') from None
   except Image.DecompressionBombError as e:
@@ -230,7 +239,7 @@ def _read(job: Job) -> bytes:
   if job.offset is None:
     # Non-blocking, so that opening a FIFO returns (to be refused) at once.
     fd = os.open(job.path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))
-    with open(fd, 'rb') as f:
+    try:
       info = os.fstat(fd)
       if not stat.S_ISREG(info.st_mode):
         raise BadImage('unreadable file', 'not a regular file (a folder, '
@@ -238,10 +247,12 @@ def _read(job: Job) -> bytes:
       if info.st_size > MAX_FILE_BYTES:
         raise BadImage('too large', f'a file of {info.st_size:,} bytes, more '
                        f'than the {MAX_FILE_BYTES:,} an image may have')
-      data = f.read(MAX_FILE_BYTES + 1)
-    if not data:
-      raise BadImage('empty', 'zero-byte file')
-    return data
+      if not info.st_size:
+        raise BadImage('empty', 'zero-byte file')
+      with open(fd, 'rb', closefd=False) as f:
+        return f.read(info.st_size)  # (read(n) allocates n bytes at once)
+    finally:
+      os.close(fd)
   f = _recs.get(job.path)
   if f is None:
     f = _recs[job.path] = open(job.path, 'rb')  # noqa: SIM115 (kept open)

@@ -231,6 +231,9 @@ def list_rec(rec_path: str) -> Listing:
   """
   rec_path = os.path.abspath(rec_path)
   idx_path = rec_path[:-len('.rec')] + '.idx'
+  if not os.path.isfile(rec_path):  # (a FIFO would block the open)
+    raise DataPrepError(f'{rec_path!r} is not a regular file; pass a .rec '
+                        'with its .idx next to it')
   if not os.path.isfile(idx_path):
     raise DataPrepError(f'{rec_path!r} has no index {idx_path!r} next to it; '
                         'RecordIO needs its .idx (im2rec writes both)')
@@ -250,7 +253,7 @@ def list_rec(rec_path: str) -> Listing:
     # insightface's header: two labels [A, B] and no image bytes.
     if isinstance(first, tuple) and first[0].flag == 2 and first[1] == 0:
       layout = 'insightface'
-      end = _images_end(first[0], rec_path, index[0])
+      end = _images_end(first[0], rec_path, idx_path, index[0])
       keys = [k for k in keys if 1 <= k < end]
     for key in keys:
       header = _header(f, index[key])
@@ -267,11 +270,13 @@ def list_rec(rec_path: str) -> Listing:
         continue
       entries.append(Entry(str(key), str(int(label)), rec_path, index[key]))
   if not entries and not skipped:
-    raise DataPrepError(f'{rec_path!r} holds no image records')
+    raise DataPrepError(f'{rec_path!r} holds no image records (its index '
+                        f'{idx_path!r} lists none)')
   return Listing('rec', layout, os.path.dirname(rec_path), entries, skipped)
 
 
-def _images_end(header: recordio.Header, rec_path: str, offset: int) -> int:
+def _images_end(header: recordio.Header, rec_path: str, idx_path: str,
+                offset: int) -> int:
   """A, from the insightface header's labels [A, B] (images are keys 1..A-1,
   identities A..B-1); an error when they cannot be that."""
   a, b = header.labels
@@ -281,7 +286,7 @@ def _images_end(header: recordio.Header, rec_path: str, offset: int) -> int:
         f'{rec_path}: the insightface header (key 0, record at offset '
         f'{offset}) has labels [{a}, {b}], not [1 + images, 1 + images + '
         'identities]; the .rec is damaged: rewrite it, or remove the line of '
-        'key 0 from its .idx to read every record as an image')
+        f'key 0 from {idx_path} to read every record as an image')
   return int(a)
 
 
