@@ -60,9 +60,11 @@ class BadImage(Exception):
 
 # The most pixels an image may have (134 million: 13,400 x 10,000). Real
 # photos stay under it (a 100-megapixel medium-format camera is the largest
-# in use), while one decoded image stays under 512 MB (4 bytes a pixel at
-# most, RGBA or 32-bit grey) in each worker. Checked from the header, before
-# any pixel is decoded: a 100-byte PNG can claim 30,000 x 30,000.
+# in use), while a decoded image stays under 512 MB (4 bytes a pixel at most,
+# RGBA or 32-bit grey; its conversion to RGB a few times that at worst) in
+# each worker. Checked from the header, before any pixel is decoded: a
+# 100-byte PNG can claim 30,000 x 30,000. (Pillow's own guard warns from 89
+# and refuses from 179 million.)
 MAX_PIXELS = 2**27
 # The largest file read: an uncompressed image of MAX_PIXELS at 8 bytes a
 # pixel (16-bit RGBA); a larger file is not an image this could decode.
@@ -173,7 +175,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return Image.fromarray(_FROM_16_BITS[grey]).convert('RGB')
   if image.mode == 'RGB':
     return image
-  if image.has_transparency_data:
+  if image.mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (
+      'transparency' in image.info):  # (has_transparency_data: Pillow 10.1)
     rgba = image.convert('RGBA')
     black = Image.new('RGBA', image.size, (0, 0, 0, 255))
     return Image.alpha_composite(black, rgba).convert('RGB')

@@ -243,8 +243,8 @@ def list_rec(rec_path: str) -> Listing:
   except recordio.RecordError as e:
     raise DataPrepError(str(e)) from None
   except OSError as e:
-    raise DataPrepError(f'cannot read {e.filename!r}: {e.strerror or e}'
-                        ) from None
+    raise DataPrepError(f'cannot read {e.filename or rec_path!r}: '
+                        f'{e.strerror or e}') from None
   entries, skipped = [], []
   layout = 'im2rec'
   with f:
