@@ -107,7 +107,7 @@ def decode(data: bytes) -> Image.Image:
 
 def _decode(data: bytes) -> Image.Image:
   try:
-    image = Image.open(io.BytesIO(data), formats=FORMATS)
+    image = Image.open(io.BytesIO(data), formats=_formats())
   except UnidentifiedImageError:
     signature = next((name for magic, name in _SIGNATURES
                       if data.startswith(magic)), None)
@@ -142,6 +142,14 @@ def _decode(data: bytes) -> Image.Image:
   except Exception as e:  # noqa: BLE001
     raise _bad(e, image.format) from None
   return rgb
+
+
+@functools.cache
+def _formats() -> tuple[str, ...]:
+  """FORMATS that this Pillow has (AVIF came with 11.2): open() fails on a
+  format it does not know."""
+  Image.init()
+  return tuple(f for f in FORMATS if f in Image.OPEN)
 
 
 def _bad(error: Exception, what: str) -> BadImage:
