@@ -3,15 +3,32 @@
 that applies it with Pillow.
 
 Coordinates are pixel indices, as face detectors (and OpenCV's warpAffine)
-use them: pixel (0, 0) is centred at (0, 0).
+use them: pixel (0, 0) is centred at (0, 0). Points that give no usable
+transform (not finite, all at one point) raise ValueError, which callers
+turn into a skipped face.
+
+``text_lines`` reads the line formats users hand us (landmarks, pairs, IJB
+meta files) so that a bad byte or a binary file is refused with its file and
+line instead of escaping as a UnicodeDecodeError.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
+
+# Pixel coordinates beyond this are garbage, not a face in an image (no
+# image is a million pixels wide); refused where files are read.
+MAX_COORDINATE = 1e6
+# Longer lines are not a text format of ours (a binary file, a lost
+# newline); refusing them bounds memory on any input.
+MAX_LINE = 1 << 20
+_NOT_TEXT = re.compile('[\x00\udc80-\udcff]')  # NUL, undecodable bytes
 
 # Eyes, nose tip, mouth corners in a 112x112 crop (insightface's template).
 ARCFACE_TEMPLATE = np.array([
@@ -24,22 +41,56 @@ def template(image_size: int) -> np.ndarray:
   return ARCFACE_TEMPLATE * (image_size / 112.0)
 
 
+def _points(points, what: str) -> np.ndarray:
+  """(N, 2) float64 finite points, N >= 2; ValueError saying what is wrong."""
+  try:
+    p = np.asarray(points, np.float64)
+  except (TypeError, ValueError):
+    raise ValueError(f'{what} are not numbers: {points!r:.200}') from None
+  if p.size < 4 or p.size % 2:
+    raise ValueError(f'{what}: expected (x, y) pairs, at least two, got '
+                     f'{p.size} numbers')
+  p = p.reshape(-1, 2)
+  if not np.all(np.isfinite(p)):
+    raise ValueError(f'{what} must be finite numbers, got {p.tolist()}')
+  return p
+
+
+def _normalize(points: np.ndarray, what: str):
+  """(mean, RMS size, centred points of unit RMS). Divided by their largest
+  magnitude first, so that coordinates near the float maximum do not
+  overflow; points within 1e-6 px (or float rounding) of each other are
+  one point, which no transform can map onto a template."""
+  size = np.abs(points).max()
+  x = points / size if size > 0 else points
+  mean = x.mean(0)
+  centred = x - mean
+  rms = np.sqrt((centred ** 2).sum() / len(x))
+  if rms < 1e-12 or rms * size < 1e-6:
+    raise ValueError(f'{what} are all at one point')
+  return mean * size, rms * size, centred / rms
+
+
 def similarity_transform(src, dst) -> np.ndarray:
   """(2, 3) matrix [sR | t] minimising sum |dst - (sR src + t)|^2 over
-  rotations R (no reflection), scales s and shifts t."""
-  src = np.asarray(src, np.float64).reshape(-1, 2)
-  dst = np.asarray(dst, np.float64).reshape(-1, 2)
-  src_mean, dst_mean = src.mean(0), dst.mean(0)
-  src_c, dst_c = src - src_mean, dst - dst_mean
-  src_var = (src_c ** 2).sum() / len(src)
-  if src_var < 1e-12:
-    raise ValueError('landmarks are all at one point')
-  u, d, vt = np.linalg.svd(dst_c.T @ src_c / len(src))
+  rotations R (no reflection), scales s and shifts t. Raises ValueError for
+  points that give no invertible finite transform."""
+  src, dst = _points(src, 'landmarks'), _points(dst, 'template points')
+  if src.shape != dst.shape:
+    raise ValueError(f'{len(src)} landmarks for {len(dst)} template points')
+  src_mean, src_size, src_n = _normalize(src, 'landmarks')
+  dst_mean, dst_size, dst_n = _normalize(dst, 'template points')
+  u, d, vt = np.linalg.svd(dst_n.T @ src_n / len(src))
   sign = np.array([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt)) or 1.0])
   rotation = (u * sign) @ vt
-  scale = (d * sign).sum() / src_var
-  shift = dst_mean - scale * rotation @ src_mean
-  return np.concatenate([scale * rotation, shift[:, None]], axis=1)
+  with np.errstate(over='ignore', invalid='ignore'):  # checked below
+    scale = (d * sign).sum() * (dst_size / src_size)  # src_n has unit RMS
+    shift = dst_mean - scale * rotation @ src_mean
+    matrix = np.concatenate([scale * rotation, shift[:, None]], axis=1)
+  if not (scale > 0 and np.all(np.isfinite(matrix))):
+    raise ValueError(f'landmarks {src.tolist()} give no usable similarity '
+                     f'transform (scale {scale:g})')
+  return matrix
 
 
 def apply(matrix: np.ndarray, points) -> np.ndarray:
@@ -51,31 +102,72 @@ def align(image: Image.Image, landmarks, image_size: int) -> Image.Image:
   """The image_size x image_size crop whose landmarks sit on the template."""
   matrix = similarity_transform(landmarks, template(image_size))
   # Pillow wants the inverse map, from output to input, in coordinates where
-  # pixel i spans [i, i + 1): shift by half a pixel on both sides.
-  inverse = np.linalg.inv(matrix[:, :2])
-  shift = 0.5 - inverse @ (matrix[:, 2] + 0.5)
+  # pixel i spans [i, i + 1): shift by half a pixel on both sides. sR is
+  # inverted as R^T / s, without a determinant (s^2) to underflow.
+  scale = math.hypot(*matrix[:, 0])
+  with np.errstate(over='ignore', invalid='ignore'):  # checked below
+    inverse = matrix[:, :2].T / scale / scale
+    shift = 0.5 - inverse @ (matrix[:, 2] + 0.5)
   coeffs = (*inverse[0], shift[0], *inverse[1], shift[1])
+  if not all(map(math.isfinite, coeffs)):
+    raise ValueError(f'landmarks {np.ravel(landmarks).tolist()} give no '
+                     f'usable warp (scale {scale:g})')
   return image.transform((image_size, image_size), Image.Transform.AFFINE,
                          coeffs, resample=Image.Resampling.BILINEAR)
 
 
+def shown(line: str) -> str:
+  """A line for an error message: repr'd, cut to 120 characters."""
+  return repr(line) if len(line) <= 120 else repr(line[:120]) + '...'
+
+
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+  """(line number, line) of every line of a UTF-8 text file (a byte order
+  mark is skipped; \\n, \\r\\n and \\r end lines). Raises ValueError
+  naming the file and line of bytes that are not UTF-8, a NUL byte or a
+  line of MAX_LINE characters or more: not the text it should be."""
+  with open(path, encoding='utf-8-sig', errors='surrogateescape') as f:
+    n = 0
+    while line := f.readline(MAX_LINE):
+      n += 1
+      bad = _NOT_TEXT.search(line)
+      if bad or (len(line) == MAX_LINE and not line.endswith('\n')):
+        why = (f'is {MAX_LINE} characters or longer' if not bad else
+               'holds a NUL byte' if bad.group() == '\x00' else
+               f'holds the byte {ord(bad.group()) - 0xdc00:#04x}, which is '
+               'not UTF-8')
+        raise ValueError(f'{path}, line {n}: {why}: not a text file of this '
+                         'format; save it as UTF-8 text')
+      yield n, line
+
+
 def read_landmarks(path: str | os.PathLike) -> dict[str, tuple[float, ...]]:
   """``name x1 y1 ... x5 y5`` lines into {name: 10 floats}; the name may hold
-  spaces (the last 10 fields are the coordinates)."""
-  landmarks = {}
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
-      line = line.strip()
-      if not line or line.startswith('#'):
-        continue
-      fields = line.rsplit(maxsplit=10)
-      try:
-        if len(fields) != 11:
-          raise ValueError
-        landmarks[fields[0]] = tuple(float(x) for x in fields[1:])
-      except ValueError:
-        raise ValueError(
-            f'{path}, line {n}: expected "path x1 y1 x2 y2 x3 y3 x4 y4 x5 y5" '
-            '(left eye, right eye, nose, left and right mouth corner), got '
-            f'{line!r}') from None
+  spaces (the last 10 fields are the coordinates). Raises ValueError naming
+  the file and line of anything else, of coordinates that are not finite
+  pixels, and of a name given other landmarks twice."""
+  landmarks, lines = {}, {}
+  fmt = ('expected "path x1 y1 x2 y2 x3 y3 x4 y4 x5 y5" (left eye, right '
+         'eye, nose, left and right mouth corner)')
+  for n, line in text_lines(path):
+    line = line.strip()
+    if not line or line.startswith('#'):
+      continue
+    fields = line.rsplit(maxsplit=10)
+    try:
+      if len(fields) != 11:
+        raise ValueError
+      values = tuple(float(x) for x in fields[1:])
+    except ValueError:
+      raise ValueError(f'{path}, line {n}: {fmt}, got {shown(line)}') from None
+    if not all(abs(v) <= MAX_COORDINATE for v in values):  # NaN too
+      raise ValueError(
+          f'{path}, line {n}: landmarks must be finite pixel coordinates '
+          f'(at most {MAX_COORDINATE:g} in magnitude), got {shown(line)}; '
+          'fix or drop the line')
+    name = fields[0]
+    if landmarks.get(name, values) != values:
+      raise ValueError(f'{path}, line {n}: {name!r} already has other '
+                       f'landmarks on line {lines[name]}; keep one of them')
+    landmarks[name], lines[name] = values, n
   return landmarks

@@ -13,6 +13,7 @@ Pairs files, line by line (a first line of one or two integers, LFW's
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 from tqdm import tqdm
@@ -20,36 +21,61 @@ from tqdm import tqdm
 from data_prep import DataPrepError, alignment, preprocess
 
 
+# LFW image numbers: ASCII digits only (str.isdigit also takes '²', which
+# int() refuses), and few enough to be a real file's number.
+_NUMBER = re.compile('[0-9]{1,9}')
+
+
 def _lfw(name: str, number: str) -> str:
   return f'{name}/{name}_{int(number):04d}.jpg'
 
 
-def parse_pairs(lines) -> list[tuple[int, str, str, bool]]:
-  """(line number, key 1, key 2, same) per pair; keys relative to IMAGES."""
+def _is_number(field: str) -> bool:
+  return field.isascii() and field.isdigit()
+
+
+def parse_pairs(lines, name: str = 'the pairs file'
+                ) -> list[tuple[int, str, str, bool]]:
+  """(line number, key 1, key 2, same) per pair; keys relative to IMAGES.
+  Raises DataPrepError naming ``name`` and the line of anything else."""
   pairs = []
   first = True
   for n, line in enumerate(lines, 1):
     fields = line.split()
     if not fields or fields[0].startswith('#'):
       continue
-    if first and len(fields) <= 2 and all(f.isdigit() for f in fields):
+    if first and len(fields) <= 2 and all(map(_is_number, fields)):
       first = False
       continue  # the header
     first = False
-    if len(fields) == 3 and fields[1].isdigit() and fields[2].isdigit():
-      pairs.append((n, _lfw(fields[0], fields[1]), _lfw(fields[0], fields[2]),
-                    True))
-    elif len(fields) == 4 and fields[1].isdigit() and fields[3].isdigit():
-      pairs.append((n, _lfw(fields[0], fields[1]), _lfw(fields[2], fields[3]),
-                    False))
+    numbers = [fields[1], fields[-1]] if len(fields) in (3, 4) else []
+    if numbers and all(map(_is_number, numbers)):
+      bad = next((x for x in numbers if not _NUMBER.fullmatch(x)), None)
+      if bad is not None:
+        raise DataPrepError(
+            f'{name}, line {n}: image number {alignment.shown(bad)} is no '
+            'number of an image file (at most 9 digits); fix the line')
+      a, b = (fields[0], fields[0]) if len(fields) == 3 else fields[::2]
+      pairs.append((n, _lfw(a, numbers[0]), _lfw(b, numbers[1]),
+                    len(fields) == 3))
     elif len(fields) == 3 and fields[2] in ('0', '1'):
       pairs.append((n, fields[0], fields[1], fields[2] == '1'))
     else:
       raise DataPrepError(
-          f'line {n}: {line.strip()!r} is not a pair; expected "name i j", '
-          '"name1 i name2 j" (LFW pairs.txt) or "path1 path2 same" (same '
-          '0 or 1)')
+          f'{name}, line {n}: {alignment.shown(line.strip())} is not a pair; '
+          'expected "name i j", "name1 i name2 j" (LFW pairs.txt) or "path1 '
+          'path2 same" (same 0 or 1)')
   return pairs
+
+
+def read_pairs(path: str) -> list[tuple[int, str, str, bool]]:
+  """parse_pairs of a file; DataPrepError naming the file and line of
+  anything that is not a pair, nor UTF-8 text."""
+  try:
+    return parse_pairs((line for _, line in alignment.text_lines(path)),
+                       path)
+  except ValueError as e:  # text_lines: not UTF-8, NUL, endless line
+    raise DataPrepError(str(e)) from None
 
 
 def convert(pairs_file: str, images: str, out: str, *, image_size: int = 112,
@@ -66,8 +92,7 @@ def convert(pairs_file: str, images: str, out: str, *, image_size: int = 112,
     raise DataPrepError(f'IMAGES {images!r} is not a folder; pass the folder '
                         'that holds <name>/<name>_0001.jpg (or the paths of '
                         'a "path1 path2 same" list)')
-  with open(pairs_file, encoding='utf-8') as f:
-    pairs = parse_pairs(f)
+  pairs = read_pairs(pairs_file)
   if not pairs:
     raise DataPrepError(f'{pairs_file!r} holds no pairs')
 
@@ -105,8 +130,13 @@ def convert(pairs_file: str, images: str, out: str, *, image_size: int = 112,
     print(f'data_prep pairs: ... and {len(skipped) - 10} more',
           file=sys.stderr)
   if not issame:
-    raise DataPrepError(f'no pair of {pairs_file!r} has both images readable '
-                        f'under {images!r}; check IMAGES and the pairs file')
+    n, bad = skipped[0]
+    key, skip = bad[0]
+    raise DataPrepError(
+        f'no pair of {pairs_file!r} has both images readable under '
+        f'{images!r} (line {n}: {key}: {skip.reason}, {skip.detail}); check '
+        'IMAGES and the pairs file'
+        + (f' and the --landmarks file {landmarks!r}' if landmarks else ''))
   from npcface_jax import verification_bin  # noqa: PLC0415 (imports JAX)
   verification_bin.save_bin(out, bins, issame)
   counts = {'pairs': len(issame), 'same': sum(issame),

@@ -154,13 +154,29 @@ def read_images(paths, image_size: int, batch_size: int, skipped: list):
 
 # --- Evaluating a trained run: python -m npcface_jax.evaluate ----------------
 
-# JSON files of ours are kilobytes; anything near this is not one.
+# JSON files of ours are kilobytes, a few levels deep; anything beyond these
+# is not one (and deeper values would overflow the stack of the recursive
+# code that reads and writes them back).
 _MAX_JSON_BYTES = 64 << 20
+_MAX_JSON_DEPTH = 64
+
+
+def _json_depth(value) -> int:
+  """Nesting depth of a parsed JSON value (iterative: no recursion limit)."""
+  deepest, stack = 0, [(value, 1)]
+  while stack:
+    value, depth = stack.pop()
+    deepest = max(deepest, depth)
+    children = (value.values() if isinstance(value, dict) else
+                value if isinstance(value, list) else ())
+    stack.extend((v, depth + 1) for v in children)
+  return deepest
 
 
 def _read_json_object(path: str) -> dict:
   """The JSON object in path; ValueError naming the file and what is wrong
-  with it (not UTF-8, not JSON, nested too deep, not an object)."""
+  with it (not UTF-8, not JSON, too big or deep, not an object)."""
+  too_deep = f'{path} nests JSON deeper than {_MAX_JSON_DEPTH} levels'
   try:
     with open(path, encoding='utf-8') as f:
       text = f.read(_MAX_JSON_BYTES + 1)
@@ -169,10 +185,12 @@ def _read_json_object(path: str) -> dict:
     value = json.loads(text)
   except UnicodeDecodeError as e:
     raise ValueError(f'{path} is not UTF-8 text (byte {e.start})') from None
-  except RecursionError:
-    raise ValueError(f'{path} is not valid JSON: it nests too deeply') from None
+  except RecursionError:  # json's own limit, far beyond ours
+    raise ValueError(too_deep) from None
   except ValueError as e:  # JSONDecodeError: line and column
     raise ValueError(f'{path} is not valid JSON: {e}') from None
+  if _json_depth(value) > _MAX_JSON_DEPTH:
+    raise ValueError(too_deep)
   if not isinstance(value, dict):
     raise ValueError(f'{path} holds a JSON {type(value).__name__}, not an '
                      'object')

@@ -23,6 +23,7 @@ import collections
 import concurrent.futures
 import os
 import pathlib
+import re
 import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -35,6 +36,13 @@ from npcface_jax import protocols
 _TID_MID = '{}_face_tid_mid.txt'
 _5PTS = '{}_name_5pts_score.txt'
 _PAIRS = '{}_template_pair_label.txt'
+# Ids as np.loadtxt reads them into int64: ASCII digits (int() also takes
+# other scripts' digits and '1_000'), at most 19 of them.
+_INT = re.compile('[+-]?[0-9]{1,19}')
+_INT64 = np.iinfo(np.int64)
+# A pairs line as np.loadtxt reads it (a '#' starts a comment anywhere).
+_PAIR_LINE = re.compile(r'({0})\s+({0})\s+({0})\s*(?:#.*)?'.format(
+    _INT.pattern), re.DOTALL)
 
 
 class Meta(NamedTuple):
@@ -55,36 +63,39 @@ def load_meta(root: str | os.PathLike, name: str | None = None) -> Meta:
   """Reads and cross-checks ROOT/meta/<name>_*.txt; name ('ijbb', 'ijbc')
   is inferred from the file names when None.
 
-  Raises ValueError naming the file and line of any malformed line, the
-  first image of face_tid_mid without landmarks, and the first pair whose
-  template has no image, so a broken download fails here and not after
-  hours of embedding.
+  Raises ValueError naming the file and line of any malformed line (not
+  UTF-8, ids beyond int64, values that are not finite or beyond
+  alignment.MAX_COORDINATE), the first image of face_tid_mid without
+  landmarks, and the first pair whose template has no image, so a broken
+  download fails here and not after hours of embedding.
   """
   meta_dir = pathlib.Path(root) / 'meta'
   name = _set_name(pathlib.Path(root), meta_dir, name)
-  names, ids = _read_table(meta_dir / _TID_MID.format(name), 2, int,
-                           '"image_name template_id media_id"')
-  names5, values = _read_table(
-      meta_dir / _5PTS.format(name), 11, float,
-      '"image_name x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 face_score"')
-  values = _match_5pts(names, names5, values, meta_dir / _5PTS.format(name),
-                       meta_dir / _TID_MID.format(name))
+  tid_path = meta_dir / _TID_MID.format(name)
+  names, ids, _ = _read_table(tid_path, 2, _int,
+                              '"image_name template_id media_id"')
+  path5 = meta_dir / _5PTS.format(name)
+  names5, values, lines5 = _read_table(
+      path5, 11, _coordinate,
+      '"image_name x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 face_score" (finite, at '
+      f'most {alignment.MAX_COORDINATE:g} in magnitude)')
+  values = _match_5pts(names, names5, values, lines5, path5, tid_path)
   pairs_path = meta_dir / _PAIRS.format(name)
   pairs = _read_pairs(pairs_path)
-  template_ids = ids[:, 0].astype(np.int64)
+  template_ids = ids[:, 0]
   templates = np.unique(template_ids)
   known = np.isin(pairs[:, :2], templates)
   if not known.all():
     row, col = np.argwhere(~known)[0]
     raise ValueError(
         f'{pairs_path}, line {_line_of_row(pairs_path, row)}: template '
-        f'{pairs[row, col]} has no image in {_TID_MID.format(name)}: the '
-        'two files come from different releases; download them together')
+        f'{pairs[row, col]} has no image in {tid_path}: the two files come '
+        'from different releases; download them together')
   return Meta(
       name=name,
       image_names=np.array(names, dtype=str),
       template_ids=template_ids,
-      media_ids=ids[:, 1].astype(np.int64),
+      media_ids=ids[:, 1],
       landmarks=values[:, :10].reshape(-1, 5, 2).astype(np.float32),
       face_scores=values[:, 10].astype(np.float32),
       pair_templates=pairs[:, :2],
@@ -115,12 +126,11 @@ def _set_name(root: pathlib.Path, meta_dir: pathlib.Path,
 
 def _data_lines(path: pathlib.Path) -> Iterator[tuple[int, str]]:
   """(line number, stripped line) of the lines that are not blank or
-  '#' comments."""
-  with open(path, encoding='utf-8') as f:
-    for n, line in enumerate(f, 1):
-      line = line.strip()
-      if line and not line.startswith('#'):
-        yield n, line
+  '#' comments; ValueError naming the line of text that is not UTF-8."""
+  for n, line in alignment.text_lines(path):
+    line = line.strip()
+    if line and not line.startswith('#'):
+      yield n, line
 
 
 def _check_exists(path: pathlib.Path) -> None:
@@ -129,34 +139,56 @@ def _check_exists(path: pathlib.Path) -> None:
                      'release (insightface IJB_release layout)')
 
 
+def _is_int64(text: str) -> bool:
+  """ASCII digits that fit int64, as np.loadtxt reads the pairs file."""
+  return bool(_INT.fullmatch(text)) and (
+      len(text) < 19 or _INT64.min <= int(text) <= _INT64.max)
+
+
+def _int(text: str) -> int:
+  if not _is_int64(text):
+    raise ValueError(text)
+  return int(text)
+
+
+def _coordinate(text: str) -> float:
+  """A landmark or score: finite, within alignment.MAX_COORDINATE (so that
+  it stays finite as float32)."""
+  value = float(text)
+  if not abs(value) <= alignment.MAX_COORDINATE:  # NaN too
+    raise ValueError(text)
+  return value
+
+
 def _read_table(path: pathlib.Path, num_values: int, kind,
-                fmt: str) -> tuple[list[str], np.ndarray]:
-  """(names, (N, num_values) values) of ``name v1 ... vk`` lines; the name
-  may hold spaces (the last num_values fields are the values)."""
+                fmt: str) -> tuple[list[str], np.ndarray, list[int]]:
+  """(names, (N, num_values) values, line numbers) of ``name v1 ... vk``
+  lines; the name may hold spaces (the last num_values fields are the
+  values, each read by ``kind``: _int or _coordinate)."""
   _check_exists(path)
-  names, rows = [], []
+  names, rows, lines = [], [], []
   for n, line in _data_lines(path):
     fields = line.rsplit(maxsplit=num_values)
     try:
       if len(fields) != num_values + 1:
         raise ValueError
       row = [kind(x) for x in fields[1:]]
-      if kind is float and not np.all(np.isfinite(row)):
-        raise ValueError
     except ValueError:
       raise ValueError(f'{path}, line {n}: expected {fmt}, got '
-                       f'{line!r}') from None
+                       f'{alignment.shown(line)}') from None
     names.append(fields[0])
     rows.append(row)
+    lines.append(n)
   if not rows:
     raise ValueError(f'{path} lists no images')
-  return names, np.array(rows, np.float64 if kind is float else np.int64)
+  return names, np.array(rows, np.int64 if kind is _int else np.float64), lines
 
 
 def _match_5pts(names: list[str], names5: list[str], values: np.ndarray,
-                path5: pathlib.Path, path_tid: pathlib.Path) -> np.ndarray:
+                lines5: list[int], path5: pathlib.Path,
+                path_tid: pathlib.Path) -> np.ndarray:
   """The 5pts rows in face_tid_mid's order: the release lists both in one
-  order; otherwise rows are matched by image name."""
+  order; otherwise rows are matched by image name, each named once."""
   if names == names5:
     return values
   if len(set(names)) != len(names):
@@ -164,7 +196,14 @@ def _match_5pts(names: list[str], names5: list[str], values: np.ndarray,
         f'{path5} lists other images or another order than {path_tid}, '
         'which names some images twice, so they cannot be matched by name: '
         'use the two files of one release')
-  row_of = {n: i for i, n in enumerate(names5)}
+  row_of = {}
+  for i, n in enumerate(names5):
+    if row_of.setdefault(n, i) != i:
+      raise ValueError(
+          f'{path5}, line {lines5[i]}: image {n!r} already has landmarks on '
+          f'line {lines5[row_of[n]]}, and the file is not in the order of '
+          f'{path_tid}, so they cannot be matched: use the two files of one '
+          'release')
   missing = next((n for n in names if n not in row_of), None)
   if missing is not None:
     raise ValueError(f'{path5} has no landmarks for image {missing!r} of '
@@ -177,35 +216,34 @@ def _read_pairs(path: pathlib.Path) -> np.ndarray:
   first (IJB-C has 15.7M lines), a line-by-line scan to name a bad line."""
   _check_exists(path)
   fmt = 'expected "template1 template2 label" (label 0 or 1)'
+  # A byte order mark is skipped, as text_lines skips it (utf-8-sig for
+  # every file would cost loadtxt half as much time again).
+  with open(path, 'rb') as f:
+    bom = f.read(3) == b'\xef\xbb\xbf'
   try:
     with warnings.catch_warnings():
       warnings.simplefilter('ignore')  # an empty file warns; checked below
-      table = np.loadtxt(path, dtype=np.int64, ndmin=2)
-  except ValueError as e:
+      table = np.loadtxt(path, dtype=np.int64, ndmin=2,
+                         encoding='utf-8-sig' if bom else None)
+  except ValueError as e:  # UnicodeDecodeError too: name the line
     for n, line in _data_lines(path):
-      fields = line.split()
-      if len(fields) != 3 or not all(_is_int(x) for x in fields):
-        raise ValueError(f'{path}, line {n}: {fmt}, got {line!r}') from None
+      match = _PAIR_LINE.fullmatch(line)  # lines under 19 characters fit
+      if not match or (len(line) >= 19 and not all(map(_is_int64,
+                                                        match.groups()))):
+        raise ValueError(f'{path}, line {n}: {fmt}, got '
+                         f'{alignment.shown(line)}') from None
     raise ValueError(f'{path}: {fmt} on every line ({e})') from None
   if table.shape[0] == 0:
     raise ValueError(f'{path} lists no pairs')
   if table.shape[1] != 3:
     n, line = next(_data_lines(path))
-    raise ValueError(f'{path}, line {n}: {fmt}, got {line!r}')
+    raise ValueError(f'{path}, line {n}: {fmt}, got {alignment.shown(line)}')
   bad = (table[:, 2] != 0) & (table[:, 2] != 1)
   if bad.any():
     row = int(np.argmax(bad))
     raise ValueError(f'{path}, line {_line_of_row(path, row)}: {fmt}, got '
                      f'label {table[row, 2]}')
   return table
-
-
-def _is_int(text: str) -> bool:
-  try:
-    int(text)
-  except ValueError:
-    return False
-  return True
 
 
 def _line_of_row(path: pathlib.Path, row: int) -> int:

@@ -15,6 +15,7 @@ the synthetic stream runs without it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -65,51 +66,119 @@ class DatasetInfo:
   shard_lengths: tuple[int, ...]
 
 
+_METADATA = ('dataset_info.json', 'features.json')
+# A TFRecord record frames its payload with 16 bytes (length and two CRCs).
+_RECORD_BYTES = 16
+_MAX_IMAGE_SIZE = 65535  # JPEG's largest side
+
+
+def _damaged(data_dir: str, file: str, what: str) -> ValueError:
+  return ValueError(
+      f'{os.path.join(data_dir, file)}: {what}. The metadata of the data_prep '
+      f'output {data_dir!r} is damaged: re-run `python -m data_prep train` '
+      'to write it again')
+
+
+def _check_json(data_dir: str, file: str) -> None:
+  """Refuses a metadata file that is not a UTF-8 JSON object, naming it
+  (tfds would say 'Failed to load JSON' without the file)."""
+  try:
+    with open(os.path.join(data_dir, file), 'rb') as f:
+      value = json.loads(f.read().decode('utf-8'))
+  except RecursionError:
+    raise _damaged(data_dir, file, 'its JSON nests too deeply') from None
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise _damaged(data_dir, file, f'not valid JSON ({e})') from None
+  if not isinstance(value, dict):
+    raise _damaged(data_dir, file, f'a JSON {type(value).__name__}, not an '
+                   'object')
+
+
 def dataset_info(data_dir: str | os.PathLike) -> DatasetInfo:
-  """Reads the tfds metadata that data_prep writes next to its shards."""
+  """Reads the tfds metadata that data_prep writes next to its shards;
+  ValueError naming the directory and the file of anything that is not
+  the metadata of a data_prep output (corrupt JSON, a missing image or
+  label feature, class counts or shard lengths the files cannot hold)."""
   data_dir = os.fspath(data_dir)
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(f'dataset directory {data_dir!r} does not exist: '
                             f'{_PREP_HINT}')
-  missing = [f for f in ('dataset_info.json', 'features.json')
+  missing = [f for f in _METADATA
              if not os.path.exists(os.path.join(data_dir, f))]
   if missing:
     raise FileNotFoundError(
         f'{data_dir!r} is not a data_prep output (no {", ".join(missing)}): '
         f'{_PREP_HINT}')
+  for file in _METADATA:
+    _check_json(data_dir, file)
   _tf()
   import tensorflow_datasets as tfds  # noqa: PLC0415
+  # tfds raises a variety of types on bad metadata; features.json first, so
+  # that an error of the builder is dataset_info.json's.
+  try:
+    tfds.features.FeatureConnector.from_config(data_dir)
+  except Exception as e:  # noqa: BLE001
+    raise _damaged(data_dir, 'features.json',
+                   f'tfds cannot read it ({str(e)[:300]})') from None
   try:
     info = tfds.builder_from_directory(data_dir).info
-  except Exception as e:  # tfds raises a variety of types here.
-    raise ValueError(f'cannot read the tfds metadata in {data_dir!r} ({e}): '
-                     f'{_PREP_HINT}') from e
+  except Exception as e:  # noqa: BLE001
+    raise _damaged(data_dir, 'dataset_info.json',
+                   f'tfds cannot read it ({str(e)[:300]})') from None
   features = info.features
-  if ('image' not in features or 'label' not in features
-      or 'train' not in info.splits):
-    raise ValueError(
-        f'{data_dir!r} has features {sorted(features.keys())} and splits '
-        f'{sorted(info.splits.keys())}; the pipeline needs image and label '
-        f"features and a 'train' split: {_PREP_HINT}")
-  shape = tuple(features['image'].shape)
-  if len(shape) != 3 or shape[0] != shape[1] or shape[2] != 3:
-    raise ValueError(f'{data_dir!r} holds images of shape {shape}; the '
-                     'pipeline needs square RGB images (S, S, 3)')
+  names = sorted(features.keys()) if hasattr(features, 'keys') else []
+  if 'image' not in names or 'label' not in names:
+    raise _damaged(data_dir, 'features.json',
+                   f'features {names}; the pipeline needs image and label')
+  image, label = features['image'], features['label']
+  shape = tuple(getattr(image, 'shape', ()))
+  if (not isinstance(image, tfds.features.Image) or len(shape) != 3
+      or not all(isinstance(d, int) for d in shape) or shape[0] != shape[1]
+      or not 0 < shape[0] <= _MAX_IMAGE_SIZE or shape[2] != 3):
+    raise _damaged(data_dir, 'features.json',
+                   f'image {type(image).__name__} of shape {shape}; the '
+                   'pipeline needs square RGB images (S, S, 3)')
+  if 'train' not in info.splits:
+    raise _damaged(data_dir, 'dataset_info.json',
+                   f"splits {sorted(info.splits.keys())}, no 'train' split")
   split = info.splits['train']
-  files = tuple(os.fspath(f) for f in split.filepaths)
+  try:
+    files = tuple(os.fspath(f) for f in split.filepaths)
+    lengths = tuple(int(n) for n in split.shard_lengths)
+    num_examples = int(split.num_examples)
+  except Exception as e:  # noqa: BLE001 (a bad filepathTemplate, ...)
+    raise _damaged(data_dir, 'dataset_info.json',
+                   f"its 'train' split cannot be read ({str(e)[:300]})"
+                   ) from None
+  outside = [f for f in files if os.path.dirname(os.path.normpath(f))
+             != os.path.normpath(data_dir)]
+  if (outside or len(lengths) != len(files) or sum(lengths) != num_examples
+      or min(lengths, default=0) < 0 or num_examples < 1):
+    raise _damaged(data_dir, 'dataset_info.json',
+                   f'shard lengths {lengths[:10]} do not fit {len(files)} '
+                   f'shard files in the directory holding {num_examples} '
+                   'examples')
   absent = [f for f in files if not os.path.exists(f)]
   if absent:
-    raise FileNotFoundError(f'{len(absent)} shard(s) listed in the metadata '
-                            f'are missing, e.g. {absent[0]!r}: {_PREP_HINT}')
-  lengths = tuple(int(n) for n in split.shard_lengths)
-  if len(lengths) != len(files) or sum(lengths) != split.num_examples:
-    raise ValueError(f'{data_dir!r}: shard lengths {lengths} do not match '
-                     f'{len(files)} files and {split.num_examples} examples')
-  return DatasetInfo(data_dir=data_dir,
-                     num_classes=int(features['label'].num_classes),
-                     num_examples=int(split.num_examples),
-                     image_size=int(shape[0]), files=files,
-                     shard_lengths=lengths)
+    raise FileNotFoundError(
+        f'{len(absent)} shard(s) listed in '
+        f'{os.path.join(data_dir, "dataset_info.json")} are missing, e.g. '
+        f'{absent[0]!r}: {_PREP_HINT}')
+  for f, n in zip(files, lengths):
+    if n * _RECORD_BYTES > os.path.getsize(f):
+      raise _damaged(data_dir, 'dataset_info.json',
+                     f'{os.path.basename(f)} cannot hold {n} examples '
+                     f'({os.path.getsize(f)} bytes)')
+  num_classes = label.num_classes if isinstance(
+      label, tfds.features.ClassLabel) else None
+  if not isinstance(num_classes, int) or not 0 < num_classes <= num_examples:
+    raise _damaged(data_dir, 'features.json',
+                   f'label {type(label).__name__} with {num_classes} classes '
+                   f'for {num_examples} examples; the pipeline needs a '
+                   'ClassLabel with one class or more, each with an image')
+  return DatasetInfo(data_dir=data_dir, num_classes=num_classes,
+                     num_examples=num_examples, image_size=shape[0],
+                     files=files, shard_lengths=lengths)
 
 
 # --- Splitting the data over processes (pure) --------------------------------

@@ -109,6 +109,27 @@ def test_step_selection_and_accumulating_targets(trained, tmp_path):
       record['targets']['second']['accuracy'])
 
 
+def test_corrupt_earlier_results_are_moved_aside(trained, caplog):
+  """A damaged eval/step_N/results.json neither crashes the evaluation nor
+  is lost: it is moved aside, named in a warning, and a fresh record is
+  written."""
+  if not ORL_BIN.is_file():
+    pytest.skip(f'{ORL_BIN} not found (shared test data absent)')
+  workdir, _ = trained
+  out = workdir / 'eval' / 'step_1'
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'results.json').write_bytes(b'{"step": 1, "targets": {"lf')
+  with caplog.at_level('WARNING'):
+    evaluate.evaluate_run(str(workdir), targets=[str(ORL_BIN)], step=1,
+                          log=lambda *a: None)
+  (aside,) = out.glob('results.json.corrupt-*')
+  assert aside.read_bytes() == b'{"step": 1, "targets": {"lf'
+  record = json.loads((out / 'results.json').read_text())
+  assert list(record['targets']) == ['orl_test']
+  assert any(str(aside) in r.getMessage() and 'not valid JSON' in
+             r.getMessage() for r in caplog.records), caplog.text
+
+
 def test_errors_name_the_fix(trained, tmp_path):
   workdir, _ = trained
   proc = _evaluate(f'--workdir={workdir}', '--step=5', '--targets=x.bin',
