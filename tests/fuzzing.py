@@ -168,8 +168,12 @@ _CHILD = textwrap.dedent('''
             index=i, kind=kind, type=type(e).__name__, message=str(e)[:500],
             traceback=traceback.format_exc()[-2000:]))
       counts['max_s'] = max(counts['max_s'], time.perf_counter() - start)
-    counts['max_rss_mb'] = resource.getrusage(
-        resource.RUSAGE_SELF).ru_maxrss / 1024
+    # VmHWM: this process's own peak (ru_maxrss can carry the parent's
+    # high-water mark across fork and exec).
+    status = open('/proc/self/status').read().split('VmHWM:')
+    counts['max_rss_mb'] = (int(status[1].split()[0]) / 1024 if len(status) > 1
+                            else resource.getrusage(
+                                resource.RUSAGE_SELF).ru_maxrss / 1024)
     print('FUZZ-RESULT ' + json.dumps(counts))
 ''')
 

@@ -48,7 +48,10 @@ def _load_in_child(paths, mem_mb=2048, timeout=60):
       sys.path.insert(0, {str(ROOT)!r})
       resource.setrlimit(resource.RLIMIT_AS, ({mem_mb} * 2**20,) * 2)
       from npcface_jax import verification_bin
-      peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+      def peak():  # kB; VmHWM is this process's own (ru_maxrss can be the
+        # parent's high-water mark, carried across fork and exec)
+        return int(open('/proc/self/status').read().split('VmHWM:')[1]
+                   .split()[0])
       for path in {[str(p) for p in paths]!r}:
         before = peak()
         try:
