@@ -66,9 +66,11 @@ def _normalize(points: np.ndarray, what: str):
   mean = x.mean(0)
   centred = x - mean
   rms = np.sqrt((centred ** 2).sum() / len(x))
-  if rms < 1e-12 or rms * size < 1e-6:
+  with np.errstate(over='ignore'):  # an infinite spread gives scale 0
+    spread = rms * size
+  if rms < 1e-12 or spread < 1e-6:
     raise ValueError(f'{what} are all at one point')
-  return mean * size, rms * size, centred / rms
+  return mean * size, spread, centred / rms
 
 
 def similarity_transform(src, dst) -> np.ndarray:

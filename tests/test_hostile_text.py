@@ -317,15 +317,16 @@ def test_pairs_file_binary_or_endless_line(tmp_path):
       (3, 'Abel/Abel_0001.jpg', 'Zoe/Zoe_0003.jpg', False)]
 
 
-# --- Landmark files and alignment -----------------------------------------------
+# --- Landmark files and alignment ---------------------------------------------
 
 _POINTS = ' '.join(f'{v:.3f}' for v in alignment.ARCFACE_TEMPLATE.flat)
 
 
 def test_read_landmarks_refuses_what_is_no_landmark(tmp_path):
   """Was: NaN, inf and 1e308 were read (NaN then failed the SVD with
-  LinAlgError); a non-UTF-8 byte escaped as UnicodeDecodeError without the
-  file; a name given twice kept the last landmarks silently."""
+  LinAlgError); a non-UTF-8 byte raised UnicodeDecodeError, whose message
+  names neither file nor line; a name given twice kept the last landmarks
+  silently."""
   path = tmp_path / 'lm.txt'
   for value in ('nan', 'inf', '-inf', '1e999', '1e308', '-2e6'):
     _write(path, f'a.jpg {_POINTS}\nb.jpg {_POINTS[:-6]} {value}\n')
@@ -537,11 +538,12 @@ def test_ijb_big_pairs_file_stays_fast(tmp_path):
     ijb.load_meta(root)
 
 
-# --- run.json and results.json --------------------------------------------------
+# --- run.json and results.json ------------------------------------------------
 
 def test_load_run_refuses_bad_run_json(tmp_path):
-  """Was: JSONDecodeError, KeyError, TypeError or a bool/float image size
-  taken as an int escaped from load_run."""
+  """Was: JSONDecodeError, UnicodeDecodeError or KeyError escaped from
+  load_run naming no file, and an image size of true or 112.5 was taken as
+  an int."""
   from npcface_jax import evaluate  # noqa: PLC0415
   good = json.loads(_run_json())
   path = tmp_path / 'run.json'
@@ -573,9 +575,10 @@ def test_load_run_refuses_bad_run_json(tmp_path):
 
 
 def test_corrupt_results_json_is_moved_aside(tmp_path, caplog):
-  """Was: a corrupt eval/step_N/results.json crashed evaluate_run (a
-  deeply nested one only once the new record was written, after the
-  evaluation); one without 'targets' was silently replaced."""
+  """Was: a corrupt eval/step_N/results.json stopped evaluate_run with a
+  JSONDecodeError naming no file (a deeply nested one with RecursionError,
+  after the evaluation, when the record was written); one without
+  'targets' was silently replaced."""
   from npcface_jax import evaluate  # noqa: PLC0415
   rng = np.random.default_rng(0)
   path = tmp_path / 'results.json'
@@ -601,7 +604,7 @@ def test_corrupt_results_json_is_moved_aside(tmp_path, caplog):
         record.getMessage()), record.getMessage()
 
 
-# --- Dataset metadata -----------------------------------------------------------
+# --- Dataset metadata ---------------------------------------------------------
 
 def test_dataset_info_refuses_damaged_metadata(tmp_path):
   """Was: shard lengths of 3e15 or -30 examples and 10^14 classes were
