@@ -434,8 +434,11 @@ def evaluate_run(workdir: str, *, targets=(), ijb=(), probes=None,
                                        if f not in fars]
     result.update(kind='identification', path=os.path.abspath(probes),
                   distractors=os.path.abspath(distractors),
-                  skipped_images=[f'{p}: {r}' for _, p, r in
-                                  skipped + distractor_skipped])
+                  skipped_images=[
+                      *(f"{s.get('path', s.get('key'))}: {s['reason']} "
+                        f"({s.get('detail', '')})" for s in listing.skipped),
+                      *(f'{p}: {r}' for _, p, r in
+                        skipped + distractor_skipped)])
     features_out(name, _probes=probe_features, _labels=labels,
                  _distractors=distractor_features)
     done[name] = result

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from configs import demo
+from data_prep import preprocess
 from npcface_jax import evaluate, protocols, train
 from tests.conftest import NUM_DEVICES
 from tests.helpers import SHARED_DATA
@@ -209,6 +210,8 @@ def test_ijb_and_identification_sets_end_to_end(trained, tmp_path):
   for k in range(40):
     _face(rng)[0].save(distractors / ('a' if k % 2 else 'a/b') / f'{k}.jpg')
   (distractors / 'a' / 'broken.jpg').write_bytes(b'\xff\xd8 broken')
+  (probes / 'bad\nname').mkdir()  # cannot be a class name: listed, skipped
+  _face(rng)[0].save(probes / 'bad\nname' / '0.png')
 
   record = evaluate.evaluate_run(
       str(workdir), ijb=[str(root)], probes=str(probes),
@@ -217,8 +220,9 @@ def test_ijb_and_identification_sets_end_to_end(trained, tmp_path):
   out = workdir / 'eval' / 'step_12'
   ijbc = record['targets']['ijbc']
   assert ijbc['kind'] == 'ijb' and ijbc['num_pairs'] == 15
-  assert ijbc['skipped_images'] == ['4.jpg: not an image: Pillow recognises '
-                                    'no image format in it']
+  assert len(ijbc['skipped_images']) == 1, ijbc['skipped_images']
+  assert ijbc['skipped_images'][0].startswith('4.jpg: not an image: Pillow '
+                                              'recognises none of JPEG, PNG')
   meta = ijb.load_meta(root)
   feats = np.load(out / 'features' / 'ijbc.npy')
   want = ijb.evaluate(feats, meta, use_face_scores=True, skipped=[4])
@@ -229,8 +233,12 @@ def test_ijb_and_identification_sets_end_to_end(trained, tmp_path):
   mega = record['targets']['facescrub']
   assert mega['kind'] == 'identification'
   assert mega['num_distractors'] == 40 and mega['trials'] == 3 * 3 * 2
-  assert mega['skipped_images'][0].endswith(
-      'broken.jpg: not an image: Pillow recognises no image format in it')
+  assert len(mega['skipped_images']) == 2, mega['skipped_images']
+  assert mega['skipped_images'][0].startswith('bad\nname/0.png: bad identity '
+                                              'name'), mega['skipped_images']
+  assert mega['skipped_images'][1].endswith(
+      'broken.jpg: not an image: Pillow recognises none of '
+      + ', '.join(preprocess.FORMATS) + ' in it'), mega['skipped_images']
   want = identification.megaface(
       np.load(out / 'features' / 'facescrub_probes.npy'),
       np.load(out / 'features' / 'facescrub_labels.npy'),
