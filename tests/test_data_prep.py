@@ -5,7 +5,6 @@ import io
 import json
 import os
 import pathlib
-import pickle
 import subprocess
 import sys
 
@@ -177,46 +176,6 @@ def test_fixture_bin_loads(data):
   assert faces.shape == (4, 112, 112, 3) and faces.dtype == np.uint8
 
 
-class _Evil:
-  def __init__(self, fn, *args):
-    self.fn, self.args = fn, args
-
-  def __reduce__(self):
-    return self.fn, self.args
-
-
-@pytest.mark.parametrize('make', ['os.system', 'builtins.eval', 'codecs'])
-@pytest.mark.parametrize('protocol', [2, 4])
-def test_load_bin_refuses_code(tmp_path, make, protocol):
-  import codecs
-  marker = tmp_path / 'ran'
-  evil = {
-      'os.system': _Evil(os.system, f'touch {marker}'),
-      'builtins.eval': _Evil(eval, f'open({str(marker)!r}, "w")'),
-      'codecs': _Evil(codecs.encode, 'x', 'rot13'),  # allowed global, bad codec
-  }[make]
-  path = tmp_path / 'evil.bin'
-  path.write_bytes(pickle.dumps(([evil, b'x'], [True]), protocol=protocol))
-  with pytest.raises(ValueError, match='refused') as e:
-    verification_bin.load_bin(path)
-  assert not marker.exists()
-  if make != 'codecs':
-    assert 'not an insightface verification .bin' in str(e.value)
-    assert ('.system' if make == 'os.system' else '.eval') in str(e.value)
-
-
-def test_bin_round_trip_and_numpy_items(tmp_path):
-  bins = [b'\xff\xd8a', b'\xff\xd8b', b'\xff\xd8c', b'\xff\xd8d']
-  verification_bin.save_bin(tmp_path / 'a.bin', bins, [True, False])
-  got, issame = verification_bin.load_bin(tmp_path / 'a.bin')
-  assert got == bins and issame.tolist() == [True, False]
-  arrays = [np.frombuffer(b, np.uint8) for b in bins]
-  (tmp_path / 'b.bin').write_bytes(
-      pickle.dumps((arrays, np.array([True, False])), protocol=2))
-  got, issame = verification_bin.load_bin(tmp_path / 'b.bin')
-  assert got == bins and issame.tolist() == [True, False]
-
-
 def test_npcface_jax_does_not_import_tensorflow():
   code = ('import sys, npcface_jax.verification_bin; '
           'sys.exit("tensorflow" in sys.modules)')
@@ -280,6 +239,16 @@ def test_exclusions_and_min_images(data, tmp_path):
   _, got = examples(tmp_path / 'out')
   assert [ex['label'] for ex in got] == [0] * 6
   assert not [p for p in os.listdir(tmp_path / 'out') if 'partial' in p]
+
+
+def test_exclude_file_that_is_not_text_names_its_line(tmp_path):
+  from data_prep import train_set  # noqa: PLC0415
+  names = tmp_path / 'exclude.txt'
+  names.write_bytes(b'# overlap with LFW\ns2\r\n  s3  \n\ns\xe9\n')
+  with pytest.raises(DataPrepError, match=r'exclude\.txt, line 5: not UTF-8'):
+    train_set._read_names(str(names))
+  names.write_bytes(b'# overlap with LFW\ns2\r\n  s3  \n\ns\xc3\xa9\n')
+  assert train_set._read_names(str(names)) == {'s2', 's3', 's\xe9'}
 
 
 def test_list_file_with_integer_labels(data, tmp_path):
