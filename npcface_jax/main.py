@@ -73,8 +73,9 @@ def by_hand_processes(coordinator_address, num_processes, process_id):
         'launching processes by hand takes all three, e.g. '
         '--coordinator_address=host0:1234 (process 0\'s host and a free '
         'port) --num_processes=2 --process_id=0 (this process: 0 to '
-        'num_processes - 1). Give none of them for one process, or under SLURM, Open MPI or a '
-        'Cloud TPU pod, which are detected from the environment.')
+        'num_processes - 1). Give none of them for one process, or under '
+        'SLURM, Open MPI or a Cloud TPU pod, which are detected from the '
+        'environment.')
   host, _, port = coordinator_address.rpartition(':')
   if not host or not port.isdigit():
     raise app.UsageError(
