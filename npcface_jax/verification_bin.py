@@ -55,6 +55,9 @@ class _Global:
   def __init__(self, name: str):
     self.name = name
 
+  def __repr__(self) -> str:
+    return self.name
+
 
 # (module, name) the files use -> a canonical name; nothing is imported.
 _GLOBALS = {
@@ -72,7 +75,7 @@ _GLOBALS = {
 
 # NumPy's pickled state of the two dtypes a .bin can hold (dtype.__reduce__).
 _DTYPE_STATE = (3, '|', None, None, None, -1, -1, 0)
-_DTYPES = {'u1': np.uint8, 'b1': np.bool_}
+_DTYPES = ('u1', 'b1')  # uint8 (image bytes) and bool (labels)
 
 
 class _Dtype:
@@ -81,12 +84,18 @@ class _Dtype:
   def __init__(self, code: str):
     self.code = code
 
+  def __repr__(self) -> str:
+    return f'dtype({self.code!r})'
+
 
 class _Array:
   """``_reconstruct(ndarray, (0,), b'b')``: an empty array whose BUILD gives
   shape, dtype and data; ``value`` is then bytes (uint8) or a list of bools."""
 
   value: Any = None
+
+  def __repr__(self) -> str:
+    return 'ndarray'
 
 
 def _same(got, want) -> bool:
@@ -105,12 +114,13 @@ def _array_value(dtype, shape, data, order_ok: bool):
   if not (isinstance(shape, tuple) and 1 <= len(shape) <= 2
           and all(type(n) is int and n >= 0 for n in shape)
           and (len(shape) == 1 or shape[1] == 1)):
-    raise _Refused(f'an array of shape {shape!r}; only 1-D arrays (or one '
-                   'column) are image bytes or labels')
+    raise _Refused(f'an array of shape {_describe(shape)}; only 1-D arrays '
+                   '(or one column) are image bytes or labels')
   if not (order_ok and isinstance(data, (bytes, bytearray))):
     raise _Refused(f'array data of type {type(data).__name__}')
   if len(data) != shape[0]:
-    raise _Refused(f'an array of shape {shape} with {len(data)} bytes of data')
+    raise _Refused(f'an array of shape {shape} with {len(data)} bytes of '
+                   'data')
   if dtype.code == 'u1':
     return bytes(data)
   return [bool(x) for x in data]
