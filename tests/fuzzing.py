@@ -95,12 +95,14 @@ class Summary:
   max_rss_mb: float
 
   def line(self) -> str:
+    signals = int(bool(self.signal) and self.signal.startswith('signal'))
+    died = (f' (the child ended early: {self.signal.splitlines()[0][:80]})'
+            if self.signal and not signals else '')
     return (f'fuzz {self.name}: {self.tried} mutated inputs, {self.parsed} '
             f'parsed, {self.refused} refused with a clear error, '
-            f'{len(self.failed)} other errors, '
-            f'{0 if self.signal is None else 1} signals, {len(self.hangs)} '
-            f'hangs; slowest {self.max_input_s:.3f} s, peak RSS '
-            f'{self.max_rss_mb:.0f} MB; seed {self.seed}')
+            f'{len(self.failed)} other errors, {signals} signals, '
+            f'{len(self.hangs)} hangs{died}; slowest {self.max_input_s:.3f} '
+            f's, peak RSS {self.max_rss_mb:.0f} MB; seed {self.seed}')
 
   def problems(self) -> str:
     """'' when every input parsed or was refused cleanly; else what not."""
@@ -226,7 +228,9 @@ def fuzz(name: str, target: str, files: dict[str, bytes], mutate_file: str,
   result = next((line for line in out.splitlines()
                  if line.startswith('FUZZ-RESULT ')), None)
   if died or result is None:
-    progress = (workdir / f'progress_{name}').read_text().split()
+    progress_file = workdir / f'progress_{name}'
+    progress = (progress_file.read_text().split() if progress_file.exists()
+                else [])  # the child died before its first input
     kept = workdir / f'crash_{name}_{progress[0] if progress else "start"}'
     (case / mutate_file).replace(kept)
     return Summary(name, seed, int(progress[0]) + 1 if progress else 0, 0, 0,
