@@ -6,29 +6,21 @@ Coordinates are pixel indices, as face detectors (and OpenCV's warpAffine)
 use them: pixel (0, 0) is centred at (0, 0). Points that give no usable
 transform (not finite, all at one point) raise ValueError, which callers
 turn into a skipped face.
-
-``text_lines`` reads the line formats users hand us (landmarks, pairs, IJB
-meta files) so that a bad byte or a binary file is refused with its file and
-line instead of escaping as a UnicodeDecodeError.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import re
-from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
 
+from data_prep.textfile import shown, text_lines
+
 # Pixel coordinates beyond this are garbage, not a face in an image (no
 # image is a million pixels wide); refused where files are read.
 MAX_COORDINATE = 1e6
-# Longer lines are not a text format of ours (a binary file, a lost
-# newline); refusing them bounds memory on any input.
-MAX_LINE = 1 << 20
-_NOT_TEXT = re.compile('[\x00\udc80-\udcff]')  # NUL, undecodable bytes
 
 # Eyes, nose tip, mouth corners in a 112x112 crop (insightface's template).
 ARCFACE_TEMPLATE = np.array([
@@ -116,31 +108,6 @@ def align(image: Image.Image, landmarks, image_size: int) -> Image.Image:
                      f'usable warp (scale {scale:g})')
   return image.transform((image_size, image_size), Image.Transform.AFFINE,
                          coeffs, resample=Image.Resampling.BILINEAR)
-
-
-def shown(line: str) -> str:
-  """A line for an error message: repr'd, cut to 120 characters."""
-  return repr(line) if len(line) <= 120 else repr(line[:120]) + '...'
-
-
-def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
-  """(line number, line) of every line of a UTF-8 text file (a byte order
-  mark is skipped; \\n, \\r\\n and \\r end lines). Raises ValueError
-  naming the file and line of bytes that are not UTF-8, a NUL byte or a
-  line of MAX_LINE characters or more: not the text it should be."""
-  with open(path, encoding='utf-8-sig', errors='surrogateescape') as f:
-    n = 0
-    while line := f.readline(MAX_LINE):
-      n += 1
-      bad = _NOT_TEXT.search(line)
-      if bad or (len(line) == MAX_LINE and not line.endswith('\n')):
-        why = (f'is {MAX_LINE} characters or longer' if not bad else
-               'holds a NUL byte' if bad.group() == '\x00' else
-               f'holds the byte {ord(bad.group()) - 0xdc00:#04x}, which is '
-               'not UTF-8')
-        raise ValueError(f'{path}, line {n}: {why}: not a text file of this '
-                         'format; save it as UTF-8 text')
-      yield n, line
 
 
 def read_landmarks(path: str | os.PathLike) -> dict[str, tuple[float, ...]]:

@@ -18,7 +18,7 @@ import sys
 
 from tqdm import tqdm
 
-from data_prep import DataPrepError, alignment, preprocess
+from data_prep import DataPrepError, alignment, preprocess, textfile
 
 
 # LFW image numbers: ASCII digits only (str.isdigit also takes '²', which
@@ -53,7 +53,7 @@ def parse_pairs(lines, name: str = 'the pairs file'
       bad = next((x for x in numbers if not _NUMBER.fullmatch(x)), None)
       if bad is not None:
         raise DataPrepError(
-            f'{name}, line {n}: image number {alignment.shown(bad)} is no '
+            f'{name}, line {n}: image number {textfile.shown(bad)} is no '
             'number of an image file (at most 9 digits); fix the line')
       a, b = (fields[0], fields[0]) if len(fields) == 3 else fields[::2]
       pairs.append((n, _lfw(a, numbers[0]), _lfw(b, numbers[1]),
@@ -62,7 +62,7 @@ def parse_pairs(lines, name: str = 'the pairs file'
       pairs.append((n, fields[0], fields[1], fields[2] == '1'))
     else:
       raise DataPrepError(
-          f'{name}, line {n}: {alignment.shown(line.strip())} is not a pair; '
+          f'{name}, line {n}: {textfile.shown(line.strip())} is not a pair; '
           'expected "name i j", "name1 i name2 j" (LFW pairs.txt) or "path1 '
           'path2 same" (same 0 or 1)')
   return pairs
@@ -72,7 +72,7 @@ def read_pairs(path: str) -> list[tuple[int, str, str, bool]]:
   """parse_pairs of a file; DataPrepError naming the file and line of
   anything that is not a pair, nor UTF-8 text."""
   try:
-    return parse_pairs((line for _, line in alignment.text_lines(path)),
+    return parse_pairs((line for _, line in textfile.text_lines(path)),
                        path)
   except ValueError as e:  # text_lines: not UTF-8, NUL, endless line
     raise DataPrepError(str(e)) from None

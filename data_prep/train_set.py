@@ -21,7 +21,8 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
-from data_prep import DataPrepError, alignment, preprocess, shards, sources
+from data_prep import (DataPrepError, alignment, preprocess, shards, sources,
+                       textfile)
 
 IMAGES_PER_SHARD = 10_000
 JPEG_QUALITY = 95
@@ -201,19 +202,11 @@ def _remove_previous(out: str, keep: list[str]) -> None:
 
 def _read_names(path: str) -> set[str]:
   """The --exclude-identities file: one name a line, UTF-8."""
-  with open(path, 'rb') as f:
-    data = f.read()
-  names = set()
-  for n, raw in enumerate(data.splitlines(), 1):
-    try:
-      line = raw.decode('utf-8').strip()
-    except UnicodeDecodeError as e:
-      raise DataPrepError(f'{path}, line {n}: not UTF-8 text ({e.reason} at '
-                          f'byte {e.start}); --exclude-identities takes a '
-                          'text file of names, one a line') from None
-    if line and not line.startswith('#'):
-      names.add(line)
-  return names
+  try:
+    return {line.strip() for _, line in textfile.text_lines(path)
+            if line.strip() and not line.strip().startswith('#')}
+  except ValueError as e:  # not UTF-8, a NUL, an endless line
+    raise DataPrepError(str(e)) from None
 
 
 def _landmark_key(entry: sources.Entry, listing: sources.Listing) -> str:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from npcface_jax import protocols
+from npcface_jax import jsonfile, protocols
 from npcface_jax.classifier import l2_normalize
 
 ALL_DEVICES = P(('data', 'model'))
@@ -154,49 +154,6 @@ def read_images(paths, image_size: int, batch_size: int, skipped: list):
 
 # --- Evaluating a trained run: python -m npcface_jax.evaluate ----------------
 
-# JSON files of ours are kilobytes, a few levels deep; anything beyond these
-# is not one (and deeper values would overflow the stack of the recursive
-# code that reads and writes them back).
-_MAX_JSON_BYTES = 64 << 20
-_MAX_JSON_DEPTH = 64
-
-
-def _json_depth(value) -> int:
-  """Nesting depth of a parsed JSON value (iterative: no recursion limit)."""
-  deepest, stack = 0, [(value, 1)]
-  while stack:
-    value, depth = stack.pop()
-    deepest = max(deepest, depth)
-    children = (value.values() if isinstance(value, dict) else
-                value if isinstance(value, list) else ())
-    stack.extend((v, depth + 1) for v in children)
-  return deepest
-
-
-def _read_json_object(path: str) -> dict:
-  """The JSON object in path; ValueError naming the file and what is wrong
-  with it (not UTF-8, not JSON, too big or deep, not an object)."""
-  too_deep = f'{path} nests JSON deeper than {_MAX_JSON_DEPTH} levels'
-  try:
-    with open(path, encoding='utf-8') as f:
-      text = f.read(_MAX_JSON_BYTES + 1)
-    if len(text) > _MAX_JSON_BYTES:
-      raise ValueError(f'it is over {_MAX_JSON_BYTES >> 20} MiB')
-    value = json.loads(text)
-  except UnicodeDecodeError as e:
-    raise ValueError(f'{path} is not UTF-8 text (byte {e.start})') from None
-  except RecursionError:  # json's own limit, far beyond ours
-    raise ValueError(too_deep) from None
-  except ValueError as e:  # JSONDecodeError: line and column
-    raise ValueError(f'{path} is not valid JSON: {e}') from None
-  if _json_depth(value) > _MAX_JSON_DEPTH:
-    raise ValueError(too_deep)
-  if not isinstance(value, dict):
-    raise ValueError(f'{path} holds a JSON {type(value).__name__}, not an '
-                     'object')
-  return value
-
-
 def load_run(workdir: str):
   """(config, image size) the run in workdir was trained with (run.json);
   ValueError naming the file, what is wrong with it and the fix."""
@@ -209,7 +166,7 @@ def load_run(workdir: str):
   fix = ('python -m npcface_jax.main writes it when training starts: '
          'restore the file, or re-run training with this --workdir')
   try:
-    info = _read_json_object(path)
+    info = jsonfile.read_object(path)
   except ValueError as e:
     raise ValueError(f'{e}; {fix}') from None
   if not isinstance(info.get('config'), dict):
@@ -312,7 +269,7 @@ def _earlier_targets(results_path: str) -> dict:
   if not os.path.exists(results_path):
     return {}
   try:
-    targets = _read_json_object(results_path).get('targets')
+    targets = jsonfile.read_object(results_path).get('targets')
     if not isinstance(targets, dict):
       raise ValueError(f'{results_path} has no "targets" object')
     for name, result in targets.items():

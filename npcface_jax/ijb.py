@@ -30,7 +30,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data_prep import alignment, preprocess
+from data_prep import alignment, preprocess, textfile
 from npcface_jax import protocols
 
 _TID_MID = '{}_face_tid_mid.txt'
@@ -127,7 +127,7 @@ def _set_name(root: pathlib.Path, meta_dir: pathlib.Path,
 def _data_lines(path: pathlib.Path) -> Iterator[tuple[int, str]]:
   """(line number, stripped line) of the lines that are not blank or
   '#' comments; ValueError naming the line of text that is not UTF-8."""
-  for n, line in alignment.text_lines(path):
+  for n, line in textfile.text_lines(path):
     line = line.strip()
     if line and not line.startswith('#'):
       yield n, line
@@ -175,7 +175,7 @@ def _read_table(path: pathlib.Path, num_values: int, kind,
       row = [kind(x) for x in fields[1:]]
     except ValueError:
       raise ValueError(f'{path}, line {n}: expected {fmt}, got '
-                       f'{alignment.shown(line)}') from None
+                       f'{textfile.shown(line)}') from None
     names.append(fields[0])
     rows.append(row)
     lines.append(n)
@@ -231,13 +231,13 @@ def _read_pairs(path: pathlib.Path) -> np.ndarray:
       if not match or (len(line) >= 19 and not all(map(_is_int64,
                                                         match.groups()))):
         raise ValueError(f'{path}, line {n}: {fmt}, got '
-                         f'{alignment.shown(line)}') from None
+                         f'{textfile.shown(line)}') from None
     raise ValueError(f'{path}: {fmt} on every line ({e})') from None
   if table.shape[0] == 0:
     raise ValueError(f'{path} lists no pairs')
   if table.shape[1] != 3:
     n, line = next(_data_lines(path))
-    raise ValueError(f'{path}, line {n}: {fmt}, got {alignment.shown(line)}')
+    raise ValueError(f'{path}, line {n}: {fmt}, got {textfile.shown(line)}')
   bad = (table[:, 2] != 0) & (table[:, 2] != 1)
   if bad.any():
     row = int(np.argmax(bad))

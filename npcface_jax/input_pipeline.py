@@ -15,7 +15,6 @@ the synthetic stream runs without it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +23,8 @@ import jax
 import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from npcface_jax import jsonfile
 
 _PREP_HINT = ('run `python -m data_prep train ...` first and pass its output '
               'directory')
@@ -72,26 +73,22 @@ _RECORD_BYTES = 16
 _MAX_IMAGE_SIZE = 65535  # JPEG's largest side
 
 
+def _fix(data_dir: str) -> str:
+  return (f'. The metadata of the data_prep output {data_dir!r} is damaged: '
+          're-run `python -m data_prep train` to write it again')
+
+
 def _damaged(data_dir: str, file: str, what: str) -> ValueError:
-  return ValueError(
-      f'{os.path.join(data_dir, file)}: {what}. The metadata of the data_prep '
-      f'output {data_dir!r} is damaged: re-run `python -m data_prep train` '
-      'to write it again')
+  return ValueError(f'{os.path.join(data_dir, file)}: {what}{_fix(data_dir)}')
 
 
 def _check_json(data_dir: str, file: str) -> None:
-  """Refuses a metadata file that is not a UTF-8 JSON object, naming it
-  (tfds would say 'Failed to load JSON' without the file)."""
+  """Refuses a metadata file that is not a JSON object, naming it (tfds
+  would say 'Failed to load JSON' without the file)."""
   try:
-    with open(os.path.join(data_dir, file), 'rb') as f:
-      value = json.loads(f.read().decode('utf-8'))
-  except RecursionError:
-    raise _damaged(data_dir, file, 'its JSON nests too deeply') from None
-  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-    raise _damaged(data_dir, file, f'not valid JSON ({e})') from None
-  if not isinstance(value, dict):
-    raise _damaged(data_dir, file, f'a JSON {type(value).__name__}, not an '
-                   'object')
+    jsonfile.read_object(os.path.join(data_dir, file))
+  except ValueError as e:  # 'DIR/FILE is not valid JSON: ...'
+    raise ValueError(f'{e}{_fix(data_dir)}') from None
 
 
 def dataset_info(data_dir: str | os.PathLike) -> DatasetInfo:

@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import DataPrepError, alignment, pairs, shards
+from data_prep import DataPrepError, alignment, pairs, shards, textfile
 from tests import fuzzing
 from tests.helpers import fresh_rng
 
@@ -307,7 +307,7 @@ def test_pairs_file_binary_or_endless_line(tmp_path):
   path = _write(tmp_path / 'p.txt', b'Abel 1 2\nAbel 1\x00 2\n')
   with pytest.raises(DataPrepError, match=f'{path}, line 2: holds a NUL'):
     pairs.read_pairs(path)
-  _write(tmp_path / 'p.txt', b'Abel 1 2\n' + b'x' * (alignment.MAX_LINE + 5))
+  _write(tmp_path / 'p.txt', b'Abel 1 2\n' + b'x' * (textfile.MAX_LINE + 5))
   with pytest.raises(DataPrepError, match='line 2: is 1048576 characters or '
                      'longer'):
     pairs.read_pairs(path)
@@ -527,7 +527,7 @@ def test_ijb_big_pairs_file_stays_fast(tmp_path):
   meta = ijb.load_meta(root)
   seconds = time.perf_counter() - start
   start = time.perf_counter()
-  assert sum(1 for _ in alignment.text_lines(pairs_file)) == n
+  assert sum(1 for _ in textfile.text_lines(pairs_file)) == n
   python_s = time.perf_counter() - start
   assert meta.pair_templates.shape == (n, 2)
   assert seconds < 1.5 * python_s, (
