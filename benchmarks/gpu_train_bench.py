@@ -12,9 +12,9 @@ NPCFace head (paper options: s 64, m0 0.4, m1 0.2, t 1.1, alpha 0.25) over a
 normalised classifier of C = 85,742 classes (MS1M-ArcFace, the usual
 ResNet-50 training set; --classes 10575 for CASIA-WebFace), softmax
 cross-entropy, SGD momentum 0.9, weight decay 5e-4 on every parameter.
-  jax          train.make_train_step, the trainer's own jitted step (state
+  jax          train_step.make_train_step, the trainer's own jitted step (state
                donated, BatchNorm statistics, metrics), built through
-               train.make_task / init_state from a plain config object;
+               factories.make_task / init_state from a plain config object;
                bfloat16 is config.dtype='bfloat16' (bf16 images and
                backbone, float32 parameters and loss), as the trainer runs it
   jax shifted  the same with impl='shifted' (layers.py): depthwise convs as
@@ -67,7 +67,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from torch_models import torch_network  # noqa: E402 (beside this file)
-from npcface_jax import models, train  # noqa: E402
+from npcface_jax import factories, models, train_step, training_data  # noqa: E402
 
 EMBEDDING = 512
 IMAGE = 112
@@ -150,11 +150,11 @@ class JaxCase:
   def __init__(self, model, dtype, impl, batch, classes, options, data):
     self.name = 'jax' if impl == 'native' else f'jax {impl}'
     config = jax_config(model, dtype, impl, options)
-    mesh = train.make_mesh(1, jax.devices()[:1])
-    task = train.make_task(config, mesh, train.Data(classes, IMAGE, 1000,
+    mesh = factories.make_mesh(1, jax.devices()[:1])
+    task = factories.make_task(config, mesh, training_data.Data(classes, IMAGE, 1000,
                                                     None))
-    self.state = train.init_state(task)
-    step = train.make_train_step(task, train.state_shardings(task, self.state))
+    self.state = factories.init_state(task)
+    step = train_step.make_train_step(task, factories.state_shardings(task, self.state))
     images, labels = data
     self.batch = {'image': jnp.asarray(images, jnp.dtype(dtype)),
                   'label': jnp.asarray(labels, jnp.int32)}

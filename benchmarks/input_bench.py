@@ -28,7 +28,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from data_prep.shards import serialize  # noqa: E402
-from npcface_jax import input_pipeline as ip  # noqa: E402
+from npcface_jax import input_pipeline as ip, synthetic  # noqa: E402
 
 SIZE = 112
 ORL = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
@@ -51,7 +51,7 @@ def face_images(n: int, orl: bool, num_classes: int) -> tuple[np.ndarray,
   rng = np.random.default_rng(0)
   out = np.empty((n, SIZE, SIZE, 3), np.uint8)
   for s in range(0, n, 200):
-    faces = ip.prototypes(labels[s:s + 200], SIZE)
+    faces = synthetic.prototypes(labels[s:s + 200], SIZE)
     faces += rng.normal(0, 12, faces.shape).astype(np.float32)
     out[s:s + 200] = np.clip(faces, 0, 255)
   return out, labels

@@ -6,7 +6,7 @@ Part 1 compiles (does not run) value_and_grad of the mean NPCFace
 cross-entropy of a class-sharded normalised classifier and prints XLA's
 per-device memory analysis, full logits vs the chunked loss.
 
-Part 2 is the trainer's own step (train.make_train_step: backbone,
+Part 2 is the trainer's own step (train_step.make_train_step: backbone,
 classifier, SGD with momentum, state donated) at C classes, D = 512: the
 classifier and its momentum held per device, measured from the live arrays,
 beside the same step with the classifier replicated (model_parallel 1,
@@ -66,7 +66,7 @@ def _classifier_bytes(state, device):
 
 def train_memory(args, jax):
   from configs import default
-  from npcface_jax import train
+  from npcface_jax import factories, train_step, training_data
 
   print(f'\n# trainer step: C={args.classes}, D={args.dim}, batch '
         f'{args.train_batch}, {args.devices} devices, per device (MB)')
@@ -81,17 +81,17 @@ def train_memory(args, jax):
         'embedding_dim': args.dim, 'batch_size': args.train_batch,
         'model_parallel': model_parallel, 'sample_rate': rate,
         'chunk_size': args.chunk_size, 'synthetic.epoch_examples': 10_000})
-    mesh = train.make_mesh(model_parallel)
-    data = train.open_data(c, mesh)
-    task = train.make_task(c, mesh, data)
-    target = train.abstract_state(task)
+    mesh = factories.make_mesh(model_parallel)
+    data = training_data.open_data(c, mesh)
+    task = factories.make_task(c, mesh, data)
+    target = factories.abstract_state(task)
     shardings = jax.tree.map(lambda s: s.sharding, target)
-    step = train.make_train_step(task, shardings)
+    step = train_step.make_train_step(task, shardings)
     batch = next(data.open(None))
     m = step.lower(target, batch).compile().memory_analysis()
     seconds = float('nan')
     if model_parallel > 1:
-      state = train.init_state(task)
+      state = factories.init_state(task)
       held, total = _classifier_bytes(state, jax.devices()[0])
       state, metrics = step(state, batch)  # compile and warm up
       jax.block_until_ready(metrics)

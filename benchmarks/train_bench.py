@@ -5,7 +5,7 @@ C = 10,575 classes (CASIA-WebFace), batch 64, 112x112, one device.
         [--rounds 5] [--chunk-size 0]
 
 In one run, interleaved round after round:
-  full       train.make_train_step: backbone forward/backward, the NPCFace
+  full       train_step.make_train_step: backbone forward/backward, the NPCFace
              classifier loss, SGD momentum + weight decay on everything,
              BatchNorm statistics, metrics; the state donated
   backbone   the same backbone step alone (squared error against fixed
@@ -34,22 +34,23 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 from configs import casia_mobileface  # noqa: E402
-from npcface_jax import classifier, train  # noqa: E402
+from npcface_jax import (classifier, factories, train_step,  # noqa: E402
+                         training_data)
 
 
 def cases(batch: int, num_classes: int, chunk_size: int) -> dict:
   config = casia_mobileface.get_config()
   config.chunk_size = chunk_size
-  mesh = train.make_mesh(1, jax.devices()[:1])
-  data = train.Data(num_classes, 112, 1000, None)
-  task = train.make_task(config, mesh, data)
+  mesh = factories.make_mesh(1, jax.devices()[:1])
+  data = training_data.Data(num_classes, 112, 1000, None)
+  task = factories.make_task(config, mesh, data)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(batch, 112, 112, 3)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32)
   batch_ = {'image': images, 'label': labels}
 
-  state = [train.init_state(task)]
-  full_step = train.make_train_step(task, train.state_shardings(task,
+  state = [factories.init_state(task)]
+  full_step = train_step.make_train_step(task, factories.state_shardings(task,
                                                                 state[0]))
 
   def run_full():

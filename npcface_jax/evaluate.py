@@ -1,19 +1,12 @@
-"""Evaluation: a jitted embedding step of its own, apart from training, and
-``python -m npcface_jax.evaluate --workdir=DIR --targets=a.bin,...``.
+"""``python -m npcface_jax.evaluate --workdir=DIR --targets=a.bin,...``:
+evaluates a trained run.
 
-``Embedder`` runs a backbone in inference mode over any number of images in
-fixed-size batches (the last one padded, so one compiled shape serves all),
-sharded over every device of the mesh, optionally adding the embedding of
-each image's mirror (flip test-time augmentation), and returns L2-normalised
-float32 numpy embeddings. Images are uint8 pixels (normalised on the device,
-so a verification set stays 4x smaller in host memory) or floats already
-normalised as the input pipeline does, (x - 127.5) / 128.
-
-The command restores a trained run's backbone (its classifier and optimizer
-state are never read), embeds each benchmark (insightface .bin pair sets,
-IJB-B/C release folders, MegaFace-style probe and distractor folders), runs
-the protocols of protocols.py, ijb.py and identification.py, prints a table
-and writes DIR/eval/step_N[_flip]/results.json with ROC curves as PNG.
+Restores the run's backbone (its classifier and optimizer state are never
+read), embeds each benchmark with embedding.Embedder (insightface .bin pair
+sets, IJB-B/C release folders, MegaFace-style probe and distractor
+folders), runs the protocols of protocols.py, ijb.py and identification.py,
+prints a table and writes DIR/eval/step_N[_flip]/results.json with ROC
+curves as PNG.
 """
 
 from __future__ import annotations
@@ -21,79 +14,16 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
-import json
 import logging
-import math
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from npcface_jax import jsonfile, protocols
-from npcface_jax.classifier import l2_normalize
-
-ALL_DEVICES = P(('data', 'model'))
-
-
-class Embedder:
-  """``embedder(variables, images) -> (N, D) float32``, L2-normalised."""
-
-  def __init__(self, model, mesh: Mesh, batch_size: int, flip: bool = False):
-    devices = mesh.size
-    if batch_size <= 0 or batch_size % devices:
-      raise ValueError(f'evaluation batch {batch_size} does not divide over '
-                       f'{devices} devices: use a positive multiple of '
-                       f'{devices}')
-    self.mesh, self.batch_size, self.flip = mesh, batch_size, flip
-    self._in = NamedSharding(mesh, ALL_DEVICES)
-    out = NamedSharding(mesh, P())  # every process reads all embeddings
-
-    def embed(variables, images):
-      x = images
-      if x.dtype == jnp.uint8:
-        x = (x.astype(jnp.float32) - 127.5) / 128.0
-      e = model.apply(variables, x, train=False)
-      if flip:
-        e = e + model.apply(variables, x[:, :, ::-1], train=False)
-      return l2_normalize(e.astype(jnp.float32))
-
-    self._embed = jax.jit(embed, out_shardings=out)
-
-  def __call__(self, variables: Any, images: np.ndarray) -> np.ndarray:
-    images = np.asarray(images)
-    n, b = images.shape[0], self.batch_size
-    out = []
-    for start in range(0, n, b):
-      chunk = images[start:start + b]
-      if chunk.shape[0] < b:  # pad the last batch to the compiled shape
-        pad = np.zeros((b - chunk.shape[0],) + chunk.shape[1:], chunk.dtype)
-        chunk = np.concatenate([chunk, pad])
-      batch = jax.make_array_from_callback(chunk.shape, self._in,
-                                           lambda index, c=chunk: c[index])
-      out.append(np.asarray(self._embed(variables, batch)))
-    if not out:
-      return np.zeros((0, 0), np.float32)
-    return np.concatenate(out)[:n]
-
-
-def verify(embedder: Embedder, variables: Any, images: np.ndarray,
-           issame: np.ndarray, num_folds: int = 10) -> dict:
-  """10-fold verification of pairs (images 2k, 2k + 1), as for LFW."""
-  embeddings = embedder(variables, images)
-  return protocols.verification_accuracy(
-      protocols.pair_similarities(embeddings), issame, num_folds)
-
-
-def embed_batches(embedder: Embedder, variables: Any, batches) -> np.ndarray:
-  """Embeddings of a stream of uint8 image batches (any sizes), in order;
-  for sets too large to hold as images at once (IJB-C, MegaFace)."""
-  out = [embedder(variables, b) for b in batches if len(b)]
-  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
+from npcface_jax import (embedding, identification, ijb as ijb_lib, jsonfile,
+                         protocols, run_dir, run_log, factories,
+                         verification_bin)
 
 # --- Images from folders (identification sets) -------------------------------
 
@@ -154,54 +84,6 @@ def read_images(paths, image_size: int, batch_size: int, skipped: list):
 
 # --- Evaluating a trained run: python -m npcface_jax.evaluate ----------------
 
-def load_run(workdir: str):
-  """(config, image size) the run in workdir was trained with (run.json);
-  ValueError naming the file, what is wrong with it and the fix."""
-  import ml_collections  # noqa: PLC0415
-  path = os.path.join(workdir, 'run.json')
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f'{path} not found: --workdir must be a directory that '
-        'python -m npcface_jax.main trained in (it writes run.json)')
-  fix = ('python -m npcface_jax.main writes it when training starts: '
-         'restore the file, or re-run training with this --workdir')
-  try:
-    info = jsonfile.read_object(path)
-  except ValueError as e:
-    raise ValueError(f'{e}; {fix}') from None
-  if not isinstance(info.get('config'), dict):
-    what = 'not an object' if 'config' in info else 'missing'
-    raise ValueError(f'{path}: "config" is {what}; {fix}')
-  size = info.get('image_size')
-  if isinstance(size, bool) or not isinstance(size, int) or not (
-      0 < size <= 65535):
-    raise ValueError(f'{path}: "image_size" is {size!r:.40}, not an image '
-                     f'side in pixels (1 to 65535); {fix}')
-  try:
-    config = ml_collections.ConfigDict(info['config'])
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    raise ValueError(f'{path}: "config" is not a config ({e}); {fix}') from None
-  return config, size
-
-
-def restore_variables(workdir: str, mesh: Mesh, step: int | None = None):
-  """(backbone variables replicated over the mesh, step) from the newest
-  checkpoint in workdir, or the given step; the classifier and the
-  optimizer state are not read."""
-  from npcface_jax import checkpoint  # noqa: PLC0415
-  checkpoints = checkpoint.Checkpointer(
-      os.path.join(workdir, 'checkpoints'), keep=1, every_steps=1,
-      asynchronous=False, read_only=True)
-  try:
-    state, step = checkpoints.restore_parts(
-        {'params': ['backbone'], 'batch_stats': None},
-        NamedSharding(mesh, P()), step)
-  finally:
-    checkpoints.close()
-  return {'params': state['params']['backbone'],
-          'batch_stats': state['batch_stats']}, step
-
-
 def _summary_row(name: str, result: dict) -> list[str]:
   tars = {f"{t['far']:.0e}": t['tar'] for t in result.get('tar_at_far', [])}
   pct = lambda x: '-' if x is None else f'{100 * x:.2f}'  # noqa: E731
@@ -243,24 +125,6 @@ def _roc(out_dir: str, name: str, scores, labels, title: str) -> str:
   return f'roc_{name}.png'
 
 
-def _finite(value):
-  """JSON has no infinity: a threshold of -inf (accept every pair) is
-  written as null."""
-  if isinstance(value, float) and not math.isfinite(value):
-    return None
-  if isinstance(value, dict):
-    return {k: _finite(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return [_finite(v) for v in value]
-  return value
-
-
-def _write_json(path: str, value) -> None:
-  with open(path + '.tmp', 'w') as f:
-    json.dump(_finite(value), f, indent=1, allow_nan=False)
-  os.replace(path + '.tmp', path)
-
-
 def _earlier_targets(results_path: str) -> dict:
   """The targets of this checkpoint evaluated before (results.json), which
   stay in the record. A file that is not such a record is moved aside to
@@ -291,6 +155,135 @@ def _earlier_targets(results_path: str) -> dict:
     return {}
 
 
+class _Run(NamedTuple):
+  """What every target of one evaluation shares."""
+  embedder: embedding.Embedder
+  variables: Any
+  image_size: int
+  batch: int  # images read per host batch
+  step: int
+  out_dir: str
+  export_features: bool
+
+  def embed(self, images) -> np.ndarray:
+    return self.embedder(self.variables, images)
+
+  def embed_batches(self, batches) -> np.ndarray:
+    return embedding.embed_batches(self.embedder, self.variables, batches)
+
+  def save_features(self, name: str, **arrays) -> None:
+    if self.export_features:
+      os.makedirs(os.path.join(self.out_dir, 'features'), exist_ok=True)
+      for key, value in arrays.items():
+        np.save(os.path.join(self.out_dir, 'features', f'{name}{key}.npy'),
+                value)
+
+
+def _pairs(run: _Run, path: str, name: str, log) -> dict:
+  """An insightface .bin pair set: 10-fold accuracy, ROC, TAR at FAR."""
+  pairs = verification_bin.load_pairs(path, run.image_size)
+  issame = pairs.issame
+  features = run.embed(pairs.images)
+  scores = protocols.pair_similarities(features)
+  result = protocols.verification_report(scores, issame)
+  result.update(kind='pairs', path=os.path.abspath(path),
+                num_pairs=len(issame), skipped_pairs=pairs.skipped)
+  result['roc'] = _roc(run.out_dir, name, scores, issame,
+                       f'{name}: ROC, step {run.step}')
+  run.save_features(name, **{'': features})
+  log('%s: %.2f%% +- %.2f over %d pairs%s', name, 100 * result['accuracy'],
+      100 * result['accuracy_std'], len(issame),
+      f' ({len(pairs.skipped)} left out: an image does not decode)'
+      * bool(pairs.skipped))
+  return result
+
+
+def _ijb(run: _Run, root: str, meta, name: str, face_scores: bool,
+         log) -> dict:
+  """An IJB-B/C release: template-to-template 1:1 verification."""
+  images = ijb_lib.aligned_batches(root, meta, run.image_size, run.batch)
+  features = run.embed_batches(images)
+  result = ijb_lib.evaluate(features, meta, use_face_scores=face_scores,
+                        skipped=images.skipped)
+  scores, labels = result.pop('scores'), result.pop('labels')
+  result.update(kind='ijb', path=os.path.abspath(root),
+                face_scores=face_scores, skipped_images=[
+                    f'{s.name}: {s.reason}' for s in images.skipped])
+  result['roc'] = _roc(run.out_dir, name, scores, labels,
+                       f'{name} 1:1: ROC, step {run.step}')
+  run.save_features(name, **{'': features})
+  log('%s: %d template pairs, %d images unreadable', name,
+      len(labels), len(images.skipped))
+  return result
+
+
+def _identification(run: _Run, probes: str, distractors: str, name: str,
+                    log) -> dict:
+  """MegaFace-style identification: probe identities among distractors."""
+  from data_prep import sources  # noqa: PLC0415
+  listing = sources.list_folder(probes)
+  names = sorted({e.identity for e in listing.entries})
+  skipped: list = []
+  probe_features = run.embed_batches(read_images(
+      [e.path for e in listing.entries], run.image_size, run.batch, skipped))
+  bad = {i for i, _, _ in skipped}
+  labels = np.array([names.index(e.identity) for i, e in
+                     enumerate(listing.entries) if i not in bad])
+  distractor_skipped: list = []
+  distractor_features = run.embed_batches(read_images(
+      image_files(distractors), run.image_size, run.batch,
+      distractor_skipped))
+  # FARs whose threshold needs more impostor scores kept than MAX_KEPT
+  # (1e-1 of 3.5e9 pairs would be 350M) are left out, and said so.
+  impostors = len(probe_features) * len(distractor_features)
+  fars = [f for f in protocols.FARS if protocols.impostors_accepted(
+      f, impostors) < identification.MAX_KEPT]
+  result = identification.megaface(probe_features, labels,
+                                   distractor_features, fars=fars)
+  result['fars_too_many_to_keep'] = [f for f in protocols.FARS
+                                     if f not in fars]
+  result.update(kind='identification', path=os.path.abspath(probes),
+                distractors=os.path.abspath(distractors),
+                skipped_images=[
+                    *(f"{s.get('path', s.get('key'))}: {s['reason']} "
+                      f"({s.get('detail', '')})" for s in listing.skipped),
+                    *(f'{p}: {r}' for _, p, r in
+                      skipped + distractor_skipped)])
+  run.save_features(name, _probes=probe_features, _labels=labels,
+                    _distractors=distractor_features)
+  log('%s: rank-1 %.2f%% among %d distractors', name,
+      100 * result['rank1'], len(distractor_features))
+  return result
+
+
+def _check_inputs(targets, ijb_roots, probes, distractors) -> None:
+  if not (targets or ijb_roots or probes):
+    raise ValueError('nothing to evaluate: pass --targets (.bin files), '
+                     '--ijb (IJB-B/C folders) or --probes with --distractors')
+  if bool(probes) != bool(distractors):
+    raise ValueError('--probes and --distractors go together (a MegaFace-'
+                     'style set: probe identities and distractor images)')
+  for path in [*targets, *ijb_roots, *filter(None, [probes, distractors])]:
+    if not os.path.exists(path):
+      raise FileNotFoundError(f'{path} does not exist')
+
+
+def _open_run(workdir: str, step, flip: bool, batch_size,
+              export_features: bool) -> _Run:
+  """The run's backbone restored and its embedder built, over all devices."""
+  config, image_size = run_dir.load_run(workdir)
+  mesh = factories.make_mesh(1)
+  batch = batch_size or config.eval_batch_size
+  batch = -(-batch // mesh.size) * mesh.size
+  variables, step = run_dir.restore_variables(workdir, mesh, step)
+  embedder = embedding.Embedder(factories.create_model(config, train_dtype=False),
+                                mesh, batch, flip)
+  out_dir = os.path.join(workdir, 'eval', f'step_{step}' + '_flip' * flip)
+  os.makedirs(out_dir, exist_ok=True)
+  return _Run(embedder, variables, image_size, batch * 8, step, out_dir,
+              export_features)
+
+
 def evaluate_run(workdir: str, *, targets=(), ijb=(), probes=None,
                  distractors=None, step=None, flip=False, batch_size=None,
                  face_scores=False, export_features=False,
@@ -298,122 +291,33 @@ def evaluate_run(workdir: str, *, targets=(), ijb=(), probes=None,
   """Restores the run in workdir, evaluates every set and writes
   DIR/eval/step_N[_flip]/{results.json, roc_*.png, features/*.npy} and a
   copy of results.json as DIR/eval/results.json. Returns the results."""
-  from npcface_jax import train, verification_bin  # noqa: PLC0415
-  if not (targets or ijb or probes):
-    raise ValueError('nothing to evaluate: pass --targets (.bin files), '
-                     '--ijb (IJB-B/C folders) or --probes with --distractors')
-  if bool(probes) != bool(distractors):
-    raise ValueError('--probes and --distractors go together (a MegaFace-'
-                     'style set: probe identities and distractor images)')
-  for path in [*targets, *ijb, *filter(None, [probes, distractors])]:
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'{path} does not exist')
-  config, image_size = load_run(workdir)
-  mesh = train.make_mesh(1)
-  batch = batch_size or config.eval_batch_size
-  batch = -(-batch // mesh.size) * mesh.size
-  variables, step = restore_variables(workdir, mesh, step)
-  embedder = Embedder(train.create_model(config, train_dtype=False), mesh,
-                      batch, flip)
-  out_dir = os.path.join(workdir, 'eval', f'step_{step}' + '_flip' * flip)
-  os.makedirs(out_dir, exist_ok=True)
-  results_path = os.path.join(out_dir, 'results.json')
-  record = {'step': step, 'flip': flip,
+  _check_inputs(targets, ijb, probes, distractors)
+  run = _open_run(workdir, step, flip, batch_size, export_features)
+  results_path = os.path.join(run.out_dir, 'results.json')
+  record = {'step': run.step, 'flip': flip,
             'targets': _earlier_targets(results_path)}
   done: dict[str, dict] = {}
-
-  def features_out(name, **arrays):
-    if export_features:
-      os.makedirs(os.path.join(out_dir, 'features'), exist_ok=True)
-      for key, value in arrays.items():
-        np.save(os.path.join(out_dir, 'features', f'{name}{key}.npy'), value)
-
   for path in targets:
     name = _target_name(path, done)
-    pairs = verification_bin.load_pairs(path, image_size)
-    issame = pairs.issame
-    features = embedder(variables, pairs.images)
-    scores = protocols.pair_similarities(features)
-    result = protocols.verification_report(scores, issame)
-    result.update(kind='pairs', path=os.path.abspath(path),
-                  num_pairs=len(issame), skipped_pairs=pairs.skipped)
-    result['roc'] = _roc(out_dir, name, scores, issame,
-                         f'{name}: ROC, step {step}')
-    features_out(name, **{'': features})
-    done[name] = result
-    log('%s: %.2f%% +- %.2f over %d pairs%s', name, 100 * result['accuracy'],
-        100 * result['accuracy_std'], len(issame),
-        f' ({len(pairs.skipped)} left out: an image does not decode)'
-        * bool(pairs.skipped))
-
+    done[name] = _pairs(run, path, name, log)
   for root in ijb:
-    from npcface_jax import ijb as ijb_protocol  # noqa: PLC0415
-    meta = ijb_protocol.load_meta(root)
+    meta = ijb_lib.load_meta(root)
     name = _target_name(meta.name, done)
-    images = ijb_protocol.aligned_batches(root, meta, image_size, batch * 8)
-    features = embed_batches(embedder, variables, images)
-    result = ijb_protocol.evaluate(features, meta, use_face_scores=face_scores,
-                                   skipped=images.skipped)
-    scores, labels = result.pop('scores'), result.pop('labels')
-    result.update(kind='ijb', path=os.path.abspath(root),
-                  face_scores=face_scores, skipped_images=[
-                      f'{s.name}: {s.reason}' for s in images.skipped])
-    result['roc'] = _roc(out_dir, name, scores, labels,
-                         f'{name} 1:1: ROC, step {step}')
-    features_out(name, **{'': features})
-    done[name] = result
-    log('%s: %d template pairs, %d images unreadable', name,
-        len(labels), len(images.skipped))
-
+    done[name] = _ijb(run, root, meta, name, face_scores, log)
   if probes:
-    from data_prep import sources  # noqa: PLC0415
-    from npcface_jax import identification  # noqa: PLC0415
-    listing = sources.list_folder(probes)
-    names = sorted({e.identity for e in listing.entries})
-    skipped: list = []
-    probe_features = embed_batches(embedder, variables, read_images(
-        [e.path for e in listing.entries], image_size, batch * 8, skipped))
-    bad = {i for i, _, _ in skipped}
-    labels = np.array([names.index(e.identity) for i, e in
-                       enumerate(listing.entries) if i not in bad])
-    distractor_skipped: list = []
-    distractor_features = embed_batches(embedder, variables, read_images(
-        image_files(distractors), image_size, batch * 8, distractor_skipped))
     name = _target_name(probes, done)
-    # FARs whose threshold needs more impostor scores kept than MAX_KEPT
-    # (1e-1 of 3.5e9 pairs would be 350M) are left out, and said so.
-    impostors = len(probe_features) * len(distractor_features)
-    fars = [f for f in protocols.FARS if protocols.impostors_accepted(
-        f, impostors) < identification.MAX_KEPT]
-    result = identification.megaface(probe_features, labels,
-                                     distractor_features, fars=fars)
-    result['fars_too_many_to_keep'] = [f for f in protocols.FARS
-                                       if f not in fars]
-    result.update(kind='identification', path=os.path.abspath(probes),
-                  distractors=os.path.abspath(distractors),
-                  skipped_images=[
-                      *(f"{s.get('path', s.get('key'))}: {s['reason']} "
-                        f"({s.get('detail', '')})" for s in listing.skipped),
-                      *(f'{p}: {r}' for _, p, r in
-                        skipped + distractor_skipped)])
-    features_out(name, _probes=probe_features, _labels=labels,
-                 _distractors=distractor_features)
-    done[name] = result
-    log('%s: rank-1 %.2f%% among %d distractors', name,
-        100 * result['rank1'], len(distractor_features))
-
+    done[name] = _identification(run, probes, distractors, name, log)
   record['targets'].update(done)
-  _write_json(results_path, record)
-  _write_json(os.path.join(workdir, 'eval', 'results.json'), record)
+  jsonfile.write_object(results_path, record)
+  jsonfile.write_object(os.path.join(workdir, 'eval', 'results.json'), record)
   return record
 
 
 def main(argv):
   from absl import app, flags  # noqa: PLC0415
-  from npcface_jax import checkpoint  # noqa: PLC0415
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  checkpoint.quiet_orbax_info()
+  run_log.quiet_third_party(flags.FLAGS.verbose)
   f = flags.FLAGS
   split = lambda v: [x for x in (v or '').split(',') if x]  # noqa: E731
   try:
@@ -451,6 +355,8 @@ def _define_flags():
                        "the config's eval_batch_size).")
   flags.DEFINE_bool('export_features', False, 'Also save the embeddings as '
                     '.npy under DIR/eval/step_N/features/.')
+  flags.DEFINE_bool('verbose', False, 'Also log the INFO lines of '
+                    'TensorFlow, orbax, absl and JAX.')
   flags.mark_flags_as_required(['workdir'])
 
 

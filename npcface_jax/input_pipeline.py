@@ -1,11 +1,11 @@
 """Training batches as global jax.Arrays sharded on the mesh's 'data' axis,
-from data_prep's TFRecord shards or from synthetic identities in memory.
+from data_prep's TFRecord shards (synthetic.py makes them without files).
 
 The real stream is a pure function of (seed, epoch, position): file order,
 shuffle and flips all derive from stateless seeds, so a run resumed from
 ``iterator.state()`` yields bit for bit the batches an uninterrupted run
 would have yielded. Each process reads an equal-length share of the data and
-feeds its slice of the global batch (DESIGN.md section 5).
+feeds its slice of the global batch (docs/architecture.md, "Sharding").
 
 TensorFlow is imported only inside the functions that read files, and is
 kept off the GPUs, so that it never takes accelerator memory from JAX and
@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
-import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -29,7 +28,8 @@ from npcface_jax import jsonfile
 _PREP_HINT = ('run `python -m data_prep train ...` first and pass its output '
               'directory')
 # Stream tags keep the seeds of different uses of one user seed apart.
-_FILES, _SHUFFLE, _FLIP, _PROTO, _STREAM, _HELDOUT = range(1, 7)
+# (synthetic.py uses 4 to 6.)
+_FILES, _SHUFFLE, _FLIP = range(1, 4)
 
 
 # --- TensorFlow, lazily ------------------------------------------------------
@@ -243,7 +243,7 @@ def to_global(local_batch: Mapping[str, np.ndarray],
           for k, v in local_batch.items()}
 
 
-def _processes(process_index, process_count):
+def processes(process_index, process_count):
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   if not 0 <= index < count:
@@ -251,7 +251,7 @@ def _processes(process_index, process_count):
   return index, count
 
 
-def _dtype_name(dtype) -> str:
+def dtype_name(dtype) -> str:
   """'float32' or 'bfloat16', from a name or a numpy/jnp dtype."""
   name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
   if name not in ('float32', 'bfloat16'):
@@ -266,7 +266,7 @@ def _key(*words: int) -> list[int]:
 
 # --- The training stream from TFRecords --------------------------------------
 
-class _Stream:
+class Stream:
   """Shared iterator surface: next_local() gives this process's numpy
   batch, next() the global jax.Array batch, state() the position."""
 
@@ -286,7 +286,7 @@ class _Stream:
     return to_global(self.next_local(), self.mesh)
 
 
-class TrainIterator(_Stream):
+class TrainIterator(Stream):
   """Endless shuffled, augmented batches of one process's share, in epochs
   of ``steps_per_epoch`` batches; ``state()`` is {'epoch', 'index'}, where
   index counts this process's examples consumed in that epoch."""
@@ -361,10 +361,10 @@ def train_stream(data_dir: str | os.PathLike, global_batch_size: int,
   then continues exactly where that run stood. ``num_threads`` bounds
   tf.data's private thread pool (None: TensorFlow's shared pool).
   """
-  index, count = _processes(process_index, process_count)
+  index, count = processes(process_index, process_count)
   return TrainIterator(dataset_info(data_dir), mesh, global_batch_size,
                        seed=seed, start=start, flip=flip,
-                       dtype=_dtype_name(dtype),
+                       dtype=dtype_name(dtype),
                        shuffle_buffer=shuffle_buffer, process_index=index,
                        process_count=count, num_threads=num_threads,
                        prefetch=prefetch)
@@ -452,7 +452,7 @@ def ordered_dataset(data_dir: str | os.PathLike, batch_size: int | None = None,
   tf.data.Dataset of {'image', 'label'} (for embedding extraction); the last
   batch may be short."""
   info = dataset_info(data_dir)
-  dtype = _dtype_name(dtype)
+  dtype = dtype_name(dtype)
   tf = _tf()
 
   def example(record):
@@ -464,116 +464,3 @@ def ordered_dataset(data_dir: str | os.PathLike, batch_size: int | None = None,
   if batch_size:
     ds = ds.batch(batch_size)
   return ds.prefetch(2).with_options(_options(tf, None))
-
-
-# --- Synthetic identities (numpy only) ---------------------------------------
-
-_PROTO_RES = 8
-
-
-def _upsample_matrix(n: int, size: int) -> np.ndarray:
-  """(size, n) bilinear interpolation weights from n samples to size."""
-  pos = np.clip((np.arange(size) + 0.5) * n / size - 0.5, 0, n - 1)
-  lo = np.floor(pos).astype(int)
-  hi = np.minimum(lo + 1, n - 1)
-  w = pos - lo
-  m = np.zeros((size, n))
-  m[np.arange(size), lo] += 1 - w
-  m[np.arange(size), hi] += w
-  return m
-
-
-def prototypes(classes: Sequence[int], image_size: int = 112,
-               seed: int = 0) -> np.ndarray:
-  """Each identity's fixed face, a smooth random RGB image in pixel units
-  (N, S, S, 3) float32, drawn from (seed, class) alone."""
-  low = np.stack([np.random.default_rng([seed, _PROTO, int(c)]).normal(
-      size=(_PROTO_RES, _PROTO_RES, 3)) for c in classes])
-  up = _upsample_matrix(_PROTO_RES, image_size)
-  img = np.einsum('hi,nijc,wj->nhwc', up, low, up)
-  return (127.5 + 70.0 * img).astype(np.float32)
-
-
-def _render(labels, rng, image_size, seed, noise, max_shift, dtype):
-  """Samples of the given identities: prototype shifted by up to max_shift
-  pixels, with a brightness offset and pixel noise, then normalised."""
-  uniq, inverse = np.unique(labels, return_inverse=True)
-  protos = prototypes(uniq, image_size, seed)
-  n = len(labels)
-  shifts = rng.integers(-max_shift, max_shift + 1, (n, 2))
-  out = np.empty((n, image_size, image_size, 3), np.float32)
-  for k in range(n):
-    out[k] = np.roll(protos[inverse[k]], tuple(shifts[k]), axis=(0, 1))
-  out += rng.normal(0.0, 10.0, (n, 1, 1, 1)).astype(np.float32)
-  out += noise * rng.standard_normal(out.shape, np.float32)
-  np.clip(out, 0.0, 255.0, out=out)
-  out -= 127.5
-  out /= 128.0
-  dtype = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}[
-      _dtype_name(dtype)]
-  return out.astype(dtype, copy=False), np.asarray(labels, np.int32)
-
-
-def synthetic_examples(classes: Sequence[int], samples_per_class: int,
-                       image_size: int = 112, seed: int = 0, *,
-                       noise: float = 24.0, max_shift: int = 4,
-                       dtype: Any = np.float32
-                       ) -> tuple[np.ndarray, np.ndarray]:
-  """(images (N, S, S, 3), labels (N,) int32) of the given identities,
-  samples_per_class each, grouped by class; for verification, pass classes
-  the stream never draws (>= its num_classes)."""
-  classes = [int(c) for c in classes]
-  labels = np.repeat(np.asarray(classes, np.int64), samples_per_class)
-  rng = np.random.default_rng([_HELDOUT, seed, samples_per_class, *classes])
-  return _render(labels, rng, image_size, seed, noise, max_shift, dtype)
-
-
-class SyntheticIterator(_Stream):
-  """Endless batches of random identities; ``state()`` is {'step'}."""
-
-  def __init__(self, num_classes, global_batch_size, mesh, *, image_size, seed,
-               start, noise, max_shift, dtype, process_index, process_count):
-    super().__init__(mesh, process_count)
-    self.batch_size = local_batch_size(global_batch_size, mesh, process_count)
-    if num_classes < 1:
-      raise ValueError(f'num_classes must be positive, got {num_classes}')
-    self.num_classes, self.image_size, self.seed = num_classes, image_size, seed
-    self.noise, self.max_shift, self.dtype = noise, max_shift, dtype
-    self.process_index = process_index
-    if isinstance(start, Mapping) and set(start) != {'step'}:
-      raise ValueError(f'start {start!r} is not a state() of a synthetic '
-                       "stream: it needs exactly the key 'step'")
-    step = start['step'] if isinstance(start, Mapping) else (start or 0)
-    if int(step) < 0:
-      raise ValueError(f'start step must be >= 0, got {step}')
-    self._step = int(step)
-
-  def state(self) -> dict[str, int]:
-    return {'step': self._step}
-
-  def next_local(self) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(
-        [_STREAM, self.seed, self._step, self.process_index])
-    labels = rng.integers(0, self.num_classes, self.batch_size)
-    images, labels = _render(labels, rng, self.image_size, self.seed,
-                             self.noise, self.max_shift, self.dtype)
-    self._step += 1
-    return {'image': images, 'label': labels}
-
-
-def synthetic_stream(num_classes: int, batch_size: int, mesh: Mesh,
-                     image_size: int = 112, seed: int = 0, *,
-                     start: Mapping[str, int] | int | None = None,
-                     noise: float = 24.0, max_shift: int = 4,
-                     dtype: Any = np.float32,
-                     process_index: int | None = None,
-                     process_count: int | None = None) -> SyntheticIterator:
-  """Learnable batches without files or TensorFlow: each of num_classes
-  identities is a fixed prototype from (seed, class), each sample that
-  prototype shifted and noised; batch (global) k is drawn from (seed, k,
-  process), so ``start`` (a state() or a step) resumes exactly."""
-  index, count = _processes(process_index, process_count)
-  return SyntheticIterator(num_classes, batch_size, mesh,
-                           image_size=image_size, seed=seed, start=start,
-                           noise=noise, max_shift=max_shift, dtype=dtype,
-                           process_index=index, process_count=count)

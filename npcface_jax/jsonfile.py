@@ -1,10 +1,13 @@
 """The small JSON files of a run and of a dataset (run.json, results.json,
-tfds metadata), read so that a damaged one is refused naming the file,
-within bounds of size and depth, instead of a traceback that names none."""
+tfds metadata): read so that a damaged one is refused naming the file,
+within bounds of size and depth, instead of a traceback that names none;
+written atomically, so that a crash leaves the old file or the new one,
+never half of one."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
 
@@ -51,3 +54,31 @@ def read_object(path: str | os.PathLike) -> dict:
     raise ValueError(f'{path} holds a JSON {type(value).__name__}, not an '
                      'object')
   return value
+
+
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+  """Writes ``data`` to a temporary file beside ``path`` and renames it over
+  ``path`` (an atomic replace on POSIX)."""
+  tmp = f'{os.fspath(path)}.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def _finite(value):
+  """JSON has no infinity or NaN: such a float (a threshold of -inf accepts
+  every pair) is written as null."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: _finite(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_finite(v) for v in value]
+  return value
+
+
+def write_object(path: str | os.PathLike, value: dict) -> None:
+  """``value`` as indented JSON in ``path``, atomically; non-finite floats
+  become null."""
+  text = json.dumps(_finite(value), indent=1, allow_nan=False)
+  atomic_write(path, text.encode('utf-8'))

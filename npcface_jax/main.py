@@ -22,18 +22,12 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isdir(os.path.join(_ROOT, 'configs')) and _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-# Several CPU devices (tests, CPU-only hosts): XLA:CPU's concurrency-
-# optimised scheduler can order one program's collectives differently per
-# device and deadlock under load (tests/conftest.py); only the CPU compiler
-# reads this flag.
-_SCHEDULE = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
-if _SCHEDULE not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '
-                             + _SCHEDULE).strip()
-
 import jax  # noqa: E402
 
-from npcface_jax import checkpoint, config_checks, train  # noqa: E402
+from npcface_jax import (checkpoint, config_checks, run_log, train,  # noqa: E402
+                         xla_flags)
+
+xla_flags.use_in_order_cpu_schedule()  # before JAX starts its backend
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Where checkpoints, TensorBoard events, '
@@ -50,6 +44,8 @@ flags.DEFINE_integer('process_id', None, 'This process, 0 to '
 config_flags.DEFINE_config_file(
     'config', os.path.join(_ROOT, 'configs', 'demo.py'),
     'Training configuration file.', lock_config=True)
+flags.DEFINE_bool('verbose', False, 'Also log the INFO lines of TensorFlow, '
+                  'orbax, absl and JAX.')
 flags.mark_flags_as_required(['workdir'])
 
 _CLUSTER_ENV = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
@@ -100,19 +96,26 @@ def _initialize_distributed(by_hand):
     jax.distributed.initialize()  # addresses from the cluster's environment
 
 
+def _default_config():
+  """configs/default.py's config, what the log compares the run's with."""
+  from configs import default  # noqa: PLC0415 (found through _ROOT)
+  return default.get_config()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   by_hand = by_hand_processes(FLAGS.coordinator_address, FLAGS.num_processes,
                               FLAGS.process_id)
-  checkpoint.quiet_orbax_info()
+  run_log.quiet_third_party(FLAGS.verbose)
   _initialize_distributed(by_hand)
   logging.info('JAX process %d of %d, %d local devices of %d: %s',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   try:
-    outcome = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    outcome = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                       defaults=_default_config())
   except config_checks.ConfigError as e:
     raise app.UsageError(str(e)) from None
   except (train.NonFiniteLoss, checkpoint.CheckpointWriteError) as e:

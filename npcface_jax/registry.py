@@ -11,6 +11,11 @@ heads carry state or parameters:
     params = head.init_params(key, num_classes)       # {} unless AdaM-softmax
     out = head(cos, labels, state, params)            # HeadOutput
     loss = get_criterion('softmax')(out.logits, labels) + out.aux_loss
+
+and what a trainer needs to treat every head alike: ``head.project(params)``
+after each update (AdaM-softmax keeps its margins in [0, 1]),
+``head.per_class_params`` (parameters with one row per class, laid out like
+the classifier) and ``head.diagnostics(out)`` (scalars worth logging).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class HeadOutput(NamedTuple):
 _NO_STATE = lambda num_classes: {}  # noqa: E731
 _NO_PARAMS = lambda key, num_classes: {}  # noqa: E731
 _NOTHING_AFTER = lambda state, row, sums, options: ({}, {})  # noqa: E731
+_AS_IS = lambda params: params  # noqa: E731
+_NO_DIAGNOSTICS = lambda metrics: {}  # noqa: E731
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +64,12 @@ class _Entry:
   # Whether the new state is a statistic of the whole batch (AdaCos's
   # median, CurricularFace's mean), so the batch must not be split.
   batch_statistics: bool = False
+  # params -> params, applied after each optimizer update.
+  project: Callable[[dict], dict] = _AS_IS
+  # The params with one row per class (padded and sharded as the classifier).
+  per_class_params: tuple[str, ...] = ()
+  # Per-sample metrics -> named scalars for the training log.
+  summarize: Callable[[dict], dict] = _NO_DIAGNOSTICS
 
 
 _HEADS: dict[str, _Entry] = {
@@ -77,7 +90,9 @@ _HEADS: dict[str, _Entry] = {
                      batch_statistics=True),
     'adam_softmax': _Entry(
         heads.adam_softmax_logits, 'params',
-        init_params=lambda key, n: {'margins': heads.adam_init_margins(key, n)}),
+        init_params=lambda key, n: {'margins': heads.adam_init_margins(key, n)},
+        project=lambda p: {'margins': heads.adam_project_margins(p['margins'])},
+        per_class_params=('margins',)),
     'mv_am_softmax': _Entry(heads.mv_am_softmax_logits, 'plain',
                             parts=heads.mv_am_softmax_parts),
     'mv_arc_softmax': _Entry(heads.mv_arc_softmax_logits, 'plain',
@@ -94,7 +109,13 @@ _HEADS: dict[str, _Entry] = {
         heads.npcface_logits, 'diagnostics',
         parts=heads.npcface_parts,
         after_parts=lambda st, row, sums, o: (
-            {}, heads.npcface_diagnostics(sums, o['m0'], o['m1']))),
+            {}, heads.npcface_diagnostics(sums, o['m0'], o['m1'])),
+        summarize=lambda m: {
+            # samples with a hard negative, hard negatives per sample, and
+            # the mean cooperative margin
+            'hard_share': jnp.mean((m['num_hard'] > 0).astype(jnp.float32)),
+            'hard_count': jnp.mean(m['num_hard'].astype(jnp.float32)),
+            'margin': jnp.mean(m['margin'])}),
 }
 
 # Each criterion is a reduction of the per-sample cross-entropy.
@@ -161,6 +182,25 @@ class Head:
           f'over all classes first, or it has parameters); use the full '
           f'logits for it (chunk_size=None)')
     return self._entry.parts(**self.options)
+
+  def project(self, params: dict) -> dict:
+    """The head's parameters after an optimizer update, put back where they
+    are allowed to be."""
+    return self._entry.project(params)
+
+  @property
+  def per_class_params(self) -> frozenset[str]:
+    """Names of the parameters with one row per class."""
+    return frozenset(self._entry.per_class_params)
+
+  def diagnostics(self, out: HeadOutput) -> dict[str, Array]:
+    """Scalars to log: '<head>/<name>' from the per-sample metrics, and
+    'head/<key>' for each scalar of the head's state (AdaCos's scale)."""
+    found = {f'{self.name}/{k}': v
+             for k, v in self._entry.summarize(out.metrics).items()}
+    found.update({f'head/{k}': jnp.asarray(v, jnp.float32)
+                  for k, v in out.state.items() if jnp.ndim(v) == 0})
+    return found
 
   def after_parts(self, state, row, sums) -> tuple[dict, dict]:
     """The new state and metrics from the chunked loss's row and sums."""

@@ -1,8 +1,8 @@
 """Eight fake CPU devices, set before JAX starts its backend, so every test
-run exercises the sharded paths (DESIGN.md section 5); and one compilation
-cache for the session, so that a program compiled once (a train step that
-a test runs, stops and resumes, also in a subprocess) is not compiled
-again."""
+run exercises the sharded paths (docs/architecture.md, "Sharding"); and
+one compilation cache for the session, so that a program compiled once (a
+train step that a test runs, stops and resumes, also in a subprocess) is
+not compiled again."""
 
 import atexit
 import os
@@ -10,14 +10,6 @@ import shutil
 import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-# XLA:CPU's concurrency-optimised scheduler can start one program's
-# collectives in different orders on different fake devices; with two test
-# processes on two cores that deadlocked the train step's all-reduces
-# (rendezvous timeouts, then abort). The in-order schedule does not.
-_SCHEDULE = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
-if _SCHEDULE not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' '
-                             + _SCHEDULE).strip()  # subprocesses too
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   _cache = tempfile.mkdtemp(prefix='npcface_jax_tests_cache_')
@@ -26,6 +18,10 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '1'
 
 import jax  # noqa: E402
+
+from npcface_jax import xla_flags  # noqa: E402
+
+xla_flags.use_in_order_cpu_schedule()  # subprocesses inherit it too
 
 NUM_DEVICES = 8
 jax.config.update('jax_num_cpu_devices', NUM_DEVICES)

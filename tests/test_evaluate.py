@@ -16,7 +16,7 @@ from PIL import Image
 
 from configs import demo
 from data_prep import preprocess
-from npcface_jax import evaluate, protocols, train
+from npcface_jax import embedding, evaluate, factories, protocols, train
 from tests.conftest import NUM_DEVICES
 from tests.helpers import SHARED_DATA
 
@@ -83,11 +83,11 @@ def test_orl_bin_end_to_end(trained):
   # ...and the features are the trained network's, flip included.
   images = verification_bin.decode_pairs(verification_bin.load_bin(ORL_BIN)[0],
                                          48)
-  embedder = evaluate.Embedder(train.create_model(_demo_config(),
+  embedder = embedding.Embedder(factories.create_model(_demo_config(),
                                                   train_dtype=False),
-                               train.make_mesh(1), 64, flip=True)
+                               factories.make_mesh(1), 64, flip=True)
   np.testing.assert_allclose(
-      embedder(train.eval_variables(state), images), features, atol=2e-6)
+      embedder(factories.eval_variables(state), images), features, atol=2e-6)
   with Image.open(out / result['roc']) as png:
     assert png.format == 'PNG' and png.size == (720, 540)
 

@@ -14,7 +14,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from npcface_jax import checkpoint, train
+from npcface_jax import (checkpoint, factories, train, train_step,
+                         training_data)
 from tests import tiny_backbone
 from tests.test_train import _assert_same_params, _config
 
@@ -23,7 +24,7 @@ from tests.test_train import _assert_same_params, _config
 def small_backbone(monkeypatch):
   """The tests' small backbone in place of MobileFaceNet: the faults are
   the trainer's, and it compiles in a second rather than twenty."""
-  monkeypatch.setattr(train, 'create_model', tiny_backbone.create_model)
+  monkeypatch.setattr(factories, 'create_model', tiny_backbone.create_model)
 
 
 class _Poisoned:
@@ -44,22 +45,22 @@ class _Poisoned:
 
 
 def _poison(monkeypatch, at):
-  real = train.open_data
+  real = training_data.open_data
 
   def open_data(config, mesh):
     data = real(config, mesh)
     return data._replace(open=lambda start: _Poisoned(data.open(start), at))
 
-  monkeypatch.setattr(train, 'open_data', open_data)
+  monkeypatch.setattr(training_data, 'open_data', open_data)
 
 
 def _restore(workdir, config, step=None):
-  mesh = train.make_mesh(config.model_parallel)
-  task = train.make_task(config, mesh, train.open_data(config, mesh))
+  mesh = factories.make_mesh(config.model_parallel)
+  task = factories.make_task(config, mesh, training_data.open_data(config, mesh))
   ckpt = checkpoint.Checkpointer(str(workdir / 'checkpoints'), keep=3,
                                  every_steps=100)
   try:
-    return ckpt.restore(train.abstract_state(task), step), ckpt.all_steps()
+    return ckpt.restore(factories.abstract_state(task), step), ckpt.all_steps()
   finally:
     ckpt.close()
 
@@ -108,11 +109,11 @@ def test_after_skipped_steps_the_applied_learning_rate_is_the_logged_one():
   to apply the rate of two steps earlier (optax's count stayed behind)."""
   c = _config(momentum=0.0, weight_decay=0.0, learning_rate=0.1,
               warmup_epochs=1.0, nonfinite='skip')  # 4 steps of warm-up
-  mesh = train.make_mesh(1, jax.devices()[:1])
-  data = train.open_data(c, mesh)
-  task = train.make_task(c, mesh, data)
-  state = train.init_state(task)
-  step = train.make_train_step(task, train.state_shardings(task, state))
+  mesh = factories.make_mesh(1, jax.devices()[:1])
+  data = training_data.open_data(c, mesh)
+  task = factories.make_task(c, mesh, data)
+  state = factories.init_state(task)
+  step = train_step.make_train_step(task, factories.state_shardings(task, state))
   stream = data.open(None)
   for skip in (True, True, False):
     batch = next(stream)

@@ -6,7 +6,7 @@ hang or unbounded memory.
 Fuzzed (tests/fuzzing.py, a fresh seed each run, in the summary line):
 pairs files and landmark files through ``data_prep pairs``' conversion, the
 three IJB meta files through ``ijb.load_meta`` and the aligned batches,
-run.json through ``evaluate.load_run``, an earlier results.json through
+run.json through ``run_dir.load_run``, an earlier results.json through
 evaluate's reading of it, and a data_prep output's dataset_info.json and
 features.json through ``input_pipeline.dataset_info``. ``fuzz_cases()`` is
 what benchmarks/fuzz_parsers.py runs with larger counts. Then one
@@ -87,11 +87,11 @@ def _ijb_files(rng) -> dict[str, bytes]:
 
 
 def _run_json() -> bytes:
-  """run.json as training writes it (train.write_run_info)."""
+  """run.json as training writes it (run_dir.write_run_info)."""
   from configs import demo  # noqa: PLC0415
-  from npcface_jax import train  # noqa: PLC0415
+  from npcface_jax import run_dir  # noqa: PLC0415
   with tempfile.TemporaryDirectory() as d:
-    train.write_run_info(d, demo.get_config(), types.SimpleNamespace(
+    run_dir.write_run_info(d, demo.get_config(), types.SimpleNamespace(
         image_size=48, num_classes=40))
     return pathlib.Path(d, 'run.json').read_bytes()
 
@@ -232,8 +232,8 @@ def _ijb_command(case: str) -> None:
 
 
 def _load_run(workdir: str) -> None:
-  from npcface_jax import evaluate  # noqa: PLC0415
-  evaluate.load_run(workdir)
+  from npcface_jax import run_dir  # noqa: PLC0415
+  run_dir.load_run(workdir)
 
 
 def _earlier_results(path: str) -> None:
@@ -544,7 +544,7 @@ def test_load_run_refuses_bad_run_json(tmp_path):
   """Was: JSONDecodeError, UnicodeDecodeError or KeyError escaped from
   load_run naming no file, and an image size of true or 112.5 was taken as
   an int."""
-  from npcface_jax import evaluate  # noqa: PLC0415
+  from npcface_jax import run_dir  # noqa: PLC0415
   good = json.loads(_run_json())
   path = tmp_path / 'run.json'
   cases = {
@@ -565,12 +565,12 @@ def test_load_run_refuses_bad_run_json(tmp_path):
   for text, what in cases.items():
     path.write_bytes(text)
     with pytest.raises(ValueError) as e:
-      evaluate.load_run(str(tmp_path))
+      run_dir.load_run(str(tmp_path))
     assert str(e.value).startswith(str(path)), (text[:80], e.value)
     assert what in str(e.value), (text[:80], e.value)
     assert 're-run training' in str(e.value), (text[:80], e.value)
   path.write_bytes(_run_json())
-  config, size = evaluate.load_run(str(tmp_path))
+  config, size = run_dir.load_run(str(tmp_path))
   assert size == 48 and config.model == good['config']['model']
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from npcface_jax import input_pipeline as ip
+from npcface_jax import input_pipeline as ip, synthetic
 from tests.conftest import NUM_DEVICES
 from tests.helpers import SHARED_DATA, orl_people
 
@@ -89,7 +89,7 @@ def data(tmp_path_factory):
   n = sum(SHARDS)
   labels = np.arange(n) % NUM_CLASSES
   rng = np.random.default_rng(0)
-  faces = ip.prototypes(labels, SIZE, seed=3)
+  faces = synthetic.prototypes(labels, SIZE, seed=3)
   faces += rng.normal(0, 20, faces.shape)
   images = np.clip(faces, 0, 255).astype(np.uint8)
   out = tmp_path_factory.mktemp('ds')
@@ -324,7 +324,7 @@ def test_orl_folder_through_data_prep_and_the_pipeline(tmp_path, mesh):
 
 def test_synthetic_is_deterministic_resumable_and_sharded(mesh):
   def stream(**kw):
-    return ip.synthetic_stream(10, 16, mesh, image_size=32, seed=1, **kw)
+    return synthetic.synthetic_stream(10, 16, mesh, image_size=32, seed=1, **kw)
   want = _take(stream(), 5)
   it = stream()
   _take(it, 2)
@@ -339,23 +339,23 @@ def test_synthetic_is_deterministic_resumable_and_sharded(mesh):
   assert batch['label'].dtype == jnp.int32
   assert np.all((np.asarray(batch['label']) >= 0)
                 & (np.asarray(batch['label']) < 10))
-  other = next(ip.synthetic_stream(10, 16, mesh, image_size=32, seed=2))
+  other = next(synthetic.synthetic_stream(10, 16, mesh, image_size=32, seed=2))
   assert not np.array_equal(np.asarray(other['image']), want[0]['image'])
   with pytest.raises(ValueError, match="does not divide over the mesh's 8"):
-    ip.synthetic_stream(10, 12, mesh)
+    synthetic.synthetic_stream(10, 12, mesh)
 
 
 def test_synthetic_identities_are_separable():
   """Samples lie nearer their own prototype than any other, also for held-out
   classes, so that a network can learn and verification means something."""
   classes = list(range(100, 110))
-  images, labels = ip.synthetic_examples(classes, 4, image_size=32, seed=0)
+  images, labels = synthetic.synthetic_examples(classes, 4, image_size=32, seed=0)
   assert images.shape == (40, 32, 32, 3) and labels.dtype == np.int32
   np.testing.assert_array_equal(labels, np.repeat(classes, 4))
   assert -1 <= images.min() and images.max() <= 1
-  again, _ = ip.synthetic_examples(classes, 4, image_size=32, seed=0)
+  again, _ = synthetic.synthetic_examples(classes, 4, image_size=32, seed=0)
   np.testing.assert_array_equal(images, again)
-  protos = (ip.prototypes(classes, 32, seed=0) - 127.5) / 128.0
+  protos = (synthetic.prototypes(classes, 32, seed=0) - 127.5) / 128.0
   # Distance after the best shift of up to 4 pixels.
   dist = np.full((40, 10), np.inf)
   for dy in range(-4, 5):
@@ -371,7 +371,7 @@ def test_synthetic_needs_no_tensorflow():
       'import sys, jax\n'
       'from npcface_jax import input_pipeline as ip\n'
       "mesh = jax.make_mesh((1, 1), ('data', 'model'))\n"
-      'b = next(ip.synthetic_stream(4, 2, mesh, image_size=16))\n'
+      'b = next(synthetic.synthetic_stream(4, 2, mesh, image_size=16))\n'
       "assert b['image'].shape == (2, 16, 16, 3)\n"
       "assert 'tensorflow' not in sys.modules, 'TF was imported'\n")
   result = subprocess.run([sys.executable, '-c', code], capture_output=True,

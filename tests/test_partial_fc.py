@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import npcface_jax as nf
-from npcface_jax import classifier, config_checks, train
+from npcface_jax import classifier, config_checks, factories, training_data
 from tests import np_reference as ref
 from tests.conftest import NUM_DEVICES
 from tests.helpers import away_from, fresh_rng
@@ -159,12 +159,12 @@ def test_sampling_bounds_are_named():
   assert classifier.num_sampled(0.1, 125_000) == 12_500
   with pytest.raises(ValueError, match='sample_rate'):
     classifier.num_sampled(0.0, 100)
-  mesh = train.make_mesh(8)
+  mesh = factories.make_mesh(8)
   c = _config(sample_rate=0.05, model_parallel=8)
-  data = train.Data(400, 32, 4, None)
+  data = training_data.Data(400, 32, 4, None)
   with pytest.raises(config_checks.ConfigError,
                      match=r'config.sample_rate = 0.05: 3 sampled'):
-    train.make_task(c, mesh, data)
+    factories.make_task(c, mesh, data)
   with pytest.raises(config_checks.ConfigError, match='config.sample_rate'):
     config_checks.check(_config(sample_rate=1.5), num_devices=NUM_DEVICES)
   head = nf.get_head('npcface')

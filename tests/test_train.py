@@ -18,8 +18,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import casia_mobileface, default, demo, ms1m_attention56
-from npcface_jax import (checkpoint, config_checks, heads, input_pipeline,
-                         registry, train)
+from npcface_jax import (checkpoint, config_checks, factories, heads,
+                         input_pipeline, registry, run_dir, train, train_step,
+                         training_data)
 from tests.conftest import NUM_DEVICES
 from tests.helpers import SHARED_DATA, fresh_rng, orl_people
 from tests import tiny_backbone
@@ -119,8 +120,8 @@ def _command_line_config(*overrides):
 def _trained_head_options(config):
   """The options of the head the trainer builds (make_task)."""
   config.dataset = 'synthetic'
-  task = train.make_task(config, train.make_mesh(1, jax.devices()[:1]),
-                         train.Data(100, 32, 10, None))
+  task = factories.make_task(config, factories.make_mesh(1, jax.devices()[:1]),
+                         training_data.Data(100, 32, 10, None))
   return task.head.options
 
 
@@ -133,8 +134,8 @@ def test_npcface_preset_on_the_command_line(preset, tmp_path):
   c = _command_line_config(flag)
   assert _trained_head_options(c) == heads.NPCFACE_PRESETS[preset]
   config_checks.check(c, num_devices=NUM_DEVICES)
-  train.write_run_info(str(tmp_path), c, train.Data(100, 32, 10, None))
-  run = json.loads((tmp_path / train.RUN_INFO).read_text())
+  run_dir.write_run_info(str(tmp_path), c, training_data.Data(100, 32, 10, None))
+  run = json.loads((tmp_path / run_dir.RUN_INFO).read_text())
   assert run['config']['head_options']['npcface']['preset'] == preset
   assert run['head_options'] == heads.NPCFACE_PRESETS[preset]
 
@@ -181,12 +182,12 @@ def test_impossible_values_are_named_before_compiling():
     config_checks.check(c, num_devices=NUM_DEVICES)
   with pytest.raises(config_checks.ConfigError,
                      match='config.num_classes = 60 but the dataset'):
-    train.open_data(_config(num_classes=60), train.make_mesh(2))
+    training_data.open_data(_config(num_classes=60), factories.make_mesh(2))
 
 
 def test_learning_rate_schedule_in_epochs():
   c = _config(learning_rate=0.1, lr_boundaries=(2, 3), warmup_epochs=1.0)
-  schedule = train.learning_rate_schedule(c, steps_per_epoch=10)
+  schedule = factories.learning_rate_schedule(c, steps_per_epoch=10)
   lrs = [float(schedule(s)) for s in (0, 4, 9, 10, 19, 20, 29, 30)]
   np.testing.assert_allclose(lrs, [0.01, 0.05, 0.1, 0.1, 0.1, 0.01, 0.01,
                                    0.001], rtol=1e-6)
@@ -195,8 +196,8 @@ def test_learning_rate_schedule_in_epochs():
 # --- The step on a mesh ------------------------------------------------------
 
 def _task(config, mesh, tiny):
-  data = train.open_data(config, mesh)
-  task = train.make_task(config, mesh, data)
+  data = training_data.open_data(config, mesh)
+  task = factories.make_task(config, mesh, data)
   if tiny:  # the same compute dtype as the configured backbone
     task = dataclasses.replace(task, model=TinyNet(config.embedding_dim,
                                                    task.model.dtype))
@@ -205,8 +206,8 @@ def _task(config, mesh, tiny):
 
 def _run_steps(config, mesh, steps, tiny=False):
   data, task = _task(config, mesh, tiny)
-  state = train.init_state(task)
-  step = train.make_train_step(task, train.state_shardings(task, state))
+  state = factories.init_state(task)
+  step = train_step.make_train_step(task, factories.state_shardings(task, state))
   stream = data.open(None)
   history = []
   for _ in range(steps):
@@ -227,8 +228,8 @@ def test_sharded_step_equals_one_device(overrides):
   # chaotic enough to amplify float32 summation-order differences 100-fold
   # per step.
   c = _config(learning_rate=0.01, **overrides)
-  one, h1 = _run_steps(c, train.make_mesh(1, jax.devices()[:1]), 3, tiny=True)
-  many, h8 = _run_steps(c, train.make_mesh(c.model_parallel), 3, tiny=True)
+  one, h1 = _run_steps(c, factories.make_mesh(1, jax.devices()[:1]), 3, tiny=True)
+  many, h8 = _run_steps(c, factories.make_mesh(c.model_parallel), 3, tiny=True)
   _assert_same_params(many, one, 61, rtol=1e-4, atol=2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4),
                jax.device_get(many.head_state), jax.device_get(one.head_state))
@@ -247,10 +248,10 @@ def test_bfloat16_backbone_follows_float32():
   gradient are float32's to bf16 precision (the backbones' own bf16 tests
   are in test_models.py)."""
   c = _config(**RESUMED, dtype='bfloat16')
-  mesh = train.make_mesh(2)
-  assert train.create_model(c).dtype == jnp.bfloat16
-  assert train.create_model(c, train_dtype=False).dtype is None  # eval
-  assert next(train.open_data(c, mesh).open(None))['image'].dtype == (
+  mesh = factories.make_mesh(2)
+  assert factories.create_model(c).dtype == jnp.bfloat16
+  assert factories.create_model(c, train_dtype=False).dtype is None  # eval
+  assert next(training_data.open_data(c, mesh).open(None))['image'].dtype == (
       jnp.bfloat16)
   f32 = _run_steps(_config(**RESUMED), mesh, 1, tiny=True)
   bf16 = _run_steps(c, mesh, 1, tiny=True)
@@ -266,15 +267,15 @@ def test_checkpoint_restores_onto_other_device_counts(tmp_path):
   (63 rows) and onto 1 (61 rows): the same parameters, padding added or
   dropped."""
   c = _config()
-  mesh8 = train.make_mesh(2)
+  mesh8 = factories.make_mesh(2)
   state8, _ = _run_steps(c, mesh8, 1, tiny=True)
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2, every_steps=1)
   ckpt.save(1, state8, {'step': 1})
   ckpt.wait()
   for devices, model in ((jax.devices()[:3], 3), (jax.devices()[:1], 1)):
-    mesh = train.make_mesh(model, devices)
+    mesh = factories.make_mesh(model, devices)
     _, task = _task(c, mesh, tiny=True)
-    target = train.abstract_state(task)
+    target = factories.abstract_state(task)
     state, position, step = ckpt.restore(target)
     assert (step, position) == (1, {'step': 1})
     assert state.params['classifier'].shape[0] == task.padded_classes
@@ -331,7 +332,7 @@ def test_sigterm_and_kill9_resume_equal_uninterrupted(tmp_path, monkeypatch):
   checkpoint and ends on the same parameters too. The small backbone
   throughout (its steps take milliseconds, hence 64 of them, so that the
   signals land mid-run)."""
-  monkeypatch.setattr(train, 'create_model', tiny_backbone.create_model)
+  monkeypatch.setattr(factories, 'create_model', tiny_backbone.create_model)
   overrides = {**TINY, **RESUMED, 'num_train_steps': 64,
                'log_every_steps': 1, 'checkpoint_every_steps': 8}
   c = _config(**overrides)
@@ -414,7 +415,7 @@ def test_gpu_bench_config_carries_what_make_task_reads(monkeypatch):
   spec.loader.exec_module(bench)
   config = bench.jax_config('mobilefacenet', 'float32', 'native',
                             {'width': 0.125})
-  task = train.make_task(config, train.make_mesh(1, jax.devices()[:1]),
-                         train.Data(100, 32, 10, None))
+  task = factories.make_task(config, factories.make_mesh(1, jax.devices()[:1]),
+                         training_data.Data(100, 32, 10, None))
   assert (task.num_classes, task.num_sample, task.chunk_size) == (100, None,
                                                                   None)

@@ -341,7 +341,7 @@ def test_the_trainer_refuses_a_hostile_verification_target(tmp_path):
   """A config naming the forged .bin stops before training with a config
   error (the command line turns it into a usage error), not a crash."""
   from configs import demo  # noqa: PLC0415
-  from npcface_jax import config_checks, train  # noqa: PLC0415
+  from npcface_jax import config_checks, verification  # noqa: PLC0415
   forged = tmp_path / 'forged.bin'
   forged.write_bytes(forged_dtype_bin())
   config = demo.get_config()
@@ -349,4 +349,4 @@ def test_the_trainer_refuses_a_hostile_verification_target(tmp_path):
   with pytest.raises(config_checks.ConfigError,
                      match=r'config\.verification_targets: .*forged\.bin is '
                            'not an insightface verification'):
-    train.verification_sets(config, 112)
+    verification.verification_sets(config, 112)

@@ -14,7 +14,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from npcface_jax import train
+from npcface_jax import factories
 from npcface_jax.models import layers
 
 
@@ -37,11 +37,11 @@ class TinyNet(nn.Module):
     return layers.batch_norm(train, self.dtype)(x).astype(jnp.float32)
 
 
-_configured_model = train.create_model
+_configured_model = factories.create_model
 
 
 def create_model(config, *, train_dtype: bool = True):
-  """train.create_model's signature and dtype rule, returning TinyNet."""
+  """factories.create_model's signature and dtype rule, returning TinyNet."""
   return TinyNet(config.embedding_dim, _configured_model(
       config, train_dtype=train_dtype).dtype)
 
@@ -50,5 +50,5 @@ if __name__ == '__main__':
   from absl import app  # noqa: PLC0415
   # Its XLA:CPU flags take effect: nothing has started a backend yet.
   from npcface_jax import main  # noqa: PLC0415
-  train.create_model = create_model
+  factories.create_model = create_model
   app.run(main.main)

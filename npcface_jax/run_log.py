@@ -1,0 +1,63 @@
+"""What a run prints: its own lines (progress, ETA, verification, the config
+once and readably) and everyone's warnings. Third-party INFO chatter
+(TensorFlow, orbax, absl, JAX) shows only with ``--verbose``; the whole
+config is in run.json and TensorBoard whatever is printed."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+_PROGRESS = 'Setting work unit notes: '  # clu's ReportProgress, locally
+
+
+class _OwnLines(logging.Filter):
+  """Passes warnings and errors, INFO from this package (the root logger
+  and npcface_jax.*), and clu's progress note, reworded."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.WARNING:
+      return True
+    if record.name == 'absl' and str(record.msg).startswith(_PROGRESS):
+      record.msg = 'progress: ' + str(record.msg)[len(_PROGRESS):]
+      return True
+    return record.name == 'root' or record.name.startswith('npcface_jax')
+
+
+def quiet_third_party(verbose: bool = False) -> None:
+  """Keeps third-party INFO lines out of the log (unless ``verbose``): a
+  filter on the root logger's handlers (absl's, under app.run), and
+  TensorFlow's C++ INFO and warnings off if TensorFlow has not started."""
+  if verbose:
+    return
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  for handler in logging.getLogger().handlers:
+    if not any(isinstance(f, _OwnLines) for f in handler.filters):
+      handler.addFilter(_OwnLines())
+
+
+def _flat(tree, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def config_lines(config, defaults, head_options: dict) -> list[str]:
+  """The config as a reader wants it: each field that differs from
+  ``defaults`` (another ConfigDict, e.g. configs/default.py's), one per
+  line, the options of heads and criteria not selected left out; then the
+  selected head with every option it trains with."""
+  got, base = _flat(config.to_dict()), _flat(defaults.to_dict())
+  unused = [f'head_options.{n}.' for n in config.head_options
+            if n != config.head]
+  unused += [f'criterion_options.{n}.' for n in config.criterion_options
+             if n != config.criterion]
+  lines = [f'  {k} = {v!r}' for k, v in sorted(got.items())
+           if (k not in base or base[k] != v)
+           and not k.startswith(tuple(unused))]
+  options = ', '.join(f'{k}={v}' for k, v in head_options.items())
+  return [*lines, f'  head {config.head}: {options}']

@@ -1,0 +1,19 @@
+"""XLA flags this package needs, set in one place before JAX starts its
+backend (main.py, tests/conftest.py)."""
+
+import os
+
+# Several CPU devices (tests, CPU-only hosts): XLA:CPU's concurrency-
+# optimised scheduler can start one program's collectives in different
+# orders on different devices, and under load (two test processes on two
+# cores) the train step's all-reduces deadlocked (rendezvous timeouts, then
+# abort). The in-order schedule does not. Only the CPU compiler reads it.
+IN_ORDER_CPU_SCHEDULE = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
+
+
+def use_in_order_cpu_schedule() -> None:
+  """Adds IN_ORDER_CPU_SCHEDULE to XLA_FLAGS (inherited by subprocesses);
+  takes effect if JAX has not yet created its CPU backend."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if IN_ORDER_CPU_SCHEDULE not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} {IN_ORDER_CPU_SCHEDULE}'.strip()
