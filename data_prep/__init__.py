@@ -11,10 +11,12 @@ Two commands (``python -m data_prep --help``):
 
 Both run every image through the same ``preprocess.prepare``, so training and
 verification images match. Modules: ``recordio`` (MXNet RecordIO without
-mxnet), ``sources`` (what SRC holds), ``alignment`` (5-point similarity
-transform), ``preprocess`` (decode, align or resize, JPEG; in parallel),
-``shards`` (TFRecords and tfds metadata), ``train_set`` and ``pairs`` (the two
-commands).
+mxnet), ``sources`` (what SRC holds), ``preprocess`` (read, decode, align or
+resize through ``npcface_jax.images``, then JPEG; in parallel), ``shards``
+(TFRecords and tfds metadata), ``train_set`` and ``pairs`` (the two
+commands). data_prep is the command line on top of npcface_jax: it imports
+``npcface_jax.images``, ``.alignment``, ``.textfile`` and
+``.verification_bin``; nothing in npcface_jax imports data_prep.
 """
 
 

@@ -18,7 +18,8 @@ import sys
 
 from tqdm import tqdm
 
-from data_prep import DataPrepError, alignment, preprocess, textfile
+from data_prep import DataPrepError, preprocess
+from npcface_jax import alignment, textfile, verification_bin
 
 
 # LFW image numbers: ASCII digits only (str.isdigit also takes '²', which
@@ -137,7 +138,6 @@ def convert(pairs_file: str, images: str, out: str, *, image_size: int = 112,
         f'{images!r} (line {n}: {key}: {skip.reason}, {skip.detail}); check '
         'IMAGES and the pairs file'
         + (f' and the --landmarks file {landmarks!r}' if landmarks else ''))
-  from npcface_jax import verification_bin  # noqa: PLC0415 (imports JAX)
   verification_bin.save_bin(out, bins, issame)
   counts = {'pairs': len(issame), 'same': sum(issame),
             'different': len(issame) - sum(issame), 'skipped': len(skipped)}

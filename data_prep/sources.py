@@ -13,10 +13,10 @@ import math
 import os
 import stat
 import struct
-import unicodedata
 from typing import NamedTuple
 
 from data_prep import DataPrepError, recordio
+from npcface_jax import images
 
 
 class Entry(NamedTuple):
@@ -62,19 +62,6 @@ def _hidden(name: str) -> bool:
   return name.startswith('.')
 
 
-def _name_problem(name: str) -> str | None:
-  """Why ``name`` cannot be a class name, or None: tfds writes the names one
-  a line to UTF-8 label files (a newline would add a class, a name that is
-  not UTF-8 stops the write after every image was converted)."""
-  try:
-    name.encode('utf-8')
-  except UnicodeEncodeError:
-    return 'is not valid UTF-8'
-  if any(unicodedata.category(c) in ('Cc', 'Zl', 'Zp') for c in name):
-    return 'holds a control character or line break'
-  return None
-
-
 def list_folder(root: str) -> Listing:
   """Every non-hidden file under each identity folder, at any depth; files
   directly in root (a README) belong to no identity and are left out.
@@ -97,7 +84,7 @@ def list_folder(root: str) -> Listing:
                         'a .rec)')
   entries, skipped = [], []
   for identity in identities:
-    problem = _name_problem(identity)
+    problem = images.identity_problem(identity)
     for key, path, error in _walk(root, identity):
       if error:
         skipped.append({'path': key, 'reason': 'unreadable folder',
@@ -215,7 +202,7 @@ def _list_line(raw: bytes, base: str) -> Entry | str | None:
   if len(identity) > _MAX_LABEL:
     return (f'the label is {len(identity)} characters long (at most '
             f'{_MAX_LABEL}); is the line "path label"?')
-  problem = _name_problem(identity)
+  problem = images.identity_problem(identity)
   if problem:
     return f'the label {identity!r} {problem}'
   return Entry(key, identity, os.path.join(base, key), None)

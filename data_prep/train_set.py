@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 from tqdm import tqdm
 
-from data_prep import (DataPrepError, alignment, preprocess, shards, sources,
-                       textfile)
+from data_prep import DataPrepError, preprocess, shards, sources
+from npcface_jax import alignment, images, textfile
 
 IMAGES_PER_SHARD = 10_000
 JPEG_QUALITY = 95
@@ -168,9 +168,9 @@ def _check_options(options: dict) -> None:
   if options['image_size'] < 8:
     raise DataPrepError(f'--image-size {options["image_size"]} is too small; '
                         'faces are usually 112')
-  if options['fit'] not in preprocess.FITS:
+  if options['fit'] not in images.FITS:
     raise DataPrepError(f'fit {options["fit"]!r} is not one of '
-                        f'{preprocess.FITS}')
+                        f'{images.FITS}')
   for flag, key in (('--min-images-per-identity', 'min_images_per_identity'),
                     ('--shards', 'shards'), ('--workers', 'workers')):
     if options[key] is not None and options[key] < 1:

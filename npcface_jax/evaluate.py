@@ -11,9 +11,6 @@ curves as PNG.
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
-import functools
 import logging
 import os
 import time
@@ -21,66 +18,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from npcface_jax import (embedding, identification, ijb as ijb_lib, jsonfile,
-                         protocols, run_dir, run_log, factories,
+from npcface_jax import (embedding, factories, identification, ijb as ijb_lib,
+                         jsonfile, protocols, run_dir, run_log,
                          verification_bin)
-
-# --- Images from folders (identification sets) -------------------------------
-
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.pgm', '.ppm', '.webp')
-
-
-def image_files(root: str) -> list[str]:
-  """Every image file under root, at any depth, in a fixed (sorted) order."""
-  paths = []
-  for folder, dirs, files in os.walk(root, followlinks=True):
-    dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-    paths += [os.path.join(folder, f) for f in sorted(files)
-              if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith('.')]
-  return paths
-
-
-def _read_image(path: str, image_size: int):
-  """uint8 (S, S, 3), or the reason it cannot be read."""
-  from data_prep import preprocess  # noqa: PLC0415 (Pillow)
-  try:
-    with open(path, 'rb') as f:
-      image = preprocess.decode(f.read())
-  except OSError as e:
-    return f'unreadable: {e}'
-  except preprocess.BadImage as e:
-    return str(e)
-  return np.asarray(preprocess.fit(image, image_size, 'resize'))
-
-
-def read_images(paths, image_size: int, batch_size: int, skipped: list):
-  """uint8 batches of the readable images of ``paths``, in order; each
-  unreadable one is appended to ``skipped`` as (index, path, reason) and
-  left out, so one corrupt file among a million costs only itself. The next
-  batch is read by a thread pool while the caller embeds this one."""
-  read = functools.partial(_read_image, image_size=image_size)
-  starts = range(0, len(paths), batch_size)
-  with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-    pending = collections.deque()
-    for start in [*starts, None]:
-      if start is not None:
-        pending.append((start, [pool.submit(read, p) for p in
-                                paths[start:start + batch_size]]))
-        if len(pending) < 2:
-          continue
-      if not pending:
-        break
-      first, futures = pending.popleft()
-      images = []
-      for i, future in enumerate(futures):
-        got = future.result()
-        if isinstance(got, str):
-          skipped.append((first + i, paths[first + i], got))
-        else:
-          images.append(got)
-      if images:
-        yield np.stack(images)
-
+from npcface_jax.images import ImageBatches, identity_files, image_files
 
 # --- Evaluating a trained run: python -m npcface_jax.evaluate ----------------
 
@@ -211,7 +152,8 @@ def _ijb(run: _Run, root: str, meta, name: str, face_scores: bool,
                     f'{s.name}: {s.reason}' for s in images.skipped])
   result['roc'] = _roc(run.out_dir, name, scores, labels,
                        f'{name} 1:1: ROC, step {run.step}')
-  run.save_features(name, **{'': features})
+  # One row per readable image; _rows says which image (meta row) each is.
+  run.save_features(name, **{'': features, '_rows': np.asarray(images.kept)})
   log('%s: %d template pairs, %d images unreadable', name,
       len(labels), len(images.skipped))
   return result
@@ -220,19 +162,15 @@ def _ijb(run: _Run, root: str, meta, name: str, face_scores: bool,
 def _identification(run: _Run, probes: str, distractors: str, name: str,
                     log) -> dict:
   """MegaFace-style identification: probe identities among distractors."""
-  from data_prep import sources  # noqa: PLC0415
-  listing = sources.list_folder(probes)
-  names = sorted({e.identity for e in listing.entries})
-  skipped: list = []
-  probe_features = run.embed_batches(read_images(
-      [e.path for e in listing.entries], run.image_size, run.batch, skipped))
-  bad = {i for i, _, _ in skipped}
-  labels = np.array([names.index(e.identity) for i, e in
-                     enumerate(listing.entries) if i not in bad])
-  distractor_skipped: list = []
-  distractor_features = run.embed_batches(read_images(
-      image_files(distractors), run.image_size, run.batch,
-      distractor_skipped))
+  found, listing_skipped = identity_files(probes)
+  names = sorted({identity for _, identity in found})
+  probe_images = ImageBatches([p for p, _ in found], run.image_size,
+                              run.batch)
+  probe_features = run.embed_batches(probe_images)
+  labels = np.array([names.index(found[i][1]) for i in probe_images.kept])
+  distractor_images = ImageBatches(image_files(distractors), run.image_size,
+                                   run.batch)
+  distractor_features = run.embed_batches(distractor_images)
   # FARs whose threshold needs more impostor scores kept than MAX_KEPT
   # (1e-1 of 3.5e9 pairs would be 350M) are left out, and said so.
   impostors = len(probe_features) * len(distractor_features)
@@ -245,10 +183,9 @@ def _identification(run: _Run, probes: str, distractors: str, name: str,
   result.update(kind='identification', path=os.path.abspath(probes),
                 distractors=os.path.abspath(distractors),
                 skipped_images=[
-                    *(f"{s.get('path', s.get('key'))}: {s['reason']} "
-                      f"({s.get('detail', '')})" for s in listing.skipped),
-                    *(f'{p}: {r}' for _, p, r in
-                      skipped + distractor_skipped)])
+                    *(f'{k}: {r}' for k, r in listing_skipped),
+                    *(f'{s.name}: {s.reason}' for s in
+                      probe_images.skipped + distractor_images.skipped)])
   run.save_features(name, _probes=probe_features, _labels=labels,
                     _distractors=distractor_features)
   log('%s: rank-1 %.2f%% among %d distractors', name,

@@ -10,17 +10,16 @@ three text files, named after the set (``ijbb`` or ``ijbc``):
 
 and ``loose_crop/<image_name>``. The steps: ``load_meta`` reads and checks
 the files; ``aligned_batches`` yields the aligned faces in meta order for an
-embedder; ``template_features`` pools image embeddings into templates
-(images of one media averaged, media summed); ``score_pairs`` takes the
-cosine of each template pair in chunks; ``evaluate`` does all of it and
-reports TAR at FAR (``protocols``). Everything but the image decoding is
+embedder (an unreadable one left out and listed, as npcface_jax.images
+does); ``template_features`` pools image embeddings into templates (images
+of one media averaged, media summed); ``score_pairs`` takes the cosine of
+each template pair in chunks; ``evaluate`` does all of it and reports TAR
+at FAR (``protocols``). Everything but the image decoding is
 NumPy on arrays, so each step can be tested on its own.
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import os
 import pathlib
 import re
@@ -30,8 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data_prep import alignment, preprocess, textfile
-from npcface_jax import protocols
+from npcface_jax import alignment, images, protocols, textfile
 
 _TID_MID = '{}_face_tid_mid.txt'
 _5PTS = '{}_name_5pts_score.txt'
@@ -257,98 +255,23 @@ def _line_of_row(path: pathlib.Path, row: int) -> int:
 
 # --- Aligned faces ------------------------------------------------------------
 
-class Skipped(NamedTuple):
-  index: int   # the image's row in meta order (its batch slot holds zeros)
-  name: str
-  reason: str
-
-
-class AlignedBatches:
-  """Iterable of uint8 (b, S, S, 3) RGB batches of the loose crops aligned
-  on their landmarks, in meta order; ``skipped`` lists the images that
-  could not be read (zeros in their slot) once an iteration is done.
-
-  A bad file costs its own image, not the run nor the order: the caller
-  can still match embeddings to templates row by row.
-  """
-
-  def __init__(self, root: str | os.PathLike, meta: Meta,
-               image_size: int = 112, batch_size: int = 256,
-               workers: int | None = None):
-    if image_size <= 0 or batch_size <= 0:
-      raise ValueError(f'image_size and batch_size must be positive, got '
-                       f'{image_size} and {batch_size}')
-    if len(meta.landmarks) != len(meta.image_names):
-      raise ValueError(f'meta has {len(meta.image_names)} images but '
-                       f'{len(meta.landmarks)} landmarks')
-    self.folder = pathlib.Path(root) / 'loose_crop'
-    if not self.folder.is_dir():
-      raise ValueError(f'no image folder at {self.folder}: ROOT must be the '
-                       'IJB release folder holding meta/ and loose_crop/')
-    self.meta, self.image_size, self.batch_size = meta, image_size, batch_size
-    self.workers = min(8, os.cpu_count() or 1) if workers is None else workers
-    self.skipped: list[Skipped] = []
-
-  def __len__(self) -> int:
-    return -(-len(self.meta.image_names) // self.batch_size)
-
-  def _load(self, i: int) -> np.ndarray | Skipped:
-    name = str(self.meta.image_names[i])
-    try:
-      with open(self.folder / name, 'rb') as f:
-        image = preprocess.decode(f.read())
-      image = alignment.align(image, self.meta.landmarks[i], self.image_size)
-      return np.asarray(image, np.uint8)
-    except preprocess.BadImage as e:
-      return Skipped(i, name, str(e))
-    except (ValueError, ArithmeticError) as e:  # degenerate landmarks
-      return Skipped(i, name, f'bad landmarks: {e}')
-    except FileNotFoundError as e:
-      return Skipped(i, name, f'missing file: {e}')
-    except OSError as e:
-      return Skipped(i, name, f'unreadable file: {type(e).__name__}: {e}')
-
-  def _batch(self, results) -> np.ndarray:
-    s = self.image_size
-    out = np.zeros((len(results), s, s, 3), np.uint8)
-    for j, r in enumerate(results):
-      if isinstance(r, Skipped):
-        self.skipped.append(r)
-      else:
-        out[j] = r
-    return out
-
-  def __iter__(self) -> Iterator[np.ndarray]:
-    self.skipped = []
-    n, b = len(self.meta.image_names), self.batch_size
-    batches = [range(start, min(start + b, n)) for start in range(0, n, b)]
-    if self.workers <= 1:
-      for rows in batches:
-        yield self._batch([self._load(i) for i in rows])
-      return
-    # Threads suffice: Pillow releases the GIL while decoding and warping.
-    # Two batches in flight keep the pool busy while the caller embeds.
-    with concurrent.futures.ThreadPoolExecutor(self.workers) as pool:
-      pending = collections.deque()
-      try:
-        for rows in batches:
-          pending.append([pool.submit(self._load, i) for i in rows])
-          if len(pending) > 2:
-            yield self._batch([f.result() for f in pending.popleft()])
-        while pending:
-          yield self._batch([f.result() for f in pending.popleft()])
-      finally:
-        for futures in pending:  # the caller stopped early
-          for f in futures:
-            f.cancel()
-
-
 def aligned_batches(root: str | os.PathLike, meta: Meta,
                     image_size: int = 112, batch_size: int = 256,
-                    workers: int | None = None) -> AlignedBatches:
-  """The aligned faces of ROOT/loose_crop in meta order, batch by batch;
-  see AlignedBatches (read ``.skipped`` after iterating)."""
-  return AlignedBatches(root, meta, image_size, batch_size, workers)
+                    workers: int | None = None) -> images.ImageBatches:
+  """uint8 (b, S, S, 3) batches of the faces of ROOT/loose_crop aligned on
+  their landmarks, in meta order. An image that cannot be read is left out
+  of its batch and listed in ``.skipped`` after an iteration (see
+  npcface_jax.images); pass that list to ``evaluate``."""
+  if len(meta.landmarks) != len(meta.image_names):
+    raise ValueError(f'meta has {len(meta.image_names)} images but '
+                     f'{len(meta.landmarks)} landmarks')
+  folder = pathlib.Path(root) / 'loose_crop'
+  if not folder.is_dir():
+    raise ValueError(f'no image folder at {folder}: ROOT must be the IJB '
+                     'release folder holding meta/ and loose_crop/')
+  return images.ImageBatches(meta.image_names.tolist(), image_size,
+                             batch_size, root=folder,
+                             landmarks=meta.landmarks, workers=workers)
 
 
 # --- Templates and pairs ------------------------------------------------------
@@ -505,25 +428,37 @@ def score_pairs(template_features, index1, index2,
 
 def evaluate(features, meta: Meta, use_face_scores: bool = False,
              fars=protocols.FARS, skipped=()) -> dict:
-  """IJB 1:1 verification of image features (N, D) in meta order.
+  """IJB 1:1 verification of image features in meta order.
+
+  ``features`` (K, D): one row per image of the meta that was read, in meta
+  order; ``skipped``: the meta rows of the images that could not be (ints,
+  or the Skipped records of aligned_batches), which are left out of their
+  templates (template_features' ``valid``). A template none of whose images
+  could be read pools to a zero vector: every pair it is in scores 0 and
+  still counts (a genuine pair missed at any positive threshold), as
+  'num_empty_templates' reports.
 
   Returns 'tar_at_far' (protocols.tar_at_far), 'auc', 'num_pairs',
-  'num_genuine', 'num_impostors', 'num_templates', and the float32
-  'scores' and bool 'labels' of every pair for a ROC (arrays: strip them
-  before writing JSON). use_face_scores weighs images by detector score
-  (insightface's use_detector_score). ``skipped``: the rows (or
-  AlignedBatches' Skipped records) of unreadable images, left out of
-  their templates (template_features' ``valid``).
+  'num_genuine', 'num_impostors', 'num_templates', 'num_empty_templates',
+  and the float32 'scores' and bool 'labels' of every pair for a ROC
+  (arrays: strip them before writing JSON). use_face_scores weighs images by
+  detector score (insightface's use_detector_score).
   """
   feats = _as_features(features, 'features')
-  if feats.shape[0] != len(meta.image_names):
-    raise ValueError(f'{feats.shape[0]} feature rows for '
-                     f'{len(meta.image_names)} images of {meta.name}: embed '
-                     'every image of the meta, in its order')
-  valid = np.ones(feats.shape[0], bool)
-  valid[[getattr(k, 'index', k) for k in skipped]] = False
+  n = len(meta.image_names)
+  valid = np.ones(n, bool)
+  valid[[int(getattr(k, 'index', k)) for k in skipped]] = False
+  if feats.shape[0] != valid.sum():
+    unread = f' ({n} less {n - valid.sum()} unreadable)' * (not valid.all())
+    raise ValueError(f'{feats.shape[0]} feature rows for {valid.sum()} '
+                     f'images{unread} of {meta.name}: embed every readable '
+                     'image of the meta, in its order')
+  if not valid.any():
+    raise ValueError(f'none of the {n} images of {meta.name} could be read')
+  full = np.zeros((n, feats.shape[1]), feats.dtype)
+  full[valid] = feats
   templates, pooled = template_features(
-      feats, meta.template_ids, meta.media_ids,
+      full, meta.template_ids, meta.media_ids,
       meta.face_scores if use_face_scores else None, valid)
   index1, index2 = pair_indices(templates, meta.pair_templates)
   scores = score_pairs(pooled, index1, index2)
@@ -536,6 +471,8 @@ def evaluate(features, meta: Meta, use_face_scores: bool = False,
       'num_genuine': num_genuine,
       'num_impostors': int(labels.size) - num_genuine,
       'num_templates': int(len(templates)),
+      'num_empty_templates': int(len(templates) - len(
+          np.unique(meta.template_ids[valid]))),
       'scores': scores,
       'labels': labels,
   }

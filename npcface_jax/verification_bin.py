@@ -26,8 +26,8 @@ Everything else (other globals, dicts, objects, persistent ids, out-of-band
 buffers) is refused with a ValueError naming the file, the byte offset and
 what was found. Memory stays bounded by the file's size: every length field
 is checked against the bytes that remain before anything is allocated.
-Decoding uses Pillow through ``data_prep.preprocess.decode``, the one image
-decoder of the project: no TensorFlow here.
+Images are decoded by ``npcface_jax.images``, the one image layer of the
+project (Pillow): no TensorFlow here.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ import reprlib
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from npcface_jax import images
 
 _NOT_A_BIN = ('is not an insightface verification .bin (a pickle of '
               '(list of JPEG bytes, list of bools))')
@@ -481,11 +483,11 @@ def load_bin(path: str | os.PathLike) -> tuple[list[bytes], np.ndarray]:
       obj = obj.value
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
       raise _Refused(f'it holds {_describe(obj)}, not (bins, issame_list)')
-    images, issame = obj
-    if not isinstance(images, (list, tuple)):
-      raise _Refused(f'bins is a {type(images).__name__.strip("_")}, not a '
+    items, issame = obj
+    if not isinstance(items, (list, tuple)):
+      raise _Refused(f'bins is a {type(items).__name__.strip("_")}, not a '
                      'list of encoded images')
-    bins = [_image_bytes(b, i) for i, b in enumerate(images)]
+    bins = [_image_bytes(b, i) for i, b in enumerate(items)]
     labels = _labels(issame)
   except _Refused as e:
     raise ValueError(f'{path} {_NOT_A_BIN}: {e}') from None
@@ -519,33 +521,29 @@ class Pairs(NamedTuple):
 def decode_pairs(bins, image_size: int) -> np.ndarray:
   """(N, S, S, 3) uint8 RGB images, resized (bilinear) where not S x S;
   ValueError naming the first image that does not decode."""
-  images, bad = _decode_all(bins, image_size)
+  decoded, _, bad = _decode_all(bins, image_size)
   if bad:
     i, why = min(bad.items())
     raise ValueError(f'image {i} (pair {i // 2}) does not decode: {why}')
-  return images
+  return decoded
 
 
-def _decode_all(bins, image_size: int) -> tuple[np.ndarray, dict[int, str]]:
-  """(images, {index: why} of those that do not decode, left as zeros)."""
-  from data_prep import preprocess  # noqa: PLC0415 (Pillow)
-
-  out = np.zeros((len(bins), image_size, image_size, 3), np.uint8)
-  bad = {}
-  for i, data in enumerate(bins):
-    try:
-      out[i] = np.asarray(preprocess.fit(preprocess.decode(data), image_size,
-                                         'resize'))
-    except preprocess.BadImage as e:
-      bad[i] = str(e)
-  return out, bad
+def _decode_all(bins, image_size: int
+                ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+  """(the images that decode, their indices in bins, {index: why} of the
+  others), through images.ImageBatches (threads)."""
+  batches = images.ImageBatches(bins, image_size, batch_size=256)
+  empty = np.zeros((0, image_size, image_size, 3), np.uint8)
+  decoded = np.concatenate([*batches, empty])
+  return (decoded, np.array(batches.kept, np.int64),
+          {s.index: s.reason for s in batches.skipped})
 
 
 def load_pairs(path: str | os.PathLike, image_size: int) -> Pairs:
   """A .bin's pairs decoded; a pair with an image that does not decode is
   left out and named in ``skipped`` (the others still count)."""
   bins, issame = load_bin(path)
-  images, bad = _decode_all(bins, image_size)
+  decoded, kept, bad = _decode_all(bins, image_size)
   keep = np.ones(len(issame), bool)
   skipped = []
   for i, why in sorted(bad.items()):
@@ -555,5 +553,5 @@ def load_pairs(path: str | os.PathLike, image_size: int) -> Pairs:
   if not keep.any():
     raise ValueError(f'{os.fspath(path)}: no pair has two images that '
                      f'decode (e.g. {skipped[0]})')
-  rows = np.repeat(keep, 2)
-  return Pairs(images[rows], issame[keep], skipped)
+  rows = np.repeat(keep, 2)[kept]  # the decoded images of kept pairs
+  return Pairs(decoded[rows], issame[keep], skipped)

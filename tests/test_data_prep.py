@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import DataPrepError, alignment, recordio, sources
+from data_prep import DataPrepError, recordio, sources
 from data_prep import pairs as pairs_lib
 from data_prep import train_set
 from data_prep.__main__ import main
-from npcface_jax import verification_bin
+from npcface_jax import alignment, verification_bin
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
 ORL = DATA / 'orl_faces'
 REC = DATA / 'orl_rec'
@@ -180,6 +181,23 @@ def test_npcface_jax_does_not_import_tensorflow():
   code = ('import sys, npcface_jax.verification_bin; '
           'sys.exit("tensorflow" in sys.modules)')
   assert subprocess.run([sys.executable, '-c', code]).returncode == 0
+
+
+def test_data_prep_does_not_import_jax():
+  """data_prep's worker processes import preprocess (and pairs imports
+  verification_bin): npcface_jax's package names are lazy, so none of it
+  starts JAX; the loss API still imports from the package."""
+  code = ('import data_prep.preprocess, data_prep.pairs, sys; '
+          "assert 'jax' not in sys.modules, 'jax imported'")
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, cwd=ROOT, check=False)
+  assert proc.returncode == 0, proc.stderr
+  code = ('from npcface_jax import npcface_logits, get_head; import '
+          'npcface_jax as nf; assert nf.heads.npcface_logits is '
+          'npcface_logits; assert "get_head" in dir(nf)')
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, cwd=ROOT, check=False)
+  assert proc.returncode == 0, proc.stderr
 
 
 # --- Broken inputs -----------------------------------------------------------

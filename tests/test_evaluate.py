@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from configs import demo
-from data_prep import preprocess
-from npcface_jax import embedding, evaluate, factories, protocols, train
+from npcface_jax import (alignment, embedding, evaluate, factories, images,
+                         protocols, train)
 from tests.conftest import NUM_DEVICES
 from tests.helpers import SHARED_DATA
 
@@ -169,7 +169,6 @@ def test_format_table():
 
 def _face(rng, size=64):
   """A random RGB face-sized picture with landmarks near the template."""
-  from data_prep import alignment  # noqa: PLC0415
   pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
   return Image.fromarray(pixels), alignment.template(size) + rng.uniform(
       -2, 2, (5, 2))
@@ -226,6 +225,9 @@ def test_ijb_and_identification_sets_end_to_end(trained, tmp_path):
   meta = ijb.load_meta(root)
   feats = np.load(out / 'features' / 'ijbc.npy')
   want = ijb.evaluate(feats, meta, use_face_scores=True, skipped=[4])
+  rows = np.load(out / 'features' / 'ijbc_rows.npy')  # whose each row is
+  assert len(rows) == len(feats) and 4 not in rows
+  assert list(rows) == sorted(rows) and rows[-1] == len(feats)
   assert ijbc['tar_at_far'] == want['tar_at_far'], f'seed {seed}'
   assert ijbc['auc'] == want['auc']
   assert (out / 'roc_ijbc.png').is_file()
@@ -238,7 +240,7 @@ def test_ijb_and_identification_sets_end_to_end(trained, tmp_path):
                                               'name'), mega['skipped_images']
   assert mega['skipped_images'][1].endswith(
       'broken.jpg: not an image: Pillow recognises none of '
-      + ', '.join(preprocess.FORMATS) + ' in it'), mega['skipped_images']
+      + ', '.join(images.FORMATS) + ' in it'), mega['skipped_images']
   want = identification.megaface(
       np.load(out / 'features' / 'facescrub_probes.npy'),
       np.load(out / 'features' / 'facescrub_labels.npy'),
@@ -248,27 +250,6 @@ def test_ijb_and_identification_sets_end_to_end(trained, tmp_path):
   assert mega['tar_at_far'] == want['tar_at_far']
   assert json.loads((out / 'results.json').read_text())['targets'].keys() >= {
       'ijbc', 'facescrub'}
-
-
-def test_read_images_keeps_order_and_skips_bad_files(tmp_path):
-  paths = []
-  for i in range(11):
-    paths.append(str(tmp_path / f'{i}.png'))
-    Image.fromarray(np.full((20, 30, 3), i, np.uint8)).save(paths[-1])
-  (tmp_path / '4.png').write_bytes(b'not a png')
-  paths.append(str(tmp_path / 'missing.png'))
-  skipped = []
-  batches = list(evaluate.read_images(paths, 8, 3, skipped))
-  assert [b.shape for b in batches] == [(3, 8, 8, 3), (2, 8, 8, 3),
-                                        (3, 8, 8, 3), (2, 8, 8, 3)]
-  assert np.concatenate(batches)[:, 0, 0, 0].tolist() == [
-      0, 1, 2, 3, 5, 6, 7, 8, 9, 10]
-  assert [(i, os.path.basename(p)) for i, p, _ in skipped] == [
-      (4, '4.png'), (11, 'missing.png')]
-  assert skipped[0][2].startswith('not an image')
-  assert skipped[1][2].startswith('unreadable')
-  assert evaluate.image_files(str(tmp_path)) == sorted(
-      paths[:-1], key=lambda p: os.path.basename(p))
 
 
 def test_hostile_and_damaged_bins_through_the_command(trained, tmp_path):

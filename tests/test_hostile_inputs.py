@@ -5,7 +5,7 @@ and reported; never crash, hang or allocate a forged length.
 
 Seeded mutation fuzzing (tests/fuzzing.py) of real ORL files; then one
 deterministic test per defect found, the decompression bomb under an
-address-space limit, the colour modes ``preprocess.decode`` must get right,
+address-space limit, the colour modes ``images.decode`` must get right,
 and a ``data_prep train`` run over hostile files among good faces.
 ``fuzz_cases()`` is what benchmarks/fuzz_parsers.py runs with larger counts.
 """
@@ -31,6 +31,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from data_prep import DataPrepError, preprocess, recordio, sources
+from npcface_jax import images
 from tests import fuzzing
 from tests.helpers import SHARED_DATA
 
@@ -89,7 +90,7 @@ def _prepare_listed(listing, name):
 
 
 def _decode_image(path):
-  """What every reader of an image does: preprocess.decode, then prepare."""
+  """What every reader of an image does: images.decode, then prepare."""
   _decode_bytes(pathlib.Path(path).read_bytes(), path)
 
 
@@ -101,13 +102,13 @@ def _decode_png_crc_fixed(path):
 
 def _decode_bytes(data, path):
   try:
-    image = preprocess.decode(data)
+    image = images.decode(data)
     jpeg = preprocess.prepare(data, OPTIONS)
-  except preprocess.BadImage as e:
+  except images.BadImage as e:
     raise Refused(f'{path}: {e}') from None
   width, height = image.size
   assert image.mode == 'RGB', image.mode
-  assert 0 < width * height <= preprocess.MAX_PIXELS, image.size
+  assert 0 < width * height <= images.MAX_PIXELS, image.size
   assert Image.open(io.BytesIO(jpeg)).size == (112, 112)
 
 
@@ -516,7 +517,7 @@ def test_list_folder_survives_link_loops_and_reports_bad_names(tmp_path):
 # --- Images ------------------------------------------------------------------
 
 def _rgb(data):
-  return np.asarray(preprocess.decode(data), np.float64)
+  return np.asarray(images.decode(data), np.float64)
 
 
 def _chunk(kind, body):
@@ -539,15 +540,16 @@ def test_truncated_images_are_skipped_as_truncated():
   face = _orl(1, 1)
   for data in (_encoded(face, 'JPEG'), _encoded(face, 'PNG'),
                (ORL / 's1' / '1.pgm').read_bytes(), _encoded(face, 'BMP')):
-    with pytest.raises(preprocess.BadImage) as e:
-      preprocess.decode(data[:len(data) // 2])
-    assert e.value.skip.reason == 'truncated image', e.value.skip
+    with pytest.raises(images.BadImage) as e:
+      images.decode(data[:len(data) // 2])
+    assert e.value.reason == 'truncated image', e.value
 
 
 _BOMB_CHILD = textwrap.dedent('''
     import json, resource, sys, time, warnings
     sys.path.insert(0, sys.argv[1])
     from data_prep import preprocess
+    from npcface_jax import images
     warnings.simplefilter('error')  # a DecompressionBombWarning would fail
     status = open('/proc/self/status').read().split('VmSize:')[1]
     used = int(status.split()[0]) * 1024
@@ -557,10 +559,10 @@ _BOMB_CHILD = textwrap.dedent('''
     for path in sys.argv[2:]:
       start = time.perf_counter()
       try:
-        preprocess.decode(open(path, 'rb').read())
+        images.decode(open(path, 'rb').read())
         skip = None
-      except preprocess.BadImage as e:
-        skip = list(e.skip)
+      except images.BadImage as e:
+        skip = [e.reason, e.detail]
       run = preprocess._run(preprocess.Job(path), preprocess.Options())
       out[path] = dict(skip=skip, run=list(run) if isinstance(run, tuple)
                        else 'bytes', seconds=time.perf_counter() - start)
@@ -625,7 +627,7 @@ def test_16_bit_grey_scales_to_8_bits():
   clipped every value over 255 to white."""
   pgm = b'P5\n6 2\n65535\n' + _GREY16.astype('>u2').tobytes()
   for data in (_png16(_GREY16), pgm):
-    got = np.asarray(preprocess.decode(data))
+    got = np.asarray(images.decode(data))
     assert got.shape == (2, 6, 3)
     np.testing.assert_array_equal(got, np.repeat(_GREY8[..., None], 3, 2))
 
@@ -730,7 +732,7 @@ def test_orl_pgm_decodes_to_its_bytes():
   data = (ORL / 's1' / '1.pgm').read_bytes()
   assert data.startswith(b'P5\n92 112\n255\n')
   grey = np.frombuffer(data[len(b'P5\n92 112\n255\n'):], np.uint8)
-  got = np.asarray(preprocess.decode(data))
+  got = np.asarray(images.decode(data))
   np.testing.assert_array_equal(got, np.repeat(grey.reshape(112, 92, 1), 3,
                                                2))
 

@@ -30,7 +30,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import DataPrepError, alignment, pairs, shards, textfile
+from data_prep import DataPrepError, pairs, shards
+from npcface_jax import alignment, textfile
 from tests import fuzzing
 from tests.helpers import fresh_rng
 

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import alignment
-from npcface_jax import ijb, protocols
+from npcface_jax import alignment, ijb, images, protocols
 from tests.helpers import fresh_rng
 
 
@@ -412,6 +411,40 @@ def test_evaluate_matches_brute_force():
           near / (genuine.size * impostor.size) + 1e-12), msg
 
 
+def test_unreadable_images_are_left_out_of_their_templates():
+  """Features come for the readable images only; the skipped rows (ints or
+  aligned_batches' Skipped records) are left out of their templates, and a
+  template none of whose images could be read is a zero vector: each of its
+  pairs scores 0 and still counts."""
+  rng, seed = fresh_rng()
+  tids = np.array([1, 1, 2, 2, 3, 3, 3])
+  feats = rng.normal(size=(7, 5)).astype(np.float32)
+  pairs = np.array([[1, 2], [2, 3], [1, 3], [3, 3]])
+  meta = ijb.Meta('ijbb', np.array([f'{k}.jpg' for k in range(7)]), tids,
+                  np.arange(7), np.zeros((7, 5, 2), np.float32),
+                  np.ones(7, np.float32), pairs, np.array([0, 0, 0, 1], bool))
+  bad = [0, 2, 3]  # half of template 1, all of template 2
+  kept = [k for k in range(7) if k not in bad]
+  skipped = [images.Skipped(k, f'{k}.jpg', 'not an image: ...') for k in bad]
+  for how in (bad, skipped):
+    got = ijb.evaluate(feats[kept], meta, skipped=how)
+    ids, pooled = ijb.template_features(feats, tids, np.arange(7),
+                                        valid=np.isin(np.arange(7), kept))
+    t3 = feats[4:].astype(np.float64)
+    t3 = (t3 / np.linalg.norm(t3, axis=1, keepdims=True)).sum(0)
+    want = [0, 0, _brute_cosine(feats[1], t3), 1]
+    np.testing.assert_allclose(got['scores'], want, atol=1e-6,
+                               err_msg=f'seed {seed}')
+    assert np.all(pooled[1] == 0)
+    assert (got['num_pairs'], got['num_templates'],
+            got['num_empty_templates']) == (4, 3, 1)
+  with pytest.raises(ValueError, match=r'5 feature rows for 4 images \(7 '
+                     r'less 3 unreadable\) of ijbb'):
+    ijb.evaluate(feats[:5], meta, skipped=bad)
+  with pytest.raises(ValueError, match='none of the 7 images of ijbb'):
+    ijb.evaluate(feats[:0], meta, skipped=range(7))
+
+
 # --- Aligned images -----------------------------------------------------------
 
 def test_aligned_batches_keep_order_and_skip_bad_images(tmp_path):
@@ -437,13 +470,11 @@ def test_aligned_batches_keep_order_and_skip_bad_images(tmp_path):
   meta = ijb.Meta('ijbc', np.array(names), np.arange(n), np.arange(n),
                   np.array(landmarks, np.float32), np.ones(n, np.float32),
                   np.zeros((0, 2), np.int64), np.zeros(0, bool))
-  want = []
+  want = {}  # the readable images only: a bad one is left out of its batch
   for k in range(n):
-    if k in bad:
-      want.append(np.zeros((size, size, 3), np.uint8))
-    else:
+    if k not in bad:
       image = Image.open(crops / names[k]).convert('RGB')
-      want.append(np.asarray(alignment.align(image, meta.landmarks[k], size)))
+      want[k] = np.asarray(alignment.align(image, meta.landmarks[k], size))
   for workers in (0, 3):
     msg = f'seed {seed}, workers {workers}'
     batches = ijb.aligned_batches(root, meta, image_size=size, batch_size=3,
@@ -451,11 +482,13 @@ def test_aligned_batches_keep_order_and_skip_bad_images(tmp_path):
     assert len(batches) == 3, msg
     for _ in range(2):  # a second pass starts a fresh count
       got = list(batches)
-      assert [b.shape for b in got] == [(3, size, size, 3)] * 2 + [
-          (2, size, size, 3)], msg
+      # Batches of rows 0-2, 3-5, 6-7 less the bad rows 2, 5 and 6.
+      assert [b.shape for b in got] == [(2, size, size, 3)] * 2 + [
+          (1, size, size, 3)], msg
       assert all(b.dtype == np.uint8 for b in got), msg
-      np.testing.assert_array_equal(np.concatenate(got), np.array(want),
-                                    err_msg=msg)
+      np.testing.assert_array_equal(np.concatenate(got),
+                                    np.array(list(want.values())), err_msg=msg)
+      assert batches.kept == list(want), msg
       assert [(s.index, s.name) for s in batches.skipped] == [
           (k, names[k]) for k in sorted(bad)], msg
       for s in batches.skipped:

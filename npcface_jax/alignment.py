@@ -16,7 +16,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from data_prep.textfile import shown, text_lines
+from npcface_jax.textfile import shown, text_lines
 
 # Pixel coordinates beyond this are garbage, not a face in an image (no
 # image is a million pixels wide); refused where files are read.
