@@ -67,7 +67,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from torch_models import torch_network  # noqa: E402 (beside this file)
-from npcface_jax import factories, models, train_step, training_data  # noqa: E402
+from npcface_jax import (factories, jsonfile, models, train_step,  # noqa: E402
+                         training_data)
 
 EMBEDDING = 512
 IMAGE = 112
@@ -261,9 +262,7 @@ class TorchCase:
 
 def _write(path: str | None, payload: dict) -> None:
   if path:
-    with open(path + '.tmp', 'w') as f:
-      json.dump(payload, f, indent=1)
-    os.replace(path + '.tmp', path)
+    jsonfile.write_object(path, payload)
 
 
 def run_group(args, payload, model, dtype, options, flops, count):

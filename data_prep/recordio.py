@@ -1,5 +1,5 @@
 """MXNet RecordIO (``.rec`` + ``.idx``) read in pure Python, so that
-converting an insightface dataset needs no mxnet (DESIGN.md section 6).
+converting an insightface dataset needs no mxnet.
 
 A record is u32 magic, u32 lrec (continuation flag in the top 3 bits, length
 in the rest), then the payload padded to 4 bytes. The writer splits a payload

@@ -19,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from npcface_jax import protocols
+from npcface_jax.images import normalize
 from npcface_jax.classifier import l2_normalize
 
 ALL_DEVICES = P(('data', 'model'))
@@ -40,7 +41,7 @@ class Embedder:
     def embed(variables, images):
       x = images
       if x.dtype == jnp.uint8:
-        x = (x.astype(jnp.float32) - 127.5) / 128.0
+        x = normalize(x.astype(jnp.float32))
       e = model.apply(variables, x, train=False)
       if flip:
         e = e + model.apply(variables, x[:, :, ::-1], train=False)

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from npcface_jax import jsonfile
+from npcface_jax import images, jsonfile
 
 _PREP_HINT = ('run `python -m data_prep train ...` first and pass its output '
               'directory')
@@ -390,8 +390,8 @@ def _decode(tf, record, image_size):
 
 
 def _normalize(tf, image, dtype):
-  """The seed's model input, (x - 127.5) / 128, computed in float32."""
-  x = (tf.cast(image, tf.float32) - 127.5) / 128.0
+  """The model's input (images.normalize), computed in float32."""
+  x = images.normalize(tf.cast(image, tf.float32))
   return tf.cast(x, {'float32': tf.float32, 'bfloat16': tf.bfloat16}[dtype])
 
 

@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import Mesh
 
-from npcface_jax import input_pipeline
+from npcface_jax import images, input_pipeline
 
 # Stream tags keep the seeds of different uses of one user seed apart
 # (input_pipeline.py uses 1 to 3).
@@ -62,8 +62,7 @@ def _render(labels, rng, image_size, seed, noise, max_shift, dtype):
   out += rng.normal(0.0, 10.0, (n, 1, 1, 1)).astype(np.float32)
   out += noise * rng.standard_normal(out.shape, np.float32)
   np.clip(out, 0.0, 255.0, out=out)
-  out -= 127.5
-  out /= 128.0
+  out = images.normalize(out)
   dtype = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}[
       input_pipeline.dtype_name(dtype)]
   return out.astype(dtype, copy=False), np.asarray(labels, np.int32)

@@ -1,5 +1,5 @@
 """Independent float64 NumPy references, written from the papers' equations
-(DESIGN.md sections 2-3), never by calling npcface_jax.
+(NPCFace and each comparison head's own paper), never by calling npcface_jax.
 
 Angles are taken literally with arccos and cos(theta + m) rather than the
 angle-sum identity the JAX code uses. Every head returns the logits and the

@@ -1,4 +1,4 @@
-"""Every comparison head against its float64 reference (DESIGN.md s. 3)."""
+"""Every comparison head against its float64 reference."""
 
 import jax
 import jax.numpy as jnp

@@ -369,7 +369,7 @@ def test_synthetic_identities_are_separable():
 def test_synthetic_needs_no_tensorflow():
   code = (
       'import sys, jax\n'
-      'from npcface_jax import input_pipeline as ip\n'
+      'from npcface_jax import synthetic\n'
       "mesh = jax.make_mesh((1, 1), ('data', 'model'))\n"
       'b = next(synthetic.synthetic_stream(4, 2, mesh, image_size=16))\n'
       "assert b['image'].shape == (2, 16, 16, 3)\n"

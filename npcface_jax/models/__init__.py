@@ -4,8 +4,8 @@
     variables = model.init(key, images, train=False)
     embeddings = model.apply(variables, images, train=False)
 
-A backbone maps NHWC images, (x - 127.5) / 128, to embeddings (B, D), not
-normalised; BatchNorm statistics live in the ``batch_stats`` collection.
+A backbone maps NHWC images, normalised by images.normalize, to embeddings
+(B, D), not normalised; BatchNorm statistics live in the ``batch_stats`` collection.
 ``dtype`` sets the compute dtype (e.g. jnp.bfloat16); parameters stay
 float32. ``impl`` picks the convolution formulation (layers.py).
 """
