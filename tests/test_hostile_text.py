@@ -99,7 +99,7 @@ def _run_json() -> bytes:
 
 def _results_json(rng) -> bytes:
   """An eval/step_N/results.json as evaluate_run writes it."""
-  from npcface_jax import evaluate, protocols  # noqa: PLC0415
+  from npcface_jax import jsonfile, protocols  # noqa: PLC0415
   issame = np.arange(200) % 2 == 0
   scores = rng.normal(0, 0.3, 200) + 0.5 * issame
   result = protocols.verification_report(scores, issame)
@@ -107,8 +107,8 @@ def _results_json(rng) -> bytes:
                 roc='roc_lfw.png')
   with tempfile.TemporaryDirectory() as d:
     path = os.path.join(d, 'results.json')
-    evaluate._write_json(path, {'step': 12, 'flip': False,  # noqa: SLF001
-                                'targets': {'lfw': result}})
+    jsonfile.write_object(path, {'step': 12, 'flip': False,
+                                 'targets': {'lfw': result}})
     return pathlib.Path(path).read_bytes()
 
 
@@ -240,10 +240,10 @@ def _load_run(workdir: str) -> None:
 def _earlier_results(path: str) -> None:
   """evaluate_run's reading of an earlier record, then what it does with
   it: the table and the record written back."""
-  from npcface_jax import evaluate  # noqa: PLC0415
+  from npcface_jax import evaluate, jsonfile  # noqa: PLC0415
   targets = evaluate._earlier_targets(path)  # noqa: SLF001
   evaluate.format_table(targets)
-  evaluate._write_json(path + '.out', {'targets': targets})  # noqa: SLF001
+  jsonfile.write_object(path + '.out', {'targets': targets})
 
 
 def _dataset_info(case: str) -> None:
