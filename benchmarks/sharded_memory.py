@@ -28,10 +28,10 @@ def _mb(n):
 
 def loss_memory(args, jax, jnp):
   import npcface_jax as nf
-  from npcface_jax import classifier
+  from npcface_jax import class_shards, classifier
 
   mesh = jax.make_mesh((args.devices,), ('model',))
-  rows = classifier.padded_num_classes(args.classes, args.devices)
+  rows = class_shards.padded_num_classes(args.classes, args.devices)
   x = jax.ShapeDtypeStruct((args.batch, args.dim), jnp.float32)
   w = jax.ShapeDtypeStruct((rows, args.dim), jnp.float32,
                            sharding=jax.NamedSharding(mesh, jax.P('model')))

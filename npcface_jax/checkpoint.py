@@ -261,15 +261,9 @@ def _restore_targets(target, saved, directory, step):
 
 
 def _path_key(path) -> str:
-  """'params/classifier' from a key path of attributes, keys or indices,
-  so that a dataclass state and its saved dict form match."""
-  parts = []
-  for k in path:
-    for attr in ('name', 'key', 'idx'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return '/'.join(parts)
+  """'params/classifier': the simple form names attributes, dict keys and
+  indices alike, so that a dataclass state and its saved dict form match."""
+  return jax.tree_util.keystr(path, simple=True, separator='/')
 
 
 def _resize_rows(array: jax.Array, target) -> jax.Array:

@@ -17,10 +17,11 @@ AdaM-softmax (whose margins are parameters) have no parts; use the full
 logits for them.
 
 Class-sharded: inside ``jax.shard_map`` with W's rows split over
-``axis_name`` (shard k holds classes k*C_local..), each shard loops over its
-own rows; the target cosine, the head's sums and the log-sum-exp are
-combined with psum/pmax, and the embeddings' gradient is psum-ed, so the
-result equals the unsharded one. ``num_classes`` excludes padding rows.
+``axis_name`` (which shard holds which classes: class_shards.py), each
+shard loops over its own rows; the target cosine, the head's sums and the
+log-sum-exp are combined with psum/pmax, and the embeddings' gradient is
+psum-ed, so the result equals the unsharded one. ``num_classes`` excludes
+padding rows.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from npcface_jax import class_shards
 from npcface_jax.heads import MarginParts
 
 Array = jax.Array
@@ -55,25 +57,21 @@ def _blocks(num_rows: int, chunk_size: int):
 
 
 class _Shard:
-  """This shard's place among the classes (the whole when unsharded)."""
+  """This shard's place among the classes (the whole when unsharded), from
+  class_shards, and the collectives over the class axis."""
 
   def __init__(self, w, labels, axis_name, num_classes):
     self.axis_name, self.num_classes = axis_name, num_classes
-    self.offset = (0 if axis_name is None
-                   else lax.axis_index(axis_name) * w.shape[0])
-    local = labels - self.offset
-    self.owned = (local >= 0) & (local < w.shape[0])
-    self.local_label = jnp.clip(local, 0, w.shape[0] - 1)
-    self.labels = labels
+    self.labels, self.num_rows = labels, w.shape[0]
+    self.index = class_shards.shard_index(axis_name)
+    self.local_label, self.owned = class_shards.targets(labels, self.index,
+                                                        self.num_rows)
 
   def is_negative(self, start, width):
     """Which columns of the block of local rows start.. are negatives."""
-    cols = (self.offset + start
-            + lax.broadcasted_iota(jnp.int32, (1, width), 1))
-    negative = cols != self.labels[:, None]
-    if self.num_classes is not None:
-      negative = negative & (cols < self.num_classes)
-    return negative
+    ids = class_shards.class_ids(self.index, self.num_rows, start, width)
+    return class_shards.negatives(class_shards.target_mask(ids, self.labels),
+                                  class_shards.is_real(ids, self.num_classes))
 
   def target_rows(self, w):
     """The normalised target rows held here, with their inverse norms."""

@@ -4,9 +4,9 @@ computed chunked and fused over the classes on one device.
 
 The unsharded and the sharded path run the same code; the sharded one runs
 it inside ``jax.shard_map`` with ``axis_name`` set, where the head and the
-cross-entropy add their few collectives (DESIGN.md section 2). The class
-count is padded to a multiple of the shard count with zero rows, which the
-head masks out (logit -inf) through ``num_classes``.
+cross-entropy add their few collectives (psum/pmax over the class axis). The
+class count is padded to a multiple of the shard count with zero rows, which
+the head masks out (logit -inf) through ``num_classes`` (class_shards.py).
 
 Partial FC (An et al., 2021) is optional: with ``num_sample`` each shard
 scores only that many of its rows, every row that is some sample's target
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from npcface_jax import chunked_loss, losses
+from npcface_jax import class_shards, chunked_loss, losses
 from npcface_jax.registry import Head, HeadOutput
 
 Array = jax.Array
@@ -45,11 +45,6 @@ def cosine(embeddings: Array, weights: Array) -> Array:
   return l2_normalize(embeddings) @ l2_normalize(weights).T
 
 
-def padded_num_classes(num_classes: int, num_shards: int) -> int:
-  """The row count of a classifier whose rows split evenly over the shards."""
-  return math.ceil(num_classes / num_shards) * num_shards
-
-
 def num_sampled(sample_rate: float, rows_per_shard: int) -> int | None:
   """Rows each shard scores at Partial FC's ``sample_rate`` (None: all)."""
   if not 0.0 < sample_rate <= 1.0:
@@ -64,7 +59,7 @@ def check_sampling(num_classes: int, num_shards: int, num_sample: int,
   with fewer sampled rows than the batch could hold more distinct targets
   than it keeps, and the last shard must have enough real (not padding)
   rows to fill its sample."""
-  rows = padded_num_classes(num_classes, num_shards) // num_shards
+  rows = class_shards.rows_per_shard(num_classes, num_shards)
   last_real = num_classes - (num_shards - 1) * rows
   if num_sample < min(batch_rows, rows):
     raise ValueError(
@@ -86,35 +81,28 @@ def sample_classes(key: Array, labels: Array, shard, num_rows: int,
   drawn uniformly without replacement (key folded with the shard index),
   padding rows (classes from ``num_classes`` on) only if nothing else is
   left."""
-  offset = shard * num_rows
-  local = labels.astype(jnp.int32) - offset
-  owned = (local >= 0) & (local < num_rows)
+  target = class_shards.targets(labels, shard, num_rows)
   score = jax.random.uniform(jax.random.fold_in(key, shard), (num_rows,))
-  if num_classes is not None:
-    score = jnp.where(offset + jnp.arange(num_rows) < num_classes, score, -1.0)
-  score = score.at[jnp.where(owned, local, num_rows)].set(2.0, mode='drop')
+  real = class_shards.is_real(class_shards.class_ids(shard, num_rows)[0],
+                              num_classes)
+  if real is not None:
+    score = jnp.where(real, score, -1.0)
+  score = score.at[jnp.where(target.owned, target.local_label, num_rows)].set(
+      2.0, mode='drop')
   return jnp.sort(lax.top_k(score, num_sample)[1])
 
 
 def _sampled(key, weights, labels, params, num_sample, axis_name,
              num_classes):
   """The sampled rows of the weights (and per-class head parameters), and
-  the labels renumbered to the sampled classes: shard k's sampled row j is
-  class k * num_sample + j."""
+  the labels renumbered to the sampled classes
+  (class_shards.sampled_labels)."""
   num_rows = weights.shape[0]
-  shard = 0 if axis_name is None else lax.axis_index(axis_name)
-  rows = sample_classes(key, labels, shard, num_rows, num_sample, num_classes)
-  position = jnp.zeros((num_rows,), jnp.int32).at[rows].set(
-      jnp.arange(num_sample, dtype=jnp.int32))
-  local = labels.astype(jnp.int32) - shard * num_rows
-  owned = (local >= 0) & (local < num_rows)
-  renumbered = jnp.where(
-      owned, shard * num_sample + position[jnp.clip(local, 0, num_rows - 1)],
-      0)
-  if axis_name is not None:  # each label's row is held by one shard
-    renumbered = lax.psum(renumbered, axis_name)
+  rows = sample_classes(key, labels, class_shards.shard_index(axis_name),
+                        num_rows, num_sample, num_classes)
+  labels = class_shards.sampled_labels(labels, rows, num_rows, axis_name)
   params = jax.tree.map(lambda a: a[rows], params)
-  return weights[rows], renumbered, params
+  return weights[rows], labels, params
 
 
 def classifier_loss(embeddings: Array, weights: Array, labels: Array,
@@ -167,7 +155,8 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
   HeadOutput)``
   with the weights' rows (and AdaM-softmax's margins) split over ``axis``.
 
-  ``weights`` has ``padded_num_classes(num_classes, mesh.shape[axis])`` rows.
+  ``weights`` has ``class_shards.padded_num_classes(num_classes,
+  mesh.shape[axis])`` rows.
   By default embeddings, labels and head state are replicated over the mesh
   and ``ce`` comes back replicated, ready for any criterion's ``reduce`` in
   the global view. With ``batch_axis`` (e.g. 'data' of a 2-D mesh) the batch
@@ -176,20 +165,14 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
   the same way. Heads whose state is a batch statistic (``head.
   batch_statistics``) need the whole batch on every shard and refuse it.
   Differentiate through f from outside (the global view): the gradient of a
-  replicated input then comes out summed correctly (DESIGN.md s. 5).
+  replicated input then comes out summed correctly.
   The logits (sharded on their class axis) come back only with
   ``return_logits``, since at millions of classes they are the largest array;
   with ``chunk_size`` each shard runs the chunked loss and no logits exist.
   With ``num_sample`` each shard scores that many of its rows (Partial FC),
   drawn from ``key`` (replicated); the logits are then the sampled ones.
   """
-  if chunk_size is not None and return_logits:
-    raise ValueError('the chunked loss never forms the logits: '
-                     'return_logits needs chunk_size=None')
-  if batch_axis is not None and head.batch_statistics:
-    raise ValueError(
-        f'head {head.name!r} keeps a statistic of the whole batch in its '
-        'state, so its batch cannot be split over shards: use batch_axis=None')
+  _check_sharded_options(head, batch_axis, return_logits, chunk_size)
 
   def local(embeddings, weights, labels, state, params, key):
     ce, out = classifier_loss(embeddings, weights, labels, head, state, params,
@@ -212,12 +195,27 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
       raise ValueError('a key is needed exactly when classes are sampled '
                        f'(num_sample={num_sample})')
     args = (embeddings, weights, labels, state, params, key)
-    if AxisType.Explicit not in mesh.axis_types:
-      return mapped(*args)
-    # Explicit-axis meshes (jax.make_mesh's default) want the inputs laid
-    # out as in_specs say before shard_map; an Auto mesh reshards itself.
-    args = [jax.tree.map(lambda a, s=spec: jax.reshard(a, NamedSharding(mesh, s)),
-                         arg) for arg, spec in zip(args, in_specs)]
-    return mapped(*args)
+    return mapped(*_laid_out(mesh, args, in_specs))
 
   return loss
+
+
+def _check_sharded_options(head: Head, batch_axis, return_logits: bool,
+                           chunk_size) -> None:
+  if chunk_size is not None and return_logits:
+    raise ValueError('the chunked loss never forms the logits: '
+                     'return_logits needs chunk_size=None')
+  if batch_axis is not None and head.batch_statistics:
+    raise ValueError(
+        f'head {head.name!r} keeps a statistic of the whole batch in its '
+        'state, so its batch cannot be split over shards: use batch_axis=None')
+
+
+def _laid_out(mesh: Mesh, args, in_specs):
+  """The arguments resharded as ``in_specs`` say where the mesh has
+  Explicit axes (jax.make_mesh's default), which want their inputs laid out
+  before shard_map; an Auto mesh reshards itself."""
+  if AxisType.Explicit not in mesh.axis_types:
+    return args
+  return [jax.tree.map(lambda a, s=spec: jax.reshard(a, NamedSharding(mesh, s)),
+                       arg) for arg, spec in zip(args, in_specs)]

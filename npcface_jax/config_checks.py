@@ -38,12 +38,33 @@ def criterion_options(config) -> dict[str, Any]:
 
 def check(config, *, num_devices: int, process_count: int = 1) -> None:
   """Raises ConfigError listing every problem of ``config``."""
-  problems: list[str] = []
+  problems = _Problems(config)
+  _check_data_and_model(config, problems)
+  _check_loss(config, problems)
+  _check_layout(config, problems, num_devices, process_count)
+  _check_optimizer(config, problems)
+  _check_logging(config, problems)
+  if config.dataset == 'synthetic':
+    _check_synthetic(config, problems)
+  if problems:
+    raise ConfigError('the config cannot run:\n  ' + '\n  '.join(problems))
 
-  def need(ok: bool, field: str, message: str):
+
+class _Problems(list):
+  """The problems found so far, as messages."""
+
+  def __init__(self, config):
+    super().__init__()
+    self.config = config
+
+  def need(self, ok: bool, field: str, message: str) -> None:
+    """Records ``message`` about ``config.<field>`` unless ``ok``."""
     if not ok:
-      problems.append(f'config.{field} = {_get(config, field)!r}: {message}')
+      self.append(f'config.{field} = {_get(self.config, field)!r}: {message}')
 
+
+def _check_data_and_model(config, problems: _Problems) -> None:
+  need = problems.need
   need(bool(config.dataset), 'dataset',
        "set it to a `python -m data_prep train` output directory, or "
        "'synthetic' for synthetic identities")
@@ -57,6 +78,10 @@ def check(config, *, num_devices: int, process_count: int = 1) -> None:
   need(config.dtype in _DTYPES, 'dtype', f'choose one of {list(_DTYPES)}')
   need(config.embedding_dim > 0, 'embedding_dim', 'must be positive')
 
+
+def _check_loss(config, problems: _Problems) -> None:
+  """The head, the criterion and the classifier's chunking and sampling."""
+  need = problems.need
   need(config.head in registry.head_names(), 'head',
        f'choose one of {registry.head_names()}')
   if config.head in registry.head_names():
@@ -76,10 +101,15 @@ def check(config, *, num_devices: int, process_count: int = 1) -> None:
   if 'gamma' in opts:
     need(opts['gamma'] >= 0, f'criterion_options.{config.criterion}.gamma',
          'must be >= 0')
-
   need(config.chunk_size >= 0, 'chunk_size', 'use 0 (off) or a positive size')
   need(0 < config.sample_rate <= 1, 'sample_rate',
        'must be in (0, 1] (1: every class, Partial FC off)')
+
+
+def _check_layout(config, problems: _Problems, num_devices: int,
+                  process_count: int) -> None:
+  """The model axis and the batches over the devices and processes."""
+  need = problems.need
   mp = config.model_parallel
   need(mp >= 1 and num_devices % mp == 0, 'model_parallel',
        f'must divide the {num_devices} devices')
@@ -91,6 +121,10 @@ def check(config, *, num_devices: int, process_count: int = 1) -> None:
        config.eval_batch_size % num_devices == 0, 'eval_batch_size',
        f'must be a positive multiple of the {num_devices} devices')
 
+
+def _check_optimizer(config, problems: _Problems) -> None:
+  """The schedule, the optimizer and what to do with a non-finite step."""
+  need = problems.need
   need(config.num_train_steps > 0 or config.num_epochs > 0, 'num_epochs',
        'must be positive (or set num_train_steps)')
   need(config.learning_rate > 0, 'learning_rate', 'must be positive')
@@ -105,6 +139,11 @@ def check(config, *, num_devices: int, process_count: int = 1) -> None:
        'use 0 (off) or a positive norm')
   need(config.nonfinite in ('stop', 'skip'), 'nonfinite',
        "must be 'stop' or 'skip'")
+
+
+def _check_logging(config, problems: _Problems) -> None:
+  """Logging, checkpoints and evaluation during training."""
+  need = problems.need
   need(config.log_every_steps > 0, 'log_every_steps', 'must be positive')
   need(config.checkpoint_every_steps > 0, 'checkpoint_every_steps',
        'must be positive')
@@ -114,21 +153,21 @@ def check(config, *, num_devices: int, process_count: int = 1) -> None:
   for path in verification_targets(config):
     need(os.path.isfile(path), 'verification_targets',
          f'{path!r} is not a file (insightface .bin verification sets)')
-  syn = config.synthetic
-  if config.dataset == 'synthetic':
-    need(syn.num_classes > 1, 'synthetic.num_classes', 'must be at least 2')
-    need(syn.image_size > 0, 'synthetic.image_size', 'must be positive')
-    need(syn.epoch_examples >= config.batch_size, 'synthetic.epoch_examples',
-         f'must be at least the batch ({config.batch_size})')
-    if syn.heldout_identities:
-      need(syn.heldout_identities >= 2 and syn.heldout_samples >= 2,
-           'synthetic.heldout_identities',
-           'needs at least 2 identities of at least 2 samples '
-           '(synthetic.heldout_samples) to make pairs')
-      need(syn.heldout_pairs >= 20, 'synthetic.heldout_pairs',
-           'must be at least 20 for 10-fold verification')
-  if problems:
-    raise ConfigError('the config cannot run:\n  ' + '\n  '.join(problems))
+
+
+def _check_synthetic(config, problems: _Problems) -> None:
+  need, syn = problems.need, config.synthetic
+  need(syn.num_classes > 1, 'synthetic.num_classes', 'must be at least 2')
+  need(syn.image_size > 0, 'synthetic.image_size', 'must be positive')
+  need(syn.epoch_examples >= config.batch_size, 'synthetic.epoch_examples',
+       f'must be at least the batch ({config.batch_size})')
+  if syn.heldout_identities:
+    need(syn.heldout_identities >= 2 and syn.heldout_samples >= 2,
+         'synthetic.heldout_identities',
+         'needs at least 2 identities of at least 2 samples '
+         '(synthetic.heldout_samples) to make pairs')
+    need(syn.heldout_pairs >= 20, 'synthetic.heldout_pairs',
+         'must be at least 20 for 10-fold verification')
 
 
 def check_num_classes(config, dataset_classes: int) -> None:

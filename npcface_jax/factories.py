@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from npcface_jax import classifier, config_checks, models, registry
+from npcface_jax import (class_shards, classifier, config_checks, models,
+                         registry)
 
 Array = jax.Array
 _INIT_RNG = 2  # the seed's stream for the initial state (train_step: 1, 3)
@@ -53,8 +54,8 @@ class Task:
 
   @property
   def padded_classes(self) -> int:
-    return classifier.padded_num_classes(self.num_classes,
-                                         self.mesh.shape['model'])
+    return class_shards.padded_num_classes(self.num_classes,
+                                           self.mesh.shape['model'])
 
 
 def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
@@ -129,7 +130,7 @@ def _num_sample(config, mesh: Mesh, head: registry.Head, num_classes: int):
   shards = mesh.shape['model']
   num_sample = classifier.num_sampled(
       config.sample_rate,
-      classifier.padded_num_classes(num_classes, shards) // shards)
+      class_shards.rows_per_shard(num_classes, shards))
   if num_sample is not None:
     split = batch_axis(head, mesh) is not None
     try:

@@ -4,11 +4,11 @@ Every head takes ``cos`` (B, C), the cosines between L2-normalised embeddings
 and class weights, and integer ``labels`` (B,), and returns scaled logits of
 cos's dtype (arithmetic is float32 inside, so bfloat16 inputs are safe).
 Heads with state (SphereFace, AdaCos, CurricularFace) take it and return the
-new state; nothing is mutated. The math is DESIGN.md sections 2 and 3.
+new state; nothing is mutated. docs/architecture.md derives the math.
 
 Class-sharded use: inside ``jax.shard_map`` with the classifier's rows split
 over a mesh axis, pass ``axis_name`` and each shard's ``cos`` holds only its
-own columns (shard k owns classes ``k*C_local .. (k+1)*C_local-1``). Heads that
+own columns (which classes a shard owns: class_shards.py). Heads that
 need the target cosine on every shard get it with one ``psum``; NPCFace also
 ``psum``s its hard-negative sum and count, so the logits equal the unsharded
 ones. ``num_classes`` marks columns past the real class count (padding that
@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from npcface_jax import class_shards
+
 Array = jax.Array
 
 # sqrt(1 - c^2) is clamped here so that d/dc stays finite at c = +-1 (float32
@@ -38,38 +40,8 @@ _SIN_EPS = 1e-12
 # --------------------------------------------------------------------------
 
 
-class Columns(NamedTuple):
-  """Where each row's target sits among this shard's columns, and which
-  columns are real classes."""
-
-  is_target: Array  # (B, C_local) bool
-  local_label: Array  # (B,) int32, the target's local column, clipped
-  owned: Array  # (B,) bool, whether this shard holds the target
-  valid: Array | None  # (1, C_local) bool, None when every column is real
-
-
-def columns(cos: Array, labels: Array, axis_name=None,
-            num_classes: int | None = None) -> Columns:
-  c_local = cos.shape[-1]
-  offset = 0 if axis_name is None else lax.axis_index(axis_name) * c_local
-  cols = offset + lax.broadcasted_iota(jnp.int32, (1, c_local), 1)
-  labels = labels.astype(jnp.int32)
-  is_target = cols == labels[:, None]
-  local = labels - offset
-  owned = (local >= 0) & (local < c_local)
-  valid = None if num_classes is None else cols < num_classes
-  return Columns(is_target, jnp.clip(local, 0, c_local - 1), owned, valid)
-
-
 def _psum(x, axis_name):
   return x if axis_name is None else lax.psum(x, axis_name)
-
-
-def take_target(x: Array, cols: Columns, axis_name=None) -> Array:
-  """x[i, y_i] (B,), gathered (not a pass over B x C) on the shard that holds
-  class y_i and psum-ed to all shards when ``axis_name`` is given."""
-  picked = jnp.take_along_axis(x, cols.local_label[:, None], axis=-1)[:, 0]
-  return _psum(jnp.where(cols.owned, picked, 0.0), axis_name)
 
 
 def safe_sin(c: Array) -> Array:
@@ -96,7 +68,7 @@ def arc_positive(c_y: Array, m, easy_margin: bool = False) -> Array:
   return jnp.where(theta + m > math.pi, c_y - m * jnp.sin(m), cos_add(c_y, m))
 
 
-def finish(logits: Array, cols: Columns, dtype) -> Array:
+def finish(logits: Array, cols: class_shards.Columns, dtype) -> Array:
   """Masks padding columns to -inf and casts back to the input dtype."""
   if cols.valid is not None:
     logits = jnp.where(cols.valid, logits, -jnp.inf)
@@ -135,12 +107,10 @@ def assemble(parts: MarginParts, cos: Array, labels: Array, *, state=None,
              axis_name=None, num_classes: int | None = None):
   """Full logits (B, C) in cos's dtype, with the row constants and sums."""
   c = _f32(cos)
-  cols = columns(c, labels, axis_name=axis_name, num_classes=num_classes)
-  c_y = take_target(c, cols, axis_name)
+  cols = class_shards.columns(labels, c.shape[-1], axis_name, num_classes)
+  c_y = class_shards.take_target(c, cols, axis_name)
   row = parts.row(c_y, state)
-  is_negative = ~cols.is_target
-  if cols.valid is not None:
-    is_negative = is_negative & cols.valid
+  is_negative = class_shards.negatives(cols.is_target, cols.valid)
   negative, sums = parts.negative(c, row, is_negative)
   sums = _psum(sums, axis_name)
   positive = parts.positive(c_y, row, sums)
@@ -239,7 +209,7 @@ def npcface_diagnostics(sums, m0: float, m1: float) -> dict[str, Array]:
 
 
 # --------------------------------------------------------------------------
-# Comparison heads (DESIGN.md section 3)
+# Comparison heads
 # --------------------------------------------------------------------------
 
 
@@ -364,18 +334,18 @@ def adacos_logits(cos: Array, labels: Array, state: dict[str, Array], *,
   Returns (logits, new_state).
   """
   c = _f32(cos)
-  cols = columns(c, labels, axis_name=axis_name, num_classes=num_classes)
+  cols = class_shards.columns(labels, c.shape[-1], axis_name, num_classes)
   cs = lax.stop_gradient(c)
   s_prev = lax.stop_gradient(state['scale'])
-  others = ~cols.is_target if cols.valid is None else ~cols.is_target & cols.valid
+  others = class_shards.negatives(cols.is_target, cols.valid)
   z = jnp.where(others, s_prev * cs, -jnp.inf)
   zmax = jnp.max(z)
   if axis_name is not None:
     zmax = lax.pmax(zmax, axis_name)
   zsum = _psum(jnp.sum(jnp.exp(z - zmax)), axis_name)
   log_b_avg = jnp.log(zsum) + zmax - math.log(c.shape[0])
-  theta_med = jnp.median(jnp.arccos(jnp.clip(take_target(cs, cols, axis_name),
-                                             -1.0, 1.0)))
+  c_y = class_shards.take_target(cs, cols, axis_name)
+  theta_med = jnp.median(jnp.arccos(jnp.clip(c_y, -1.0, 1.0)))
   s_new = log_b_avg / jnp.cos(jnp.minimum(math.pi / 4, theta_med))
   return finish(s_new * c, cols, cos.dtype), {'scale': s_new}
 
@@ -402,7 +372,7 @@ def adam_softmax_logits(cos: Array, labels: Array, margins: Array, *,
   margins do not collapse to zero.
   """
   c = _f32(cos)
-  cols = columns(c, labels, axis_name=axis_name, num_classes=num_classes)
+  cols = class_shards.columns(labels, c.shape[-1], axis_name, num_classes)
   m = margins.astype(jnp.float32)[None, :]
   logits = finish(scale * jnp.where(cols.is_target, c - m, c), cols, cos.dtype)
   m_valid = m if cols.valid is None else jnp.where(cols.valid, m, 0.0)

@@ -230,6 +230,46 @@ def identify(probes, probe_labels, gallery, gallery_labels, distractors=None,
   'num_unmated', 'num_gallery', 'num_distractors'. Ranks beyond 1 cost one
   comparison per score more than rank 1 alone, and a second gallery pass.
   """
+  probes, probe_labels, gallery, gallery_labels, distractors = _search_inputs(
+      probes, probe_labels, gallery, gallery_labels, distractors)
+  chunk_size = _positive_int(chunk_size, 'chunk_size')
+  ranks = _ranks(ranks)
+  num_probes = probes.shape[0]
+
+  # The gallery pass finds each probe's mate score and best non-mate; the
+  # distractor pass then counts against the mate score, and ranks beyond 1
+  # need a second gallery pass for the same count.
+  g_best, mate, _, _ = _scan(probes, gallery, 'gallery', chunk_size,
+                             probe_labels=probe_labels,
+                             row_labels=gallery_labels)
+  mated = _mated(mate, gallery.shape[0])
+  num_mated = int(mated.sum())
+  probes, probe_labels = probes[mated], probe_labels[mated]
+  g_best, mate = g_best[mated], mate[mated]
+  at_least = mate if ranks[-1] > 1 else None
+  d_best, _, d_count, _ = _scan(probes, distractors, 'distractors',
+                                chunk_size, at_least=at_least)
+  g_count = None
+  if at_least is not None:
+    _, _, g_count, _ = _scan(probes, gallery, 'gallery', chunk_size,
+                             probe_labels=probe_labels,
+                             row_labels=gallery_labels, at_least=at_least)
+  hit1 = mate > np.maximum(g_best, d_best)
+  return {
+      'rank1': int(hit1.sum()) / num_mated,
+      'cmc': _cmc(ranks, hit1, g_count, d_count),
+      'num_probes': num_probes,
+      'num_mated': num_mated,
+      'num_unmated': num_probes - num_mated,
+      'num_gallery': int(gallery.shape[0]),
+      'num_distractors': int(distractors.shape[0]),
+  }
+
+
+def _search_inputs(probes, probe_labels, gallery, gallery_labels,
+                   distractors):
+  """identify's arrays checked (in this order, so the first problem is the
+  one reported), the probes as float32, no distractors as 0 rows."""
   probes = _rows(probes, 'probes')
   num_probes, dim = probes.shape
   if not num_probes:
@@ -241,47 +281,31 @@ def identify(probes, probe_labels, gallery, gallery_labels, distractors=None,
   if distractors is None:
     distractors = np.zeros((0, dim), np.float32)
   distractors = _rows(distractors, 'distractors', dim)
-  chunk_size = _positive_int(chunk_size, 'chunk_size')
-  ranks = _ranks(ranks)
+  return probes, probe_labels, gallery, gallery_labels, distractors
 
-  # The gallery pass finds each probe's mate score and best non-mate; the
-  # distractor pass then counts against the mate score, and ranks beyond 1
-  # need a second gallery pass for the same count.
-  g_best, mate, _, _ = _scan(probes, gallery, 'gallery', chunk_size,
-                             probe_labels=probe_labels,
-                             row_labels=gallery_labels)
+
+def _mated(mate: np.ndarray, num_gallery: int) -> np.ndarray:
+  """Which probes have a mate in the gallery (a finite mate score); at
+  least one must."""
   mated = np.isfinite(mate)
-  num_mated = int(mated.sum())
-  if not num_mated:
-    raise ValueError(f'none of the {num_probes} probes has a mate among the '
-                     f'{gallery.shape[0]} gallery rows: give probe_labels and '
+  if not mated.any():
+    raise ValueError(f'none of the {mate.size} probes has a mate among the '
+                     f'{num_gallery} gallery rows: give probe_labels and '
                      'gallery_labels the same identity ids')
-  probes, probe_labels = probes[mated], probe_labels[mated]
-  g_best, mate = g_best[mated], mate[mated]
-  at_least = mate if ranks[-1] > 1 else None
-  d_best, _, d_count, _ = _scan(probes, distractors, 'distractors',
-                                chunk_size, at_least=at_least)
-  if at_least is not None:
-    _, _, g_count, _ = _scan(probes, gallery, 'gallery', chunk_size,
-                             probe_labels=probe_labels,
-                             row_labels=gallery_labels, at_least=at_least)
-  hit1 = mate > np.maximum(g_best, d_best)
+  return mated
+
+
+def _cmc(ranks, hit1, g_count, d_count) -> list[dict]:
+  """[{'rank', 'hits', 'rate'}] per rank: rank 1 from the strict max, rank
+  k from the competitors' counts at or above each mate score."""
   cmc = []
   for k in ranks:
     if k == 1:
       hits = int(hit1.sum())
     else:
       hits = int(np.sum(g_count + d_count < k))
-    cmc.append({'rank': k, 'hits': hits, 'rate': hits / num_mated})
-  return {
-      'rank1': int(hit1.sum()) / num_mated,
-      'cmc': cmc,
-      'num_probes': num_probes,
-      'num_mated': num_mated,
-      'num_unmated': num_probes - num_mated,
-      'num_gallery': int(gallery.shape[0]),
-      'num_distractors': int(distractors.shape[0]),
-  }
+    cmc.append({'rank': k, 'hits': hits, 'rate': hits / hit1.size})
+  return cmc
 
 
 # --- MegaFace challenge 1 -----------------------------------------------------
@@ -323,18 +347,53 @@ def megaface(probes, labels, distractors, *, fars=protocols.FARS,
   labels = _labels(labels, 'labels', num_probes)
   distractors = _rows(distractors, 'distractors', dim)
   chunk_size = _positive_int(chunk_size, 'chunk_size')
-  if isinstance(max_kept, (bool, np.bool_)) or not isinstance(
-      max_kept, (int, np.integer)) or max_kept < 0:
+  max_kept = _max_kept(max_kept)
+  groups = _identities(labels)
+  num_distractors = int(distractors.shape[0])
+  num_impostors = num_probes * num_distractors
+  supported, unsupported, keep = _impostors_to_keep(
+      fars, num_probes, num_distractors, max_kept)
+
+  d_best, _, _, top = _scan(probes, distractors, 'distractors', chunk_size,
+                            top_k=keep)
+  successes, trials, genuine = _within_identities(probes, groups, d_best)
+  return {
+      'rank1': successes / trials,
+      'successes': successes,
+      'trials': trials,
+      'tar_at_far': _tar_at_fars(supported, top, num_impostors, genuine),
+      'unsupported_fars': unsupported,
+      'num_probes': num_probes,
+      'num_identities': len(groups),
+      'num_distractors': num_distractors,
+      'num_genuine': int(genuine.size),
+      'num_impostors': num_impostors,
+  }
+
+
+def _max_kept(value) -> int:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(
+      value, (int, np.integer)) or value < 0:
     raise ValueError(f'max_kept must be a non-negative integer, got '
-                     f'{max_kept!r}')
+                     f'{value!r}')
+  return value
+
+
+def _identities(labels: np.ndarray) -> list[np.ndarray]:
+  """The probe rows of each label with two or more probes; at least one."""
   groups = [g for g in _groups(labels) if g.size > 1]
   if not groups:
     raise ValueError(f'megaface needs an identity with at least two probes '
-                     f'(no genuine pairs among {num_probes} probes with '
+                     f'(no genuine pairs among {labels.size} probes with '
                      f'{np.unique(labels).size} distinct labels)')
-  num_distractors = int(distractors.shape[0])
-  num_impostors = num_probes * num_distractors
+  return groups
 
+
+def _impostors_to_keep(fars, num_probes: int, num_distractors: int,
+                       max_kept: int):
+  """(supported FARs, unsupported FARs, K): the FARs that accept at least
+  one impostor pair, and the largest impostor scores to keep for them."""
+  num_impostors = num_probes * num_distractors
   supported, unsupported, keep = [], [], 0
   for far in fars:
     k = protocols.impostors_accepted(far, num_impostors)
@@ -351,9 +410,13 @@ def megaface(probes, labels, distractors, *, fars=protocols.FARS,
           f'of fars (MegaFace reports 1e-6) or pass max_kept >= {need} '
           f'(about {12 * need / 2**20:.0f} MB while merging)')
     keep = max(keep, need)
+  return supported, unsupported, keep
 
-  d_best, _, _, top = _scan(probes, distractors, 'distractors', chunk_size,
-                            top_k=keep)
+
+def _within_identities(probes, groups, d_best):
+  """(successes, trials, genuine scores): every ordered same-identity pair
+  (i, j), i != j, succeeds iff score(i, j) beats i's best distractor; the
+  genuine scores are the pairs i < j, as float64."""
   successes, trials, genuine = 0, 0, []
   for rows, spans in _blocks(groups, BLOCK_ROWS):
     x = probes[rows]
@@ -365,24 +428,16 @@ def megaface(probes, labels, distractors, *, fars=protocols.FARS,
       successes += int(beat.sum())
       trials += (hi - lo) * (hi - lo - 1)
       genuine.append(s[np.triu_indices(hi - lo, 1)])
-  genuine = np.concatenate(genuine).astype(np.float64)
+  return successes, trials, np.concatenate(genuine).astype(np.float64)
 
+
+def _tar_at_fars(fars, top, num_impostors: int, genuine) -> list[dict]:
+  """protocols.tar_at_far's rows from the K largest impostor scores."""
   tars = []
-  for far in supported:
+  for far in fars:
     t = protocols.far_threshold(top, num_impostors, far)
     accepted = (num_impostors if t == -np.inf
                 else int(np.count_nonzero(top > t)))
     tars.append({'far': far, 'tar': float(np.mean(genuine > t)),
                  'threshold': t, 'false_accepts': accepted})
-  return {
-      'rank1': successes / trials,
-      'successes': successes,
-      'trials': trials,
-      'tar_at_far': tars,
-      'unsupported_fars': unsupported,
-      'num_probes': num_probes,
-      'num_identities': len(groups),
-      'num_distractors': num_distractors,
-      'num_genuine': int(genuine.size),
-      'num_impostors': num_impostors,
-  }
+  return tars

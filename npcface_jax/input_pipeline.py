@@ -97,6 +97,26 @@ def dataset_info(data_dir: str | os.PathLike) -> DatasetInfo:
   the metadata of a data_prep output (corrupt JSON, a missing image or
   label feature, class counts or shard lengths the files cannot hold)."""
   data_dir = os.fspath(data_dir)
+  _check_metadata_files(data_dir)
+  info = _tfds_info(data_dir)
+  image, label = _image_and_label(data_dir, info.features)
+  image_size = _image_size(data_dir, image)
+  files, lengths, num_examples = _train_shards(data_dir, info)
+  return DatasetInfo(data_dir=data_dir,
+                     num_classes=_num_classes(data_dir, label, num_examples),
+                     num_examples=num_examples, image_size=image_size,
+                     files=files, shard_lengths=lengths)
+
+
+def _tfds():
+  """tensorflow_datasets, TensorFlow's GPUs hidden first (_tf)."""
+  _tf()
+  import tensorflow_datasets as tfds  # noqa: PLC0415
+  return tfds
+
+
+def _check_metadata_files(data_dir: str) -> None:
+  """The directory and its metadata files exist and hold JSON objects."""
   if not os.path.isdir(data_dir):
     raise FileNotFoundError(f'dataset directory {data_dir!r} does not exist: '
                             f'{_PREP_HINT}')
@@ -108,33 +128,48 @@ def dataset_info(data_dir: str | os.PathLike) -> DatasetInfo:
         f'{_PREP_HINT}')
   for file in _METADATA:
     _check_json(data_dir, file)
-  _tf()
-  import tensorflow_datasets as tfds  # noqa: PLC0415
-  # tfds raises a variety of types on bad metadata; features.json first, so
-  # that an error of the builder is dataset_info.json's.
+
+
+def _tfds_info(data_dir: str):
+  """tfds's DatasetInfo of the directory. tfds raises a variety of types on
+  bad metadata; features.json is read first, so that an error of the
+  builder is dataset_info.json's."""
+  tfds = _tfds()
   try:
     tfds.features.FeatureConnector.from_config(data_dir)
   except Exception as e:  # noqa: BLE001
     raise _damaged(data_dir, 'features.json',
                    f'tfds cannot read it ({str(e)[:300]})') from None
   try:
-    info = tfds.builder_from_directory(data_dir).info
+    return tfds.builder_from_directory(data_dir).info
   except Exception as e:  # noqa: BLE001
     raise _damaged(data_dir, 'dataset_info.json',
                    f'tfds cannot read it ({str(e)[:300]})') from None
-  features = info.features
+
+
+def _image_and_label(data_dir: str, features):
   names = sorted(features.keys()) if hasattr(features, 'keys') else []
   if 'image' not in names or 'label' not in names:
     raise _damaged(data_dir, 'features.json',
                    f'features {names}; the pipeline needs image and label')
-  image, label = features['image'], features['label']
+  return features['image'], features['label']
+
+
+def _image_size(data_dir: str, image) -> int:
+  """The side of the square RGB images the image feature declares."""
   shape = tuple(getattr(image, 'shape', ()))
-  if (not isinstance(image, tfds.features.Image) or len(shape) != 3
+  if (not isinstance(image, _tfds().features.Image) or len(shape) != 3
       or not all(isinstance(d, int) for d in shape) or shape[0] != shape[1]
       or not 0 < shape[0] <= _MAX_IMAGE_SIZE or shape[2] != 3):
     raise _damaged(data_dir, 'features.json',
                    f'image {type(image).__name__} of shape {shape}; the '
                    'pipeline needs square RGB images (S, S, 3)')
+  return shape[0]
+
+
+def _train_shards(data_dir: str, info):
+  """(files, lengths, examples) of the 'train' split, checked against the
+  directory: every file in it, present, and large enough for its length."""
   if 'train' not in info.splits:
     raise _damaged(data_dir, 'dataset_info.json',
                    f"splits {sorted(info.splits.keys())}, no 'train' split")
@@ -166,16 +201,18 @@ def dataset_info(data_dir: str | os.PathLike) -> DatasetInfo:
       raise _damaged(data_dir, 'dataset_info.json',
                      f'{os.path.basename(f)} cannot hold {n} examples '
                      f'({os.path.getsize(f)} bytes)')
+  return files, lengths, num_examples
+
+
+def _num_classes(data_dir: str, label, num_examples: int) -> int:
   num_classes = label.num_classes if isinstance(
-      label, tfds.features.ClassLabel) else None
+      label, _tfds().features.ClassLabel) else None
   if not isinstance(num_classes, int) or not 0 < num_classes <= num_examples:
     raise _damaged(data_dir, 'features.json',
                    f'label {type(label).__name__} with {num_classes} classes '
                    f'for {num_examples} examples; the pipeline needs a '
                    'ClassLabel with one class or more, each with an image')
-  return DatasetInfo(data_dir=data_dir, num_classes=num_classes,
-                     num_examples=num_examples, image_size=shape[0],
-                     files=files, shard_lengths=lengths)
+  return num_classes
 
 
 # --- Splitting the data over processes (pure) --------------------------------

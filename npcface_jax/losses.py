@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from npcface_jax import heads
+from npcface_jax import class_shards
 
 Array = jax.Array
 
@@ -37,14 +37,14 @@ def cross_entropy_and_top1(logits: Array, labels: Array, *, axis_name=None,
   """The per-sample cross-entropy and whether the target logit is the
   largest (training top-1 under the head's margins), from one pass."""
   z = logits.astype(jnp.float32)
-  cols = heads.columns(z, labels, axis_name, num_classes)
+  cols = class_shards.columns(labels, z.shape[-1], axis_name, num_classes)
   if cols.valid is not None:
     z = jnp.where(cols.valid, z, -jnp.inf)
   zmax = lax.stop_gradient(jnp.max(z, axis=-1))
   if axis_name is not None:
     zmax = lax.pmax(zmax, axis_name)
   sumexp = jnp.sum(jnp.exp(z - zmax[:, None]), axis=-1)
-  target = heads.take_target(z, cols)
+  target = class_shards.take_target(z, cols)
   if axis_name is not None:
     sumexp, target = lax.psum((sumexp, target), axis_name)
   return jnp.log(sumexp) + (zmax - target), lax.stop_gradient(target >= zmax)

@@ -302,6 +302,71 @@ def test_batch_norm_equals_flax(shape, train):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f'seed {seed}')
 
 
+def _bn_variables(rng, c):
+  return {
+      'params': {'scale': jnp.asarray(rng.uniform(0.5, 2, c), jnp.float32),
+                 'bias': jnp.asarray(rng.normal(size=c), jnp.float32)},
+      'batch_stats': {'mean': jnp.asarray(rng.normal(size=c), jnp.float32),
+                      'var': jnp.asarray(rng.uniform(0.5, 2, c), jnp.float32)}}
+
+
+@pytest.mark.parametrize('shape', [(4, 5, 3, 6), (8, 6), (8, 7, 7, 32)])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_batch_norm_formulations_agree(shape, dtype):
+  """impl='native' (autodiff, the default off the CPU) against the
+  hand-written backward (the CPU's): outputs, gradients in x, scale and
+  bias, and the updated running statistics, with the tolerances above;
+  bf16 outputs and input gradients may also differ by one bf16 rounding
+  step (2^-8 relative), where a float32 sum that differs in its last bit
+  rounds the other way."""
+  rng, seed = fresh_rng()
+  x = jnp.asarray(rng.normal(1.5, 2.0, size=shape), dtype)
+  variables = _bn_variables(rng, shape[-1])
+  weights = jnp.asarray(rng.normal(size=shape), jnp.float32)
+  results = []
+  for impl in ('shifted', 'native'):
+    layer = BatchNorm(True, impl=impl)
+
+    def loss(params, x):
+      y, upd = layer.apply({**variables, 'params': params}, x,
+                           mutable=['batch_stats'])
+      return (jnp.sum(jnp.sin(y.astype(jnp.float32)) * weights),
+              (y, upd['batch_stats']))
+    grads, (y, stats) = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))(
+        variables['params'], x)
+    assert y.dtype == grads[1].dtype == dtype
+    results.append((y, stats, grads))
+  for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+    rtol = 2.0**-8 if a.dtype == jnp.bfloat16 else 1e-4
+    np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=rtol,
+                               atol=1e-5, err_msg=f'seed {seed}')
+
+
+def _variable_shapes(name, impl):
+  model = models.create(name, impl=impl)
+  return jax.tree.map(jnp.shape, jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((2, 112, 112, 3)), train=False)))
+
+
+def test_batch_norm_impl_selects_the_backward():
+  """'native' traces plain autodiff (no custom_vjp), 'shifted' the
+  hand-written backward, 'auto' the CPU's one here; all keep one variable
+  layout, so checkpoints move between them."""
+  x = jnp.ones((4, 6))
+  for impl, custom in (('native', False), ('shifted', True), ('auto', True)):
+    layer = BatchNorm(True, impl=impl)
+    variables = layer.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, variables) == {
+        'params': {'scale': (6,), 'bias': (6,)},
+        'batch_stats': {'mean': (6,), 'var': (6,)}}
+    jaxpr = jax.make_jaxpr(lambda v: layer.apply(
+        v, x, mutable=['batch_stats']))(variables)
+    assert ('custom_vjp_call' in str(jaxpr)) == custom, (impl, jaxpr)
+  for name in ('mobilefacenet', 'resnet50'):
+    assert _variable_shapes(name, 'native') == _variable_shapes(name,
+                                                                'shifted')
+
+
 def test_mobilefacenet_formulations_agree(mobilefacenet):
   """The whole network, CPU formulation against cuDNN's (native)."""
   _, variables, images = mobilefacenet

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import npcface_jax as nf
-from npcface_jax import classifier, config_checks, factories, training_data
+from npcface_jax import (class_shards, classifier, config_checks, factories,
+                         training_data)
 from tests import np_reference as ref
 from tests.conftest import NUM_DEVICES
 from tests.helpers import away_from, fresh_rng
@@ -61,7 +62,7 @@ def _problem(rng, num_classes):
 
 def _sampled_columns(key, labels, num_classes, shards, num_sample):
   """The global classes scored, in the order the shards hold them."""
-  rows = classifier.padded_num_classes(num_classes, shards) // shards
+  rows = class_shards.padded_num_classes(num_classes, shards) // shards
   return np.concatenate([
       k * rows + np.asarray(classifier.sample_classes(
           key, jnp.asarray(labels), k, rows, num_sample, num_classes))
@@ -118,7 +119,7 @@ def test_sampled_loss_equals_reference(shards, num_sample, chunk_size):
     want = _Reference(x, w, labels, columns, scale)
     if want.clear:
       break
-  padded = classifier.padded_num_classes(num_classes, shards)
+  padded = class_shards.padded_num_classes(num_classes, shards)
   w_padded = np.pad(w, [(0, padded - num_classes), (0, 0)])
   if shards == 1:
     def loss(x, w):

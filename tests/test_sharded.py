@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import npcface_jax as nf
-from npcface_jax import classifier, registry
+from npcface_jax import class_shards, classifier, registry
 from tests.conftest import NUM_DEVICES
 from tests.helpers import assert_same_step, fresh_rng
 
@@ -38,7 +38,7 @@ def _problem(rng, num_classes):
 
 
 def _loss_fns(mesh, head, crit, num_classes):
-  padded = classifier.padded_num_classes(num_classes, NUM_DEVICES)
+  padded = class_shards.padded_num_classes(num_classes, NUM_DEVICES)
   sharded = classifier.sharded_classifier_loss(mesh, head, num_classes,
                                                return_logits=True)
 
@@ -130,9 +130,9 @@ def test_npcface_logits_directly_in_shard_map(mesh):
 
 
 def test_padded_num_classes():
-  assert classifier.padded_num_classes(61, 8) == 64
-  assert classifier.padded_num_classes(64, 8) == 64
-  assert classifier.padded_num_classes(1_000_000, 8) == 1_000_000
+  assert class_shards.padded_num_classes(61, 8) == 64
+  assert class_shards.padded_num_classes(64, 8) == 64
+  assert class_shards.padded_num_classes(1_000_000, 8) == 1_000_000
 
 
 def test_l2_normalize_zero_row_is_finite():
@@ -154,7 +154,7 @@ def test_sharded_chunked_equals_unsharded_full(mesh, name):
   x, w, y = _problem(rng, num_classes)
   head = nf.get_head(name)
   state = head.init_state(num_classes)
-  padded = classifier.padded_num_classes(num_classes, NUM_DEVICES)
+  padded = class_shards.padded_num_classes(num_classes, NUM_DEVICES)
   sharded = classifier.sharded_classifier_loss(mesh, head, num_classes,
                                                chunk_size=3)
 
@@ -196,7 +196,7 @@ def test_batch_split_over_data_axis(mesh_2d, name, chunk_size):
   x, w, y = _problem(rng, num_classes)
   head = nf.get_head(name)
   state = head.init_state(num_classes)
-  padded = classifier.padded_num_classes(num_classes, 2)
+  padded = class_shards.padded_num_classes(num_classes, 2)
   sharded = classifier.sharded_classifier_loss(
       mesh_2d, head, num_classes, batch_axis='data', chunk_size=chunk_size)
 
@@ -236,7 +236,7 @@ def test_top1_is_target_logit_largest(mesh, chunk_size):
   assert 0 < want.sum() < B, f'want a mix of right and wrong, seed {seed}'
   _, out = classifier.classifier_loss(x, w, y, head, chunk_size=chunk_size)
   np.testing.assert_array_equal(out.metrics['top1'], want, f'seed {seed}')
-  padded = classifier.padded_num_classes(num_classes, NUM_DEVICES)
+  padded = class_shards.padded_num_classes(num_classes, NUM_DEVICES)
   sharded = classifier.sharded_classifier_loss(mesh, head, num_classes,
                                                chunk_size=chunk_size)
   _, out = jax.jit(sharded)(x, jnp.pad(w, [(0, padded - num_classes), (0, 0)]),

@@ -7,7 +7,8 @@
 A backbone maps NHWC images, normalised by images.normalize, to embeddings
 (B, D), not normalised; BatchNorm statistics live in the ``batch_stats`` collection.
 ``dtype`` sets the compute dtype (e.g. jnp.bfloat16); parameters stay
-float32. ``impl`` picks the convolution formulation (layers.py).
+float32. ``impl`` picks the convolution and BatchNorm formulations
+(layers.py).
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ class _Unit(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     conv = functools.partial(Conv, impl=self.impl, dtype=self.dtype)
-    bn_relu = lambda y: nn.relu(batch_norm(train, self.dtype)(y))
+    bn_relu = lambda y: nn.relu(batch_norm(train, self.dtype, self.impl)(y))
     pre = bn_relu(x)
     y = conv(self.features // 4)(pre)
     y = conv(self.features // 4, 3, self.stride)(bn_relu(y))
@@ -111,8 +111,8 @@ class _AttentionModule(nn.Module):
       y = unit(y)
     y = upsample_bilinear(y, *trunk.shape[1:3]) + trunk
     conv = functools.partial(Conv, c, impl=self.impl, dtype=self.dtype)
-    mask = conv()(nn.relu(batch_norm(train, self.dtype)(y)))
-    mask = conv()(nn.relu(batch_norm(train, self.dtype)(mask)))
+    mask = conv()(nn.relu(batch_norm(train, self.dtype, self.impl)(y)))
+    mask = conv()(nn.relu(batch_norm(train, self.dtype, self.impl)(mask)))
     return unit((1 + nn.sigmoid(mask)) * trunk)
 
 
@@ -131,7 +131,7 @@ class ResidualAttentionNet(nn.Module):
     unit = functools.partial(_Unit, impl=self.impl, dtype=self.dtype)
     x = images.astype(self.dtype or images.dtype)
     x = Conv(64, 7, 2, impl=self.impl, dtype=self.dtype)(x)       # 56x56
-    x = nn.relu(batch_norm(train, self.dtype)(x))
+    x = nn.relu(batch_norm(train, self.dtype, self.impl)(x))
     x = unit(256)(x, train)
     # Stage s runs at 56 / 2**s and its masks pool 3 - s times (to 7x7).
     for stage, count in enumerate(self.stages):
@@ -141,7 +141,8 @@ class ResidualAttentionNet(nn.Module):
         x = _AttentionModule(3 - stage, self.impl, self.dtype)(x, train)
     for stride in (2, 1, 1):
       x = unit(2048, stride)(x, train)                            # 7x7
-    return EmbeddingHead(self.embedding_dim, self.dropout, self.dtype)(x, train)
+    return EmbeddingHead(self.embedding_dim, self.dropout, self.dtype,
+                         self.impl)(x, train)
 
 
 attention56 = functools.partial(ResidualAttentionNet, stages=(1, 1, 1))

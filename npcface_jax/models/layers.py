@@ -7,7 +7,7 @@ convolutions are the fast ones. These modules keep one parameter layout
 (flax's conv kernels, so checkpoints move between backends) and pick the
 formulation when traced: ``impl='auto'`` follows ``jax.default_backend()``;
 'native' and 'matmul' / 'shifted' force one (the tests check they agree).
-The CPU formulations and BatchNorm's train mode have hand-written
+The CPU formulations, BatchNorm's train mode included, have hand-written
 backwards (custom_vjp), written for fewer passes over the activations than
 autodiff makes; the tests hold them to autodiff of the native forms.
 """
@@ -204,14 +204,17 @@ class BatchNorm(nn.Module):
   """BatchNorm over all axes but the last, as the PyTorch references have
   it (momentum 0.1, eps 1e-5; biased batch variance), with flax's variable
   layout (params scale, bias; batch_stats mean, var) and running-average
-  update. Train mode has a hand-written backward: two reductions and one
-  elementwise pass each way, where autodiff through the normalisation
-  makes several more passes over the activations."""
+  update. Train mode's backward follows ``impl`` like the convolutions:
+  on the CPU a hand-written one (two reductions and one elementwise pass
+  each way, where autodiff through the normalisation makes several more
+  passes over the activations; measured faster there), with 'native' (the
+  default off the CPU) plain autodiff of the same forward."""
 
   train: bool
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Dtype | None = None
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x):
@@ -224,7 +227,9 @@ class BatchNorm(nn.Module):
     if not self.train:
       a = scale * lax.rsqrt(ra_var.value + self.epsilon)
       return _scale_shift(x, a, bias - ra_mean.value * a, dtype)
-    y, mean, var = batch_norm_train(x.astype(dtype), scale, bias, self.epsilon)
+    normalize = (_batch_norm_train if _use_native(self.impl)
+                 else batch_norm_train)
+    y, mean, var = normalize(x.astype(dtype), scale, bias, self.epsilon)
     if not self.is_initializing():
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * lax.stop_gradient(mean)
@@ -245,18 +250,27 @@ def _batch_stats(x):
   return mean, jnp.maximum(mean_sq - jnp.square(mean), 0.0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm_train(x, scale, bias, epsilon: float):
+def _batch_norm_train(x, scale, bias, epsilon: float):
   """(x normalised by its batch statistics * scale + bias, batch mean,
   batch variance); statistics over all axes but the last, in float32.
-  Gradients flow through the first output only."""
-  mean, var = _batch_stats(x)
+  Differentiated by autodiff ('native'): x is cast once, so that its
+  gradient's three parts (through y, the mean and the variance) add up in
+  float32 before the one cast back, as the hand-written backward's do."""
+  xf = x.astype(jnp.float32)
+  mean, var = _batch_stats(xf)
   a = scale * lax.rsqrt(var + epsilon)
-  return _scale_shift(x, a, bias - mean * a, x.dtype), mean, var
+  return _scale_shift(xf, a, bias - mean * a, x.dtype), mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon: float):
+  """_batch_norm_train with a hand-written backward (the CPU's default);
+  gradients flow through the first output only."""
+  return _batch_norm_train(x, scale, bias, epsilon)
 
 
 def _batch_norm_fwd(x, scale, bias, epsilon):
-  out = batch_norm_train(x, scale, bias, epsilon)
+  out = _batch_norm_train(x, scale, bias, epsilon)
   return out, (x, scale, out[1], lax.rsqrt(out[2] + epsilon))
 
 
@@ -280,8 +294,9 @@ def _batch_norm_bwd(epsilon, residuals, cotangents):
 batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
-def batch_norm(train: bool, dtype: Dtype | None = None) -> BatchNorm:
-  return BatchNorm(train, dtype=dtype)
+def batch_norm(train: bool, dtype: Dtype | None = None,
+               impl: str = 'auto') -> BatchNorm:
+  return BatchNorm(train, dtype=dtype, impl=impl)
 
 
 def check_face_size(model: str, images) -> None:
@@ -296,11 +311,12 @@ class EmbeddingHead(nn.Module):
   embedding_dim: int = 512
   dropout: float = 0.0
   dtype: Dtype | None = None
+  impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = batch_norm(train, self.dtype)(x)
+    x = batch_norm(train, self.dtype, self.impl)(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(self.embedding_dim, dtype=self.dtype)(
         x.reshape(x.shape[0], -1))
-    return batch_norm(train, self.dtype)(x).astype(jnp.float32)
+    return batch_norm(train, self.dtype, self.impl)(x).astype(jnp.float32)

@@ -47,7 +47,7 @@ class _ConvBN(nn.Module):
     else:
       x = Conv(self.features, self.kernel_size, self.stride, self.padding,
                impl=self.impl, dtype=self.dtype)(x)
-    x = batch_norm(train, self.dtype)(x)
+    x = batch_norm(train, self.dtype, self.impl)(x)
     return x if self.linear else PReLU()(x)
 
 
@@ -120,4 +120,4 @@ class MobileFaceNet(nn.Module):
     x = conv(c(512), gdc, depthwise=True, linear=True, padding=0)(x, train)
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.embedding_dim, use_bias=False, dtype=self.dtype)(x)
-    return batch_norm(train, self.dtype)(x).astype(jnp.float32)
+    return batch_norm(train, self.dtype, self.impl)(x).astype(jnp.float32)

@@ -49,15 +49,16 @@ class _Unit(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     conv = functools.partial(Conv, impl=self.impl, dtype=self.dtype)
-    y = batch_norm(train, self.dtype)(x)
+    bn = functools.partial(batch_norm, train, self.dtype, self.impl)
+    y = bn()(x)
     y = conv(self.features, 3)(y)
-    y = PReLU()(batch_norm(train, self.dtype)(y))
+    y = PReLU()(bn()(y))
     y = conv(self.features, 3, self.stride)(y)
-    y = batch_norm(train, self.dtype)(y)
+    y = bn()(y)
     if self.se:
       y = _SqueezeExcite(dtype=self.dtype)(y)
     if self.stride != 1 or x.shape[-1] != self.features:
-      x = batch_norm(train, self.dtype)(conv(self.features, 1, self.stride)(x))
+      x = bn()(conv(self.features, 1, self.stride)(x))
     return x + y
 
 
@@ -76,12 +77,13 @@ class IResNet(nn.Module):
     check_face_size('IResNet', images)
     x = images.astype(self.dtype or images.dtype)
     x = Conv(64, 3, impl=self.impl, dtype=self.dtype)(x)
-    x = PReLU()(batch_norm(train, self.dtype)(x))
+    x = PReLU()(batch_norm(train, self.dtype, self.impl)(x))
     for features, units in zip((64, 128, 256, 512), self.units):
       for i in range(units):
         x = _Unit(features, 2 if i == 0 else 1, self.se, self.impl,
                   self.dtype)(x, train)
-    return EmbeddingHead(self.embedding_dim, self.dropout, self.dtype)(x, train)
+    return EmbeddingHead(self.embedding_dim, self.dropout, self.dtype,
+                         self.impl)(x, train)
 
 
 resnet50 = functools.partial(IResNet, units=(3, 4, 14, 3))

@@ -37,7 +37,8 @@ class VGG19(nn.Module):
     for stage, (features, layers) in enumerate(_STAGES):
       for _ in range(layers):
         x = Conv(features, 3, impl=self.impl, dtype=self.dtype)(x)
-        x = nn.relu(batch_norm(train, self.dtype)(x))
+        x = nn.relu(batch_norm(train, self.dtype, self.impl)(x))
       if stage < len(_STAGES) - 1:
         x = nn.max_pool(x, (2, 2), (2, 2))
-    return EmbeddingHead(self.embedding_dim, self.dropout, self.dtype)(x, train)
+    return EmbeddingHead(self.embedding_dim, self.dropout, self.dtype,
+                         self.impl)(x, train)
