@@ -44,9 +44,9 @@ import tracemalloc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from npcface_jax import identification, protocols  # noqa: E402
+from npcface_jax import identification, protocols
 
 # IJB-C 1:1 (insightface's ijbc_template_pair_label.txt).
 IJBC_TEMPLATES, IJBC_SUBJECTS = 23_124, 3_531

@@ -62,12 +62,12 @@ os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
 os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.5')
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from torch_models import torch_network  # noqa: E402 (beside this file)
-from npcface_jax import (factories, jsonfile, models, train_step,  # noqa: E402
+from torch_models import torch_network
+from npcface_jax import (factories, jsonfile, models, train_step,
                          training_data)
 
 EMBEDDING = 512

@@ -24,11 +24,11 @@ import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
-from data_prep.shards import serialize  # noqa: E402
-from npcface_jax import input_pipeline as ip, synthetic  # noqa: E402
+from data_prep.shards import serialize
+from npcface_jax import input_pipeline as ip, synthetic
 
 SIZE = 112
 ORL = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'

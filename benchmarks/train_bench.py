@@ -28,13 +28,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
 
-from configs import casia_mobileface  # noqa: E402
-from npcface_jax import (classifier, factories, train_step,  # noqa: E402
+from configs import casia_mobileface
+from npcface_jax import (classifier, factories, train_step,
                          training_data)
 
 

@@ -81,7 +81,7 @@ class Checkpointer:
               state=ocp.args.StandardSave(state),
               input=ocp.args.JsonSave(dict(input_state))),
           force=force)
-    except Exception as e:  # noqa: BLE001 (OSError, or orbax wrapping it)
+    except Exception as e:
       raise self._write_error(step, e) from e
 
   def _write_error(self, step: int | None, error: Exception):
@@ -190,7 +190,7 @@ class Checkpointer:
     one failed."""
     try:
       self._manager.wait_until_finished()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
       raise self._write_error(None, e) from e
 
   def close(self) -> None:

@@ -298,6 +298,6 @@ def _define_flags():
 
 
 if __name__ == '__main__':
-  from absl import app  # noqa: PLC0415
+  from absl import app
   _define_flags()
   app.run(main)

@@ -4,7 +4,8 @@ Every head takes ``cos`` (B, C), the cosines between L2-normalised embeddings
 and class weights, and integer ``labels`` (B,), and returns scaled logits of
 cos's dtype (arithmetic is float32 inside, so bfloat16 inputs are safe).
 Heads with state (SphereFace, AdaCos, CurricularFace) take it and return the
-new state; nothing is mutated. docs/architecture.md derives the math.
+new state; nothing is mutated. Each docstring gives its math, with the
+paper's equation numbers.
 
 Class-sharded use: inside ``jax.shard_map`` with the classifier's rows split
 over a mesh axis, pass ``axis_name`` and each shard's ``cos`` holds only its

@@ -17,9 +17,9 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _cache  # subprocesses too
   os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '1'
 
-import jax  # noqa: E402
+import jax
 
-from npcface_jax import xla_flags  # noqa: E402
+from npcface_jax import xla_flags
 
 xla_flags.use_in_order_cpu_schedule()  # subprocesses inherit it too
 

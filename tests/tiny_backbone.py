@@ -47,8 +47,8 @@ def create_model(config, *, train_dtype: bool = True):
 
 
 if __name__ == '__main__':
-  from absl import app  # noqa: PLC0415
+  from absl import app
   # Its XLA:CPU flags take effect: nothing has started a backend yet.
-  from npcface_jax import main  # noqa: PLC0415
+  from npcface_jax import main
   factories.create_model = create_model
   app.run(main.main)
