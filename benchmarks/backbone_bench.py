@@ -104,7 +104,7 @@ def jax_cases(name: str, batch: int, impl: str = 'auto') -> dict:
 
 
 def torch_cases(batch: int) -> dict:
-  import torch
+  import torch  # noqa: PLC0415 (optional dependency)
 
   torch.manual_seed(0)
   model = torch_network('mobilefacenet', {})
@@ -210,7 +210,7 @@ def main():
                  if name == 'mobilefacenet' and 'mobilefacenet/native' in cases
                  else None)
     published = PUBLISHED.get(base, ('', ''))[0]
-    fmt = lambda v: '' if v is None else f'{v:.2f}'
+    fmt = lambda v: '' if v is None else f'{v:.2f}'  # noqa: E731
     print(f'| {name} | {params:.2f} | '
           f'{"" if np.isnan(gmacs) else f"{gmacs:.2f}"} | {published} | '
           f'{ips["forward"]:.1f} | {ips["train"]:.1f} | {fmt(vs_torch)} | '

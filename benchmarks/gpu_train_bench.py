@@ -152,10 +152,11 @@ class JaxCase:
     self.name = 'jax' if impl == 'native' else f'jax {impl}'
     config = jax_config(model, dtype, impl, options)
     mesh = factories.make_mesh(1, jax.devices()[:1])
-    task = factories.make_task(config, mesh, training_data.Data(classes, IMAGE, 1000,
-                                                    None))
+    task = factories.make_task(
+        config, mesh, training_data.Data(classes, IMAGE, 1000, None))
     self.state = factories.init_state(task)
-    step = train_step.make_train_step(task, factories.state_shardings(task, self.state))
+    step = train_step.make_train_step(
+        task, factories.state_shardings(task, self.state))
     images, labels = data
     self.batch = {'image': jnp.asarray(images, jnp.dtype(dtype)),
                   'label': jnp.asarray(labels, jnp.int32)}
@@ -330,7 +331,7 @@ def summarize(payloads: list[dict], loss_rows: list[dict] | None = None) -> str:
   """The short table of one or more runs' rows (and the loss bench's)."""
   first = payloads[0]
   peaks = first['peaks']
-  fmt_peak = lambda v: '?' if v is None else f'{v:g}'
+  fmt_peak = lambda v: '?' if v is None else f'{v:g}'  # noqa: E731
   lines = [
       f'# {first["device"]}: jax {first["jax"]}'
       + (f', torch {first["torch"]}' if first.get('torch') else '')

@@ -112,7 +112,8 @@ def run(num_classes: int, batch: int, dim: int, reps: int,
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--classes', type=int, nargs='+', default=[10_000, 100_000])
+  parser.add_argument('--classes', type=int, nargs='+',
+                      default=[10_000, 100_000])
   parser.add_argument('--batch', type=int, default=512)
   parser.add_argument('--dim', type=int, default=512)
   parser.add_argument('--reps', type=int, default=7)

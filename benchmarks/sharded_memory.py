@@ -27,8 +27,8 @@ def _mb(n):
 
 
 def loss_memory(args, jax, jnp):
-  import npcface_jax as nf
-  from npcface_jax import class_shards, classifier
+  import npcface_jax as nf  # noqa: PLC0415 (after main's JAX flags)
+  from npcface_jax import class_shards, classifier  # noqa: PLC0415 (same)
 
   mesh = jax.make_mesh((args.devices,), ('model',))
   rows = class_shards.padded_num_classes(args.classes, args.devices)
@@ -52,7 +52,7 @@ def loss_memory(args, jax, jnp):
 
 def _classifier_bytes(state, device):
   """Bytes of the classifier and its optimizer state on one device."""
-  import jax
+  import jax  # noqa: PLC0415 (after main's JAX flags)
   leaves = [state.params['classifier']] + [
       leaf for path, leaf in jax.tree_util.tree_leaves_with_path(
           state.opt_state) if 'classifier' in jax.tree_util.keystr(path)]
@@ -65,8 +65,9 @@ def _classifier_bytes(state, device):
 
 
 def train_memory(args, jax):
-  from configs import default
-  from npcface_jax import factories, train_step, training_data
+  from configs import default  # noqa: PLC0415 (after main's JAX flags)
+  from npcface_jax import (  # noqa: PLC0415 (same)
+      factories, train_step, training_data)
 
   print(f'\n# trainer step: C={args.classes}, D={args.dim}, batch '
         f'{args.train_batch}, {args.devices} devices, per device (MB)')
@@ -122,10 +123,12 @@ def main():
   parser.add_argument('--steps', type=int, default=3)
   args = parser.parse_args()
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  import npcface_jax.main  # noqa: F401 (its XLA:CPU flags, before jax)
-  import jax  # after the flags: the device count is fixed at backend start
+  # Its XLA:CPU flags, before jax; jax after the flags: the device count is
+  # fixed at backend start.
+  import npcface_jax.main  # noqa: F401, PLC0415
+  import jax  # noqa: PLC0415
   jax.config.update('jax_num_cpu_devices', args.devices)
-  import jax.numpy as jnp
+  import jax.numpy as jnp  # noqa: PLC0415
   loss_memory(args, jax, jnp)
   train_memory(args, jax)
 

@@ -37,7 +37,9 @@ def torch_network(model: str, options: dict):
       return x + self.body(x) if self.residual else self.body(x)
 
   def mobilefacenet(width=1.0):
-    c = lambda n: _channels(n, width)
+    def c(n):
+      return _channels(n, width)
+
     layers = [conv_bn(3, c(64), 3, 2), conv_bn(c(64), c(64), 3, groups=c(64))]
     cin = c(64)
     for features, down, expansion, repeats in ((64, 128, 128, 4),

@@ -126,8 +126,8 @@ def main():
       times[name].append(time.perf_counter() - start)
     print(f'round {r + 1}/{args.rounds} done', flush=True)
   ratio = statistics.median(
-      f / (b + l) for f, b, l in zip(times['full'], times['backbone'],
-                                     times['loss']))
+      f / (b + loss) for f, b, loss in zip(times['full'], times['backbone'],
+                                           times['loss']))
   vs_backbone = statistics.median(
       f / b for f, b in zip(times['full'], times['backbone']))
   print(f'\n{platform.processor() or platform.machine()}, {os.cpu_count()} '

@@ -4,7 +4,8 @@ Two commands (``python -m data_prep --help``):
 
   train SRC OUT   an image folder, a ``path label`` list or an insightface /
                   im2rec ``.rec`` into TFRecord shards with tfds metadata,
-                  ``label_map.json`` and ``report.json`` (README, "Preparing data");
+                  ``label_map.json`` and ``report.json`` (README,
+                  "Preparing data");
   pairs PAIRS IMAGES OUT.bin
                   an LFW-style pairs file into an insightface verification
                   ``.bin`` (read back with ``npcface_jax.verification_bin``).

@@ -213,8 +213,8 @@ def _open_run(workdir: str, step, flip: bool, batch_size,
   batch = batch_size or config.eval_batch_size
   batch = -(-batch // mesh.size) * mesh.size
   variables, step = run_dir.restore_variables(workdir, mesh, step)
-  embedder = embedding.Embedder(factories.create_model(config, train_dtype=False),
-                                mesh, batch, flip)
+  embedder = embedding.Embedder(
+      factories.create_model(config, train_dtype=False), mesh, batch, flip)
   out_dir = os.path.join(workdir, 'eval', f'step_{step}' + '_flip' * flip)
   os.makedirs(out_dir, exist_ok=True)
   return _Run(embedder, variables, image_size, batch * 8, step, out_dir,

@@ -278,7 +278,8 @@ def sphereface_lambda(step, *, base: float = 1000.0, gamma: float = 0.12,
 
 def sphereface_parts(*, scale: float = 64.0, margin: int = 4,
                      base: float = 1000.0, gamma: float = 0.12,
-                     power: float = 1.0, lambda_min: float = 5.0) -> MarginParts:
+                     power: float = 1.0,
+                     lambda_min: float = 5.0) -> MarginParts:
   """The row constant is lambda, from the state's step."""
   if int(margin) != margin or margin < 1:
     raise ValueError(f'SphereFace margin must be a positive integer, got '

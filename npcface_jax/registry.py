@@ -225,7 +225,8 @@ class Head:
 
 
 def get_head(name: str, **options) -> Head:
-  """The head called ``name``; NPCFace also takes ``preset=`` (NPCFACE_PRESETS)."""
+  """The head called ``name``; NPCFace also takes ``preset=``
+  (NPCFACE_PRESETS)."""
   if name not in _HEADS:
     raise ValueError(f'unknown head {name!r}; choose one of {head_names()}')
   options = dict(options)
@@ -266,5 +267,6 @@ def get_criterion(name: str, **options) -> Criterion:
     raise ValueError(f'unknown criterion {name!r}; choose one of '
                      f'{criterion_names()}')
   if name == 'softmax' and options:
-    raise ValueError(f'criterion softmax takes no options, got {sorted(options)}')
+    raise ValueError(
+        f'criterion softmax takes no options, got {sorted(options)}')
   return Criterion(name, _options('criterion', name, _CRITERIA[name], options))

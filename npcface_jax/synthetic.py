@@ -148,7 +148,8 @@ def synthetic_pairs(classes, samples_per_class: int, num_pairs: int,
     same = i % 2 == 0
     a = rng.integers(n)
     b = a if same else (a + rng.integers(1, n)) % n
-    sa, sb = rng.choice(k, 2, replace=False) if same else rng.integers(k, size=2)
+    sa, sb = (rng.choice(k, 2, replace=False) if same
+              else rng.integers(k, size=2))
     index += [a * k + sa, b * k + sb]
     issame.append(same)
   return images[np.asarray(index)], np.asarray(issame)

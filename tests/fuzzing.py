@@ -146,7 +146,9 @@ _CHILD = textwrap.dedent('''
       kind, data = fuzzing.mutate(original, rng, tokens, fields)
       with open(victim, 'wb') as f:
         f.write(data)
-      progress.seek(0); progress.write(f'{{i}} {{kind}}      '); progress.flush()
+      progress.seek(0)
+      progress.write(f'{{i}} {{kind}}      ')
+      progress.flush()
       start = time.perf_counter()
       signal.setitimer(signal.ITIMER_REAL, spec['per_input_s'])
       try:

@@ -6,7 +6,8 @@ import pathlib
 import numpy as np
 
 # The shared real-face test data (never copied into the repository).
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
+SHARED_DATA = (pathlib.Path(__file__).resolve().parents[1].parent / 'shared'
+               / 'data')
 
 
 def fresh_rng():

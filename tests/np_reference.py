@@ -42,13 +42,16 @@ def npcface(cos, labels, s=64.0, m0=0.4, m1=0.2, t=1.1, alpha=0.25,
       m = m0 + m1 * cos[i, hard].mean() if n > 0 else m0
       fb = None
     else:
-      hard, m, fb = frozen['hard'][i], frozen['margin'][i], frozen['fallback'][i]
+      hard, m = frozen['hard'][i], frozen['margin'][i]
+      fb = frozen['fallback'][i]
       n = hard.sum()
     pos, fb = arc_positive(c_y, m, easy_margin, fb)
     row = np.where(hard, t * cos[i] + alpha, cos[i])
     row[y] = pos
     out[i] = s * row
-    hard_all.append(hard); margins.append(m); counts.append(n)
+    hard_all.append(hard)
+    margins.append(m)
+    counts.append(n)
     fallbacks.append(fb)
   frozen = {'hard': np.array(hard_all), 'margin': np.array(margins),
             'fallback': np.array(fallbacks)}
@@ -128,7 +131,8 @@ def mv_softmax(cos, labels, s=64.0, m=0.35, t=1.2, arc=False, frozen=None):
       out[i, y], fb = arc_positive(c_y, m, fallback=fb)
     else:
       out[i, y] = c_y - m
-    hards.append(hard); fbs.append(fb)
+    hards.append(hard)
+    fbs.append(fb)
   return s * out, {'hard': np.array(hards), 'fallback': np.array(fbs)}
 
 
@@ -145,7 +149,8 @@ def arcnegface(cos, labels, s=64.0, m=0.5, a=1.2, sigma=2.0, frozen=None):
       g, fb = frozen['g'][i], frozen['fallback'][i]
     out[i] = g * cos[i] + g - 1
     out[i, y], fb = arc_positive(c_y, m, fallback=fb)
-    gs.append(g); fbs.append(fb)
+    gs.append(g)
+    fbs.append(fb)
   return s * out, {'g': np.array(gs), 'fallback': np.array(fbs)}
 
 

@@ -14,7 +14,8 @@ import pytest
 from npcface_jax import (checkpoint, embedding, factories, run_dir, train,
                          training_data)
 
-FIXTURE = pathlib.Path(__file__).resolve().parent / 'data' / 'checkpoint_c383c96'
+FIXTURE = (pathlib.Path(__file__).resolve().parent / 'data'
+           / 'checkpoint_c383c96')
 
 
 @pytest.fixture

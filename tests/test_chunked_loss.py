@@ -82,7 +82,8 @@ def test_bfloat16_embeddings():
   g16 = jax.grad(lambda x: jnp.mean(chunked_cross_entropy(
       x, w, y, parts, chunk_size=16)[0]))(x.astype(jnp.bfloat16))
   g32 = jax.grad(lambda x: jnp.mean(chunked_cross_entropy(
-      x, w, y, parts, chunk_size=16)[0]))(x.astype(jnp.bfloat16).astype(jnp.float32))
+      x, w, y, parts, chunk_size=16)[0]))(
+          x.astype(jnp.bfloat16).astype(jnp.float32))
   assert g16.dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(g16, np.float32), g32, rtol=2e-2,
                              atol=2e-2 * float(jnp.max(jnp.abs(g32))),

@@ -66,7 +66,7 @@ def on_black(a, size=112):
 
 
 def examples(out):
-  import tensorflow_datasets as tfds
+  import tensorflow_datasets as tfds  # noqa: PLC0415 (imports TensorFlow)
   builder = tfds.builder_from_directory(os.fspath(out))
   return builder, list(tfds.as_numpy(builder.as_dataset(split='train')))
 
@@ -264,9 +264,10 @@ def test_exclude_file_that_is_not_text_names_its_line(tmp_path):
   names = tmp_path / 'exclude.txt'
   names.write_bytes(b'# overlap with LFW\ns2\r\n  s3  \n\ns\xe9\n')
   with pytest.raises(DataPrepError, match=r'exclude\.txt, line 5: .*not UTF-8'):
-    train_set._read_names(str(names))
+    train_set._read_names(str(names))  # noqa: SLF001
   names.write_bytes(b'# overlap with LFW\ns2\r\n  s3  \n\ns\xc3\xa9\n')
-  assert train_set._read_names(str(names)) == {'s2', 's3', 's\xe9'}
+  read = train_set._read_names(str(names))  # noqa: SLF001
+  assert read == {'s2', 's3', 's\xe9'}
 
 
 def test_list_file_with_integer_labels(data, tmp_path):

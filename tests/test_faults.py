@@ -56,7 +56,8 @@ def _poison(monkeypatch, at):
 
 def _restore(workdir, config, step=None):
   mesh = factories.make_mesh(config.model_parallel)
-  task = factories.make_task(config, mesh, training_data.open_data(config, mesh))
+  task = factories.make_task(config, mesh,
+                             training_data.open_data(config, mesh))
   ckpt = checkpoint.Checkpointer(str(workdir / 'checkpoints'), keep=3,
                                  every_steps=100)
   try:
@@ -113,7 +114,8 @@ def test_after_skipped_steps_the_applied_learning_rate_is_the_logged_one():
   data = training_data.open_data(c, mesh)
   task = factories.make_task(c, mesh, data)
   state = factories.init_state(task)
-  step = train_step.make_train_step(task, factories.state_shardings(task, state))
+  step = train_step.make_train_step(
+      task, factories.state_shardings(task, state))
   stream = data.open(None)
   for skip in (True, True, False):
     batch = next(stream)

@@ -51,7 +51,8 @@ HEADS = {
     'arcnegface': (lambda c, y: nf.arcnegface_logits(c, y),
                    lambda c, y, f: ref.arcnegface(c, y, frozen=f)),
     'curricularface': (
-        lambda c, y: nf.curricularface_logits(c, y, {'t': jnp.float32(T_PREV)})[0],
+        lambda c, y: nf.curricularface_logits(
+            c, y, {'t': jnp.float32(T_PREV)})[0],
         lambda c, y, f: ref.curricularface(c, y, T_PREV, frozen=f)),
 }
 
@@ -157,9 +158,10 @@ def test_initial_states():
   np.testing.assert_allclose(ref.sphereface_lambda(0), 1000.0)
   np.testing.assert_allclose(nf.heads.sphereface_lambda(10 ** 6), 5.0)
   margins = nf.adam_init_margins(jax.random.key(0), 1000)
-  assert margins.shape == (1000,) and 0.3 <= margins.min() and margins.max() <= 0.4
-  np.testing.assert_array_equal(nf.adam_project_margins(jnp.array([-0.1, 0.5, 1.7])),
-                                [0.0, 0.5, 1.0])
+  assert (margins.shape == (1000,) and 0.3 <= margins.min()
+          and margins.max() <= 0.4)
+  np.testing.assert_array_equal(
+      nf.adam_project_margins(jnp.array([-0.1, 0.5, 1.7])), [0.0, 0.5, 1.0])
 
 
 def test_adacos_scale_stays_finite_for_large_scales():
@@ -168,7 +170,8 @@ def test_adacos_scale_stays_finite_for_large_scales():
   rng, seed = fresh_rng()
   cos, labels = cosines(rng, batch=8, num_classes=30, kinds=['real'])
   cos = np.minimum(0.4 + 0.5 * np.abs(cos), 0.99)
-  _, st = nf.adacos_logits(jnp.float32(cos), labels, {'scale': jnp.float32(200.0)})
+  _, st = nf.adacos_logits(jnp.float32(cos), labels,
+                           {'scale': jnp.float32(200.0)})
   np.testing.assert_allclose(st['scale'], ref.adacos(cos, labels, 200.0)[1],
                              rtol=1e-4, err_msg=f'seed {seed}')
 
@@ -178,7 +181,8 @@ def test_adam_regulariser_and_margin_gradient():
   cos, labels = cosines(rng, num_classes=16)
   margins = rng.uniform(0.2, 0.5, 16)
   weights = rng.normal(size=cos.shape)
-  _, reg = nf.adam_softmax_logits(jnp.float32(cos), labels, jnp.float32(margins))
+  _, reg = nf.adam_softmax_logits(jnp.float32(cos), labels,
+                                  jnp.float32(margins))
   np.testing.assert_allclose(reg, ref.adam_softmax(cos, labels, margins)[1],
                              rtol=1e-6)
 

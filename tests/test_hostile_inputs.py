@@ -762,8 +762,9 @@ def test_run_turns_every_failure_into_a_skip(tmp_path):
     results = list(preprocess.prepare_all([j for j, _ in jobs.values()],
                                           OPTIONS))
     # A failure no reader foresaw (here a bad option) is still only a skip.
-    result = preprocess._run(preprocess.Job(str(tmp_path / 'ok.png')),
-                             preprocess.Options(fit='stretch'))
+    result = preprocess._run(  # noqa: SLF001
+        preprocess.Job(str(tmp_path / 'ok.png')),
+        preprocess.Options(fit='stretch'))
   for (what, (_, reason)), got in zip(jobs.items(), results):
     assert isinstance(got, preprocess.Skip), what
     assert got.reason == reason and got.detail, (what, got)

@@ -390,7 +390,7 @@ def test_largest_keeps_the_k_largest_multiset():
   for trial in range(50):
     k = int(rng.integers(1, 40))
     values = np.round(rng.normal(size=int(rng.integers(0, 400))), 1)
-    top = identification._Largest(k)
+    top = identification._Largest(k)  # noqa: SLF001
     for piece in np.array_split(values.astype(np.float32),
                                 int(rng.integers(1, 30))):
       top.add(piece[piece > top.floor])

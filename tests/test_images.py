@@ -99,8 +99,9 @@ def test_read_image_raises_only_bad_image(tmp_path):
   good = _png(tmp_path / 'g.png', 7)
   from_path = images.read_image(good, 8)
   assert from_path.shape == (8, 8, 3) and from_path.dtype == np.uint8
-  np.testing.assert_array_equal(
-      images.read_image(open(good, 'rb').read(), 8), from_path)
+  with open(good, 'rb') as f:
+    data = f.read()
+  np.testing.assert_array_equal(images.read_image(data, 8), from_path)
   os.mkfifo(tmp_path / 'fifo.png')
   for source, reason in ((tmp_path / 'no.png', 'missing file'),
                          (tmp_path, 'unreadable file'),

@@ -349,7 +349,8 @@ def test_synthetic_identities_are_separable():
   """Samples lie nearer their own prototype than any other, also for held-out
   classes, so that a network can learn and verification means something."""
   classes = list(range(100, 110))
-  images, labels = synthetic.synthetic_examples(classes, 4, image_size=32, seed=0)
+  images, labels = synthetic.synthetic_examples(classes, 4, image_size=32,
+                                                seed=0)
   assert images.shape == (40, 32, 32, 3) and labels.dtype == np.int32
   np.testing.assert_array_equal(labels, np.repeat(classes, 4))
   assert -1 <= images.min() and images.max() <= 1

@@ -55,9 +55,11 @@ def test_padding_columns_drop_out():
   y = y % 5
   full = nf.softmax_cross_entropy(jnp.float32(z[:, :5]), y)
   masked = jnp.float32(z).at[:, 5:].set(-jnp.inf)
-  np.testing.assert_allclose(nf.softmax_cross_entropy(masked, y), full, rtol=1e-6)
+  np.testing.assert_allclose(nf.softmax_cross_entropy(masked, y), full,
+                             rtol=1e-6)
   np.testing.assert_allclose(
-      nf.softmax_cross_entropy(jnp.float32(z), y, num_classes=5), full, rtol=1e-6)
+      nf.softmax_cross_entropy(jnp.float32(z), y, num_classes=5), full,
+      rtol=1e-6)
   grad = jax.grad(lambda v: nf.focal_loss(v, y, num_classes=5))(jnp.float32(z))
   assert np.all(np.isfinite(grad)) and np.all(grad[:, 5:] == 0), seed
 
@@ -66,7 +68,8 @@ def test_focal_with_gamma_zero_is_cross_entropy():
   rng, _ = fresh_rng()
   z, y = _logits(rng)
   np.testing.assert_allclose(nf.focal_loss(jnp.float32(z), y, gamma=0.0),
-                             nf.softmax_cross_entropy(jnp.float32(z), y), rtol=1e-6)
+                             nf.softmax_cross_entropy(jnp.float32(z), y),
+                             rtol=1e-6)
 
 
 def test_focal_gradient_finite_when_confident():
@@ -93,7 +96,8 @@ def test_registry_heads_match_direct_calls(name):
       'sphereface': lambda: nf.sphereface_logits(c, labels, state),
       'adacos': lambda: nf.adacos_logits(c, labels, state),
       'curricularface': lambda: nf.curricularface_logits(c, labels, state),
-      'adam_softmax': lambda: nf.adam_softmax_logits(c, labels, params['margins']),
+      'adam_softmax': lambda: nf.adam_softmax_logits(c, labels,
+                                                     params['margins']),
       'npcface': lambda: nf.npcface_logits(c, labels, return_diagnostics=True),
   }.get(name, lambda: (getattr(nf.heads, {'am_softmax': 'cosface'}.get(
       name, name) + '_logits')(c, labels), None))()
@@ -106,7 +110,8 @@ def test_registry_heads_match_direct_calls(name):
   if name == 'adam_softmax':
     np.testing.assert_allclose(out.aux_loss, direct[1], rtol=1e-6)
   if name == 'npcface':
-    np.testing.assert_array_equal(out.metrics['num_hard'], direct[1]['num_hard'])
+    np.testing.assert_array_equal(out.metrics['num_hard'],
+                                  direct[1]['num_hard'])
 
 
 def test_registry_options_and_presets():

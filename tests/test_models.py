@@ -251,7 +251,8 @@ def test_depthwise_shifted_equals_native(kernel, stride, padding, size):
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5,
                              err_msg=f'seed {seed}')
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f'seed {seed}')
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4,
+                               err_msg=f'seed {seed}')
 
 
 @pytest.mark.parametrize('stride', [1, 2])
@@ -270,7 +271,8 @@ def test_pointwise_matmul_equals_native(stride):
   np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-5,
                              err_msg=f'seed {seed}')
   for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=f'seed {seed}')
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4,
+                               err_msg=f'seed {seed}')
 
 
 @pytest.mark.parametrize('shape', [(4, 5, 3, 6), (8, 6)])
@@ -299,7 +301,8 @@ def test_batch_norm_equals_flax(shape, train):
         variables['params'], x)
     results.append((y, stats, grads))
   for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f'seed {seed}')
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5,
+                               err_msg=f'seed {seed}')
 
 
 def _bn_variables(rng, c):

@@ -54,7 +54,8 @@ def test_logits_and_diagnostics_match_reference(name):
       c, y, **cfg, return_diagnostics=True))(jnp.float32(cos), labels)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-4,
                              err_msg=f'seed {seed}')
-  np.testing.assert_array_equal(diag['num_hard'], counts, err_msg=f'seed {seed}')
+  np.testing.assert_array_equal(diag['num_hard'], counts,
+                                err_msg=f'seed {seed}')
   np.testing.assert_allclose(diag['margin'], frozen['margin'], rtol=1e-5,
                              atol=1e-6, err_msg=f'seed {seed}')
   # The drawn cases really cover what they claim to.
@@ -110,7 +111,8 @@ def test_finite_at_exactly_plus_minus_one(preset):
   # Positives at exactly +1: d/dc s*(c cos m - sqrt(1-c^2) sin m) -> the
   # clamped root contributes nothing, leaving s*cos(m_i).
   _, diag = nf.npcface_logits(cos, labels, **cfg, return_diagnostics=True)
-  np.testing.assert_allclose(grad[0, 0], cfg['scale'] * np.cos(diag['margin'][0]),
+  np.testing.assert_allclose(grad[0, 0],
+                             cfg['scale'] * np.cos(diag['margin'][0]),
                              rtol=1e-5)
   ce_grad = jax.grad(lambda c: nf.softmax_cross_entropy(
       nf.npcface_logits(c, labels, **cfg), labels))(jnp.asarray(cos))
@@ -125,10 +127,12 @@ def test_bfloat16_in_bfloat16_out():
   assert got.dtype == jnp.bfloat16
   want = nf.npcface_logits(c16.astype(jnp.float32), labels).astype(jnp.bfloat16)
   np.testing.assert_array_equal(np.asarray(got, np.float32),
-                                np.asarray(want, np.float32), err_msg=f'seed {seed}')
+                                np.asarray(want, np.float32),
+                                err_msg=f'seed {seed}')
   grad = jax.grad(lambda c: jnp.sum(nf.npcface_logits(c, labels)).astype(
       jnp.float32))(c16)
-  assert grad.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(grad, np.float32)))
+  assert grad.dtype == jnp.bfloat16 and np.all(
+      np.isfinite(np.asarray(grad, np.float32)))
 
 
 def test_reduces_to_arcface_with_m0():
@@ -137,7 +141,8 @@ def test_reduces_to_arcface_with_m0():
   c = jnp.float32(cos)
   got = nf.npcface_logits(c, labels, m0=0.45, m1=0.0, t=1.0, alpha=0.0)
   want = nf.arcface_logits(c, labels, margin=0.45)
-  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5, err_msg=f'seed {seed}')
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-5,
+                             err_msg=f'seed {seed}')
 
 
 def test_sample_without_hard_negatives_gets_m0():
@@ -169,5 +174,6 @@ def test_vmap_matches_loop():
   labels = np.stack([p[1] for p in parts])
   got = jax.vmap(lambda c, y: nf.npcface_logits(c, y, t=1.2))(cos, labels)
   for k in range(3):
-    np.testing.assert_allclose(got[k], nf.npcface_logits(cos[k], labels[k], t=1.2),
+    np.testing.assert_allclose(got[k],
+                               nf.npcface_logits(cos[k], labels[k], t=1.2),
                                rtol=1e-6, err_msg=f'seed {seed}')

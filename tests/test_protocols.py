@@ -268,7 +268,8 @@ def test_tar_at_far_matches_brute_force():
   fars = (1.0, 0.5, 0.3, 0.1, 0.05, 1e-2, 1e-3)
   for trial in range(200):
     sim, same = _both_kinds(rng, int(rng.integers(2, 60)))
-    msg = f'seed {seed}, trial {trial}, sim {sim.tolist()}, same {same.tolist()}'
+    msg = (f'seed {seed}, trial {trial}, sim {sim.tolist()}, '
+           f'same {same.tolist()}')
     got = protocols.tar_at_far(sim, same, fars)
     want = {f: _brute_tar_at_far(sim, same, f) for f in fars}
     assert [g['far'] for g in got] == [f for f in fars
@@ -319,7 +320,8 @@ def test_roc_curve_matches_brute_force():
   rng, seed = fresh_rng()
   for trial in range(100):
     sim, same = _both_kinds(rng, int(rng.integers(2, 40)))
-    msg = f'seed {seed}, trial {trial}, sim {sim.tolist()}, same {same.tolist()}'
+    msg = (f'seed {seed}, trial {trial}, sim {sim.tolist()}, '
+           f'same {same.tolist()}')
     far, tar, thresholds = protocols.roc_curve(sim, same)
     values = sorted(set(float(s) for s in sim), reverse=True)
     np.testing.assert_array_equal(thresholds, values + [-np.inf], msg)
@@ -333,7 +335,8 @@ def test_auc_matches_brute_force():
   rng, seed = fresh_rng()
   for trial in range(100):
     sim, same = _both_kinds(rng, int(rng.integers(2, 40)))
-    msg = f'seed {seed}, trial {trial}, sim {sim.tolist()}, same {same.tolist()}'
+    msg = (f'seed {seed}, trial {trial}, sim {sim.tolist()}, '
+           f'same {same.tolist()}')
     gen, imp = sim[same], sim[~same]
     want = np.mean([(g > i) + 0.5 * (g == i) for g in gen for i in imp])
     np.testing.assert_allclose(protocols.auc(sim, same), want, rtol=1e-12,

@@ -39,7 +39,8 @@ def test_a_million_classes_train_a_step():
   assert total == 2 * 1_000_000 * 512 * 4  # weights + momentum, float32
   assert sorted(per_device.values()) == [total // 8] * 8, per_device
   before = np.asarray(state.params['classifier'][::9973])
-  step = train_step.make_train_step(task, factories.state_shardings(task, state))
+  step = train_step.make_train_step(
+      task, factories.state_shardings(task, state))
   state, metrics = step(state, next(data.open(None)))
   metrics = jax.device_get(metrics)
   assert np.isfinite(metrics['loss']) and metrics['nonfinite'] == 0
@@ -61,7 +62,8 @@ def test_partial_fc_step_moves_only_sampled_rows():
   assert task.num_sample == 25
   state = factories.init_state(task)
   before = np.asarray(state.params['classifier'])
-  step = train_step.make_train_step(task, factories.state_shardings(task, state))
+  step = train_step.make_train_step(
+      task, factories.state_shardings(task, state))
   batch = next(data.open(None))
   labels = np.asarray(batch['label'])
   state, metrics = step(state, batch)

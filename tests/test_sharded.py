@@ -90,12 +90,14 @@ def test_sharded_equals_unsharded(mesh, name, options, num_classes):
 def test_auto_axis_mesh(auto_mesh):
   rng, seed = fresh_rng()
   x, w, y = _problem(rng, 61)
-  fns = _loss_fns(auto_mesh, nf.get_head('npcface'), nf.get_criterion('softmax'),
-                  61)
+  fns = _loss_fns(auto_mesh, nf.get_head('npcface'),
+                  nf.get_criterion('softmax'), 61)
   (l0, _), g0 = jax.value_and_grad(fns[0], has_aux=True)(x, w, y, {}, {})
-  (l1, _), g1 = jax.jit(jax.value_and_grad(fns[1], has_aux=True))(x, w, y, {}, {})
+  (l1, _), g1 = jax.jit(jax.value_and_grad(fns[1], has_aux=True))(
+      x, w, y, {}, {})
   np.testing.assert_allclose(l1, l0, rtol=1e-5, err_msg=str(seed))
-  np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-5 * float(jnp.max(abs(g0))))
+  np.testing.assert_allclose(g1, g0, rtol=1e-5,
+                             atol=1e-5 * float(jnp.max(abs(g0))))
 
 
 @pytest.mark.parametrize('criterion', ['focal', 'ohem'])
@@ -109,7 +111,8 @@ def test_sharded_criteria(mesh, criterion):
   np.testing.assert_allclose(values[1][0][0], values[0][0][0], rtol=1e-5,
                              err_msg=str(seed))
   for a, b in zip(values[1][1], values[0][1]):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.max(abs(b))))
+    np.testing.assert_allclose(a, b, rtol=1e-5,
+                               atol=1e-5 * float(jnp.max(abs(b))))
 
 
 def test_npcface_logits_directly_in_shard_map(mesh):
@@ -167,8 +170,9 @@ def test_sharded_chunked_equals_unsharded_full(mesh, name):
                       state, {})
     return jnp.mean(ce), out
 
-  want, got = [jax.jit(jax.value_and_grad(fn, (0, 1), has_aux=True))(x, w, state)
-               for fn in (full, chunked)]
+  want, got = [
+      jax.jit(jax.value_and_grad(fn, (0, 1), has_aux=True))(x, w, state)
+      for fn in (full, chunked)]
   assert_same_step(got, want, msg=f'{name} seed {seed}')
 
 
@@ -209,8 +213,9 @@ def test_batch_split_over_data_axis(mesh_2d, name, chunk_size):
                       state, {})
     return jnp.mean(ce), out
 
-  want, got = [jax.jit(jax.value_and_grad(fn, (0, 1), has_aux=True))(x, w, state)
-               for fn in (full, split)]
+  want, got = [
+      jax.jit(jax.value_and_grad(fn, (0, 1), has_aux=True))(x, w, state)
+      for fn in (full, split)]
   assert_same_step(got, want, msg=f'{name} chunk {chunk_size} seed {seed}')
 
 

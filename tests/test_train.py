@@ -134,7 +134,8 @@ def test_npcface_preset_on_the_command_line(preset, tmp_path):
   c = _command_line_config(flag)
   assert _trained_head_options(c) == heads.NPCFACE_PRESETS[preset]
   config_checks.check(c, num_devices=NUM_DEVICES)
-  run_dir.write_run_info(str(tmp_path), c, training_data.Data(100, 32, 10, None))
+  run_dir.write_run_info(str(tmp_path), c,
+                         training_data.Data(100, 32, 10, None))
   run = json.loads((tmp_path / run_dir.RUN_INFO).read_text())
   assert run['config']['head_options']['npcface']['preset'] == preset
   assert run['head_options'] == heads.NPCFACE_PRESETS[preset]
@@ -177,8 +178,9 @@ def test_impossible_values_are_named_before_compiling():
     config_checks.check(c, num_devices=NUM_DEVICES)
   c = _config(head='cosface')
   c.head_options.cosface = {'margn': 0.3}
-  with pytest.raises(config_checks.ConfigError,
-                     match=r"head_options.cosface: .*no option\(s\) \['margn'\]"):
+  with pytest.raises(
+      config_checks.ConfigError,
+      match=r"head_options.cosface: .*no option\(s\) \['margn'\]"):
     config_checks.check(c, num_devices=NUM_DEVICES)
   with pytest.raises(config_checks.ConfigError,
                      match='config.num_classes = 60 but the dataset'):
@@ -207,7 +209,8 @@ def _task(config, mesh, tiny):
 def _run_steps(config, mesh, steps, tiny=False):
   data, task = _task(config, mesh, tiny)
   state = factories.init_state(task)
-  step = train_step.make_train_step(task, factories.state_shardings(task, state))
+  step = train_step.make_train_step(
+      task, factories.state_shardings(task, state))
   stream = data.open(None)
   history = []
   for _ in range(steps):
@@ -228,7 +231,8 @@ def test_sharded_step_equals_one_device(overrides):
   # chaotic enough to amplify float32 summation-order differences 100-fold
   # per step.
   c = _config(learning_rate=0.01, **overrides)
-  one, h1 = _run_steps(c, factories.make_mesh(1, jax.devices()[:1]), 3, tiny=True)
+  one, h1 = _run_steps(c, factories.make_mesh(1, jax.devices()[:1]), 3,
+                       tiny=True)
   many, h8 = _run_steps(c, factories.make_mesh(c.model_parallel), 3, tiny=True)
   _assert_same_params(many, one, 61, rtol=1e-4, atol=2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4),
@@ -407,7 +411,8 @@ def test_gpu_bench_config_carries_what_make_task_reads(monkeypatch):
   that make_task reads."""
   import importlib.util  # noqa: PLC0415
   monkeypatch.setattr(sys, 'path', [str(ROOT / 'benchmarks'), *sys.path])
-  for name in ('XLA_PYTHON_CLIENT_PREALLOCATE', 'XLA_PYTHON_CLIENT_MEM_FRACTION'):
+  for name in ('XLA_PYTHON_CLIENT_PREALLOCATE',
+               'XLA_PYTHON_CLIENT_MEM_FRACTION'):
     monkeypatch.setenv(name, '')  # what it sets for a GPU, undone after
   spec = importlib.util.spec_from_file_location(
       'gpu_train_bench', ROOT / 'benchmarks' / 'gpu_train_bench.py')

@@ -5,7 +5,8 @@
     embeddings = model.apply(variables, images, train=False)
 
 A backbone maps NHWC images, normalised by images.normalize, to embeddings
-(B, D), not normalised; BatchNorm statistics live in the ``batch_stats`` collection.
+(B, D), not normalised; BatchNorm statistics live in the ``batch_stats``
+collection.
 ``dtype`` sets the compute dtype (e.g. jnp.bfloat16); parameters stay
 float32. ``impl`` picks the convolution and BatchNorm formulations
 (layers.py).

@@ -74,7 +74,9 @@ class _Unit(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     conv = functools.partial(Conv, impl=self.impl, dtype=self.dtype)
-    bn_relu = lambda y: nn.relu(batch_norm(train, self.dtype, self.impl)(y))
+    def bn_relu(y):
+      return nn.relu(batch_norm(train, self.dtype, self.impl)(y))
+
     pre = bn_relu(x)
     y = conv(self.features // 4)(pre)
     y = conv(self.features // 4, 3, self.stride)(bn_relu(y))
@@ -97,7 +99,9 @@ class _AttentionModule(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     c = x.shape[-1]
-    unit = lambda y: _Unit(c, impl=self.impl, dtype=self.dtype)(y, train)
+    def unit(y):
+      return _Unit(c, impl=self.impl, dtype=self.dtype)(y, train)
+
     x = unit(x)
     trunk = unit(unit(x))
     down, skips, y = [], [], x

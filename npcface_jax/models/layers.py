@@ -133,7 +133,8 @@ def _tap_sum(x, kernel, stride: int):
       tap = lax.slice(x, (0, i, j, 0),
                       (x.shape[0], i + s * (h_out - 1) + 1,
                        j + s * (w_out - 1) + 1, x.shape[3]), (1, s, s, 1))
-      out = tap * kernel[i, j, 0] if out is None else out + tap * kernel[i, j, 0]
+      term = tap * kernel[i, j, 0]
+      out = term if out is None else out + term
   return out
 
 
