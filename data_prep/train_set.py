@@ -22,7 +22,7 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from data_prep import DataPrepError, preprocess, shards, sources
-from npcface_jax import alignment, images, textfile
+from npcface_jax import alignment, images, jsonfile, textfile
 
 IMAGES_PER_SHARD = 10_000
 JPEG_QUALITY = 95
@@ -135,10 +135,8 @@ def convert(src: str, out: str, *, image_size: int = 112, fit: str = 'resize',
       # Decoded, preprocessed, encoded and written per second:
       'images_per_s': round(len(jobs) / loop_s, 1),
   }
-  with open(os.path.join(out, 'label_map.json'), 'w') as f:
-    json.dump(final, f, indent=0)
-  with open(os.path.join(out, 'report.json'), 'w') as f:
-    json.dump(report, f, indent=2)
+  jsonfile.write_object(os.path.join(out, 'label_map.json'), final)
+  jsonfile.write_object(os.path.join(out, 'report.json'), report)
   print(_summary(report, out), file=sys.stderr)
   return report
 

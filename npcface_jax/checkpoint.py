@@ -24,21 +24,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 
-class _OrbaxInfoFilter(logging.Filter):
-  """Drops orbax's INFO chatter (a dozen lines per save); its warnings
-  and errors still show."""
-
-  def filter(self, record):
-    return (record.levelno >= logging.WARNING
-            or f'{os.sep}orbax{os.sep}' not in record.pathname)
-
-
-def quiet_orbax_info() -> None:
-  """Installs _OrbaxInfoFilter on the root logger's handlers (absl's)."""
-  for handler in logging.getLogger().handlers:
-    handler.addFilter(_OrbaxInfoFilter())
-
-
 class Checkpointer:
   """A CheckpointManager for (train state, input position) pairs."""
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 import os
 
+from flax import traverse_util
+
 _PROGRESS = 'Setting work unit notes: '  # clu's ReportProgress, locally
 
 
@@ -36,22 +38,13 @@ def quiet_third_party(verbose: bool = False) -> None:
       handler.addFilter(_OwnLines())
 
 
-def _flat(tree, prefix: str = '') -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
-
-
 def config_lines(config, defaults, head_options: dict) -> list[str]:
   """The config as a reader wants it: each field that differs from
   ``defaults`` (another ConfigDict, e.g. configs/default.py's), one per
   line, the options of heads and criteria not selected left out; then the
   selected head with every option it trains with."""
-  got, base = _flat(config.to_dict()), _flat(defaults.to_dict())
+  got = traverse_util.flatten_dict(config.to_dict(), sep='.')
+  base = traverse_util.flatten_dict(defaults.to_dict(), sep='.')
   unused = [f'head_options.{n}.' for n in config.head_options
             if n != config.head]
   unused += [f'criterion_options.{n}.' for n in config.criterion_options

@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from npcface_jax import images
+from npcface_jax import images, jsonfile
 
 _NOT_A_BIN = ('is not an insightface verification .bin (a pickle of '
               '(list of JPEG bytes, list of bools))')
@@ -506,10 +506,7 @@ def save_bin(path: str | os.PathLike, bins, issame) -> None:
   if len(bins) != 2 * len(issame):
     raise ValueError(f'{len(bins)} images for {len(issame)} pairs; expected '
                      'two per pair')
-  tmp = f'{os.fspath(path)}.partial'
-  with open(tmp, 'wb') as f:
-    pickle.dump((bins, issame), f, protocol=4)
-  os.replace(tmp, path)
+  jsonfile.atomic_write(path, pickle.dumps((bins, issame), protocol=4))
 
 
 class Pairs(NamedTuple):
