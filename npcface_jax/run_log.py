@@ -22,6 +22,8 @@ class _OwnLines(logging.Filter):
       return True
     if record.name == 'absl' and str(record.msg).startswith(_PROGRESS):
       record.msg = 'progress: ' + str(record.msg)[len(_PROGRESS):]
+      record.progress = True  # for the filters of the other handlers
+    if getattr(record, 'progress', False):
       return True
     return record.name == 'root' or record.name.startswith('npcface_jax')
 

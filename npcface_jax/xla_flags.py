@@ -11,9 +11,24 @@ import os
 IN_ORDER_CPU_SCHEDULE = '--xla_cpu_enable_concurrency_optimized_scheduler=false'
 
 
-def use_in_order_cpu_schedule() -> None:
-  """Adds IN_ORDER_CPU_SCHEDULE to XLA_FLAGS (inherited by subprocesses);
-  takes effect if JAX has not yet created its CPU backend."""
+def _add(flag: str) -> None:
+  """Adds ``flag`` to XLA_FLAGS (inherited by subprocesses); takes effect
+  if JAX has not yet created its CPU backend."""
   flags = os.environ.get('XLA_FLAGS', '')
-  if IN_ORDER_CPU_SCHEDULE not in flags:
-    os.environ['XLA_FLAGS'] = f'{flags} {IN_ORDER_CPU_SCHEDULE}'.strip()
+  if flag not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} {flag}'.strip()
+
+
+def use_in_order_cpu_schedule() -> None:
+  _add(IN_ORDER_CPU_SCHEDULE)
+
+
+# Tests compile far more than they compute (hundreds of small programs, each
+# run a few times): LLVM's optimisations cost a quarter of XLA:CPU's compile
+# time and buy little at their sizes. Not for training.
+FAST_CPU_COMPILE = '--xla_backend_optimization_level=0'
+
+
+def use_fast_cpu_compile() -> None:
+  """For tests/conftest.py only."""
+  _add(FAST_CPU_COMPILE)

@@ -21,7 +21,8 @@ import jax
 
 from npcface_jax import xla_flags
 
-xla_flags.use_in_order_cpu_schedule()  # subprocesses inherit it too
+xla_flags.use_in_order_cpu_schedule()  # subprocesses inherit them too
+xla_flags.use_fast_cpu_compile()
 
 NUM_DEVICES = 8
 jax.config.update('jax_num_cpu_devices', NUM_DEVICES)

@@ -41,6 +41,7 @@ def test_every_head_but_two_has_parts():
       'adacos', 'adam_softmax']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', PART_HEADS)
 @pytest.mark.parametrize('num_classes,chunk_size', [(96, 32), (101, 16),
                                                      (50, 4096)])
@@ -75,6 +76,7 @@ def test_npcface_against_float64_reference():
   np.testing.assert_array_equal(sums[1], counts, err_msg=f'seed {seed}')
 
 
+@pytest.mark.slow
 def test_bfloat16_embeddings():
   rng, seed = fresh_rng()
   x, w, y = _problem(rng, 64)

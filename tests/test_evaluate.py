@@ -52,6 +52,7 @@ def _evaluate(*args, devices=NUM_DEVICES):
                         timeout=600)
 
 
+@pytest.mark.slow
 def test_orl_bin_end_to_end(trained):
   if not ORL_BIN.is_file():
     pytest.skip(f'{ORL_BIN} not found (shared test data absent)')
@@ -92,6 +93,7 @@ def test_orl_bin_end_to_end(trained):
     assert png.format == 'PNG' and png.size == (720, 540)
 
 
+@pytest.mark.slow
 def test_step_selection_and_accumulating_targets(trained, tmp_path):
   if not ORL_BIN.is_file():
     pytest.skip(f'{ORL_BIN} not found (shared test data absent)')
@@ -110,6 +112,7 @@ def test_step_selection_and_accumulating_targets(trained, tmp_path):
       record['targets']['second']['accuracy'])
 
 
+@pytest.mark.slow
 def test_corrupt_earlier_results_are_moved_aside(trained, caplog):
   """A damaged eval/step_N/results.json neither crashes the evaluation nor
   is lost: it is moved aside, named in a warning, and a fresh record is
@@ -131,6 +134,7 @@ def test_corrupt_earlier_results_are_moved_aside(trained, caplog):
              r.getMessage() for r in caplog.records), caplog.text
 
 
+@pytest.mark.slow
 def test_errors_name_the_fix(trained, tmp_path):
   workdir, _ = trained
   proc = _evaluate(f'--workdir={workdir}', '--step=5', '--targets=x.bin',
@@ -174,6 +178,7 @@ def _face(rng, size=64):
       -2, 2, (5, 2))
 
 
+@pytest.mark.slow
 def test_ijb_and_identification_sets_end_to_end(trained, tmp_path):
   """A tiny IJB release folder (one unreadable image) and a MegaFace-style
   probe/distractor pair of folders (one corrupt distractor), evaluated from
@@ -252,6 +257,7 @@ def test_ijb_and_identification_sets_end_to_end(trained, tmp_path):
       'ijbc', 'facescrub'}
 
 
+@pytest.mark.slow
 def test_hostile_and_damaged_bins_through_the_command(trained, tmp_path):
   """The .bin that crashed the old reader (SIGSEGV) is refused with a usage
   error naming it; a .bin with one undecodable image is evaluated without

@@ -71,6 +71,7 @@ def _finite(state):
              for x in jax.tree.leaves(jax.device_get(state)))
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(
     tmp_path, monkeypatch, caplog):
   """NaN images in the 5th batch. With nonfinite='stop' the run ends naming
@@ -103,6 +104,7 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_after_skipped_steps_the_applied_learning_rate_is_the_logged_one():
   """Two skipped steps, then one applied, with a learning rate that rises
   every step (warm-up): the optimizer applies schedule(state.step), the

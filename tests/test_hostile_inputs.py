@@ -297,6 +297,7 @@ CASES = ['rec_insightface', 'idx_insightface', 'rec_im2rec', 'list_file',
          'jpeg', 'jpeg_exif', 'jpeg_cmyk', 'png', 'png16_crc_fixed', 'pgm']
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', CASES)
 def test_fuzz(case, tmp_path, record_property):
   kwargs = {c['name']: c for c in fuzz_cases()}[case]

@@ -257,6 +257,7 @@ def pytest_generate_tests(metafunc):
     metafunc.parametrize('case', fuzz_cases(), ids=lambda c: c['name'])
 
 
+@pytest.mark.slow
 def test_fuzz(case, tmp_path, record_property):
   summary = fuzzing.fuzz(workdir=tmp_path, seed=None, **case)
   record_property('fuzz', summary.line())

@@ -131,3 +131,38 @@ def test_registry_options_and_presets():
   crit = nf.get_criterion('ohem', keep_fraction=0.5)
   ce = jnp.array([1.0, 4.0, 2.0, 3.0])
   np.testing.assert_allclose(crit.reduce(ce), 3.5)
+
+
+def test_heads_say_what_the_trainer_must_do_with_them():
+  """The trainer names no head: AdaM-softmax's projection and per-class
+  margins, NPCFace's diagnostics and a stateful head's scalar state all
+  come from registry.Head."""
+  rng, seed = fresh_rng()
+  cos, labels = cosines(rng, batch=12, num_classes=20)
+  cos, labels = jnp.asarray(cos, jnp.float32), jnp.asarray(labels)
+  adam = registry.get_head('adam_softmax')
+  assert adam.per_class_params == {'margins'}
+  projected = adam.project({'margins': jnp.array([-0.5, 0.3, 1.7])})
+  np.testing.assert_allclose(projected['margins'], [0.0, 0.3, 1.0])
+  for name in registry.head_names():
+    if name != 'adam_softmax':
+      head = registry.get_head(name)
+      assert head.per_class_params == frozenset(), name
+      assert head.project({}) == {}, name
+  npc = registry.get_head('npcface')
+  out = npc(cos, labels)
+  found = npc.diagnostics(out)
+  hard = np.asarray(out.metrics['num_hard'], np.float64)
+  np.testing.assert_allclose(found['npcface/hard_share'], np.mean(hard > 0),
+                             err_msg=f'seed {seed}')
+  np.testing.assert_allclose(found['npcface/hard_count'], hard.mean(),
+                             rtol=1e-6, err_msg=f'seed {seed}')
+  np.testing.assert_allclose(found['npcface/margin'],
+                             np.mean(out.metrics['margin']), rtol=1e-6)
+  assert set(found) == {'npcface/hard_share', 'npcface/hard_count',
+                        'npcface/margin'}
+  adacos = registry.get_head('adacos')
+  out = adacos(cos, labels, adacos.init_state(20))
+  assert set(adacos.diagnostics(out)) == {'head/scale'}
+  assert registry.get_head('arcface').diagnostics(
+      registry.get_head('arcface')(cos, labels)) == {}

@@ -60,11 +60,13 @@ def test_parameter_counts(name, count):
   assert _count(variables['params']) == count
 
 
+@pytest.mark.slow
 def test_mobilefacenet_parameter_count_without_prelu(mobilefacenet):
   _, variables, _ = mobilefacenet
   assert _count(variables['params'], skip='PReLU') == 1_192_960
 
 
+@pytest.mark.slow
 def test_mobilefacenet_shapes_and_batchnorm_modes(mobilefacenet):
   model, variables, images = mobilefacenet
   apply = jax.jit(functools.partial(model.apply, mutable=['batch_stats']),
@@ -104,6 +106,7 @@ def _mobilefacenet_count(c64, c128, c256, c512, gdc, dim):
           + c512 * dim + 2 * dim)                            # linear, BN
 
 
+@pytest.mark.slow
 def test_mobilefacenet_reduced_width_and_size():
   """width 0.25 at 48x48: body channels 16/32/64/128, a 3x3 GDC, the
   embedding as given; parameters as the hand count (which at width 1, 112
@@ -178,6 +181,7 @@ DISTINCT_BACKBONES = [n for n in BACKBONES
                       if n not in ('resnet101', 'attention92')]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', DISTINCT_BACKBONES)
 def test_bfloat16_forward(name):
   """bf16 compute against float32 in both BatchNorm modes: embeddings
@@ -204,6 +208,7 @@ def test_bfloat16_forward(name):
     assert np.all(cos > 0.97), (train, cos)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', DISTINCT_BACKBONES)
 def test_jitted_training_step(name):
   # Batch 4: over 2 samples the last BatchNorm leaves every feature at +-1,
@@ -234,6 +239,7 @@ def test_jitted_training_step(name):
   assert losses[-1] < losses[0], losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('kernel,stride,padding,size', [
     (3, 1, None, (9, 9)), (3, 2, None, (9, 9)), (3, 2, None, (8, 8)),
     (3, 2, None, (8, 11)), (3, 1, None, (6, 5)), (7, 1, 0, (7, 7))])
@@ -370,6 +376,7 @@ def test_batch_norm_impl_selects_the_backward():
                                                                 'shifted')
 
 
+@pytest.mark.slow
 def test_mobilefacenet_formulations_agree(mobilefacenet):
   """The whole network, CPU formulation against cuDNN's (native)."""
   _, variables, images = mobilefacenet

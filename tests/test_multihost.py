@@ -26,6 +26,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import demo
@@ -41,6 +42,9 @@ OVERRIDES = {
     'learning_rate': 1e-4, 'lr_boundaries': (5,), 'log_every_steps': 1,
     'checkpoint_every_steps': 100, 'shuffle_buffer': 64,
 }
+
+# Whole training runs across two processes: the full suite only.
+pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:

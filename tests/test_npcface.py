@@ -167,6 +167,7 @@ def test_mask_and_margin_are_constant_for_the_gradient():
   np.testing.assert_allclose(grad[0, 1:], [s * t, s, s * t], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_vmap_matches_loop():
   rng, seed = fresh_rng()
   parts = [cosines(rng, batch=6, num_classes=10) for _ in range(3)]

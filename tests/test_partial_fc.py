@@ -102,6 +102,7 @@ class _Reference:
     return self.loss(x, rows), gx, gw
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shards,num_sample,chunk_size',
                          [(1, 40, None), (1, 40, 7), (8, 16, None), (8, 16, 5)])
 def test_sampled_loss_equals_reference(shards, num_sample, chunk_size):

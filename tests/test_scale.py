@@ -5,9 +5,13 @@ is the real one."""
 
 import jax
 import numpy as np
+import pytest
 
 from npcface_jax import factories, train_step
 from tests.test_train import _config, _task
+
+# A million classes on eight devices: the full suite only.
+pytestmark = pytest.mark.slow
 
 
 def _classifier_bytes_per_device(state) -> tuple[dict, int]:

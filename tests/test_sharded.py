@@ -62,6 +62,7 @@ HEADS = [('npcface', {}), ('npcface', {'preset': 'facex_zoo'}),
              if n not in ('npcface', 'arcface', 'cosface', 'am_softmax')]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_classes', [64, 61])
 @pytest.mark.parametrize('name,options', HEADS,
                          ids=[n + ''.join(o.values()) for n, o in HEADS])
@@ -87,6 +88,7 @@ def test_sharded_equals_unsharded(mesh, name, options, num_classes):
     assert (hard == 0).any() and (hard > 0).any(), msg
 
 
+@pytest.mark.slow
 def test_auto_axis_mesh(auto_mesh):
   rng, seed = fresh_rng()
   x, w, y = _problem(rng, 61)
@@ -100,6 +102,7 @@ def test_auto_axis_mesh(auto_mesh):
                              atol=1e-5 * float(jnp.max(abs(g0))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('criterion', ['focal', 'ohem'])
 def test_sharded_criteria(mesh, criterion):
   rng, seed = fresh_rng()
@@ -148,6 +151,7 @@ def test_l2_normalize_zero_row_is_finite():
 CHUNKED_HEADS = [n for n in registry.head_names() if nf.get_head(n).has_parts]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', CHUNKED_HEADS)
 def test_sharded_chunked_equals_unsharded_full(mesh, name):
   """Each shard runs the chunked loss over its rows (7 per block here, so
@@ -189,6 +193,7 @@ def mesh_2d():
                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name,chunk_size', [('npcface', None),
                                              ('npcface', 5), ('arcface', None),
                                              ('sphereface', 3)])

@@ -224,6 +224,7 @@ def _run_steps(config, mesh, steps, tiny=False):
     {'model_parallel': 4, 'head': 'curricularface', 'chunk_size': 8},
     {'model_parallel': 1, 'head': 'sphereface', 'grad_clip_norm': 1.0},
 ], ids=['npcface-model2', 'curricular-model4-chunked', 'sphere-data8-clip'])
+@pytest.mark.slow
 def test_sharded_step_equals_one_device(overrides):
   """8 devices (data x model, classes split over 'model') take the same
   steps as one device: parameters, BatchNorm statistics, head state."""
@@ -246,6 +247,7 @@ def test_sharded_step_equals_one_device(overrides):
     assert 0 < h8[0]['npcface/hard_share'] <= 1 and h8[0]['npcface/margin'] > 0
 
 
+@pytest.mark.slow
 def test_bfloat16_backbone_follows_float32():
   """config.dtype='bfloat16': the backbone computes in bf16 on bf16 images,
   the classifier, loss and parameters stay float32, and a step's loss and
@@ -266,6 +268,7 @@ def test_bfloat16_backbone_follows_float32():
                              rtol=0.1)
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_onto_other_device_counts(tmp_path):
   """Saved on 8 devices (classes over 2: 62 rows), restored onto 3 devices
   (63 rows) and onto 1 (61 rows): the same parameters, padding added or
@@ -328,6 +331,7 @@ def _latest_step(workdir):
   return step
 
 
+@pytest.mark.slow
 def test_sigterm_and_kill9_resume_equal_uninterrupted(tmp_path, monkeypatch):
   """A run stopped by SIGTERM writes a checkpoint, exits 0, and the restart
   from the same workdir ends on exactly the uninterrupted run's parameters
@@ -365,6 +369,7 @@ def test_sigterm_and_kill9_resume_equal_uninterrupted(tmp_path, monkeypatch):
   _assert_same_params(resumed.state, full, 61)
 
 
+@pytest.mark.slow
 def test_command_line_reports_config_errors(tmp_path):
   proc = _main(tmp_path, {'head_options.npcface.scale': -2.0}, env_devices=1)
   out, _ = proc.communicate(timeout=120)
@@ -374,6 +379,7 @@ def test_command_line_reports_config_errors(tmp_path):
 
 # --- End to end on real faces ------------------------------------------------
 
+@pytest.mark.slow
 def test_orl_end_to_end(tmp_path):
   """data_prep on ORL people s1..s30, training through the real pipeline
   and step (quarter-width MobileFaceNet, 48x48 faces), then verification on

@@ -327,6 +327,7 @@ def fuzz_cases() -> list[dict]:
           for name, data in seeds.items()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('index', [0, 1])
 def test_fuzz(index, tmp_path, record_property):
   case = dict(fuzz_cases()[index])
