@@ -358,3 +358,28 @@ def test_verification_report_and_errors():
   for fn in (protocols.tar_at_far, protocols.roc_curve, protocols.auc):
     with pytest.raises(ValueError, match='genuine and impostor'):
       fn(sim, np.ones(300, bool))
+
+
+def test_roc_png_draws_every_curve(tmp_path):
+  """roc_plot: a PNG of the figure's size, with each curve's colour on it,
+  and the axis starting a decade below the smallest positive FAR."""
+  from PIL import Image  # noqa: PLC0415 (only this test draws)
+
+  from npcface_jax import roc_plot  # noqa: PLC0415
+  rng, seed = fresh_rng()
+  curves = {}
+  for name, gap in (('a', 0.5), ('b', 1.0)):
+    same = rng.random(2000) < 0.5
+    sim = rng.normal(0.0, 0.3, 2000) + gap * same
+    far, tar, _ = protocols.roc_curve(sim, same)
+    curves[name] = (far, tar)
+  path = tmp_path / 'roc.png'
+  roc_plot.save_roc_png(str(path), curves, 'two curves')
+  image = Image.open(path)
+  assert image.format == 'PNG' and image.size == (720, 540)
+  colours = {c for _, c in image.convert('RGB').getcolors(1 << 20)}
+  for hex_colour in ('#1f77b4', '#d62728'):
+    rgb = tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+    assert rgb in colours, (hex_colour, f'seed {seed}')
+  smallest = min(f[f > 0].min() for f, _ in curves.values())
+  assert roc_plot.lowest_far(curves) <= smallest
