@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from npcface_jax import (checkpoint, embedding, factories, run_dir,
-                         training_data)
+from npcface_jax import embedding, factories, run_dir
+from tests.test_faults import _restore
 
 FIXTURE = (pathlib.Path(__file__).resolve().parent / 'data'
            / 'checkpoint_c383c96')
@@ -30,16 +30,8 @@ def old_run(tmp_path):
 def test_the_old_state_restores_leaf_for_leaf(old_run):
   workdir, config, _, expected = old_run
   assert config.head == 'adam_softmax' and config.model_parallel == 2
-  mesh = factories.make_mesh(config.model_parallel)
-  task = factories.make_task(config, mesh,
-                             training_data.open_data(config, mesh))
-  ckpt = checkpoint.Checkpointer(str(workdir / 'checkpoints'), keep=3,
-                                 every_steps=100)
-  try:
-    state, position, step = ckpt.restore(factories.abstract_state(task))
-  finally:
-    ckpt.close()
-  assert (step, position) == (2, {'step': 2})
+  (state, position, step), steps = _restore(workdir, config)
+  assert (step, position, steps) == (2, {'step': 2}, [2])
   leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(state))[0]
   want = {k[len('state'):]: expected[k] for k in expected.files
           if k.startswith('state')}
