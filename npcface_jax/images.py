@@ -278,13 +278,30 @@ def read_file(path: str | os.PathLike) -> bytes:
     os.close(fd)
 
 
-def read_image(source: str | os.PathLike | bytes, size: int, *,
-               landmarks=None, fit: str = 'resize') -> np.ndarray:
-  """uint8 (size, size, 3) RGB of an image file (a path) or of encoded
-  bytes: read_file, decode, crop (aligned on landmarks when given). Raises
-  BadImage naming the reason for anything wrong with the image."""
+def read_face(source: str | os.PathLike | bytes, size: int, *,
+              landmarks=None, fit: str = 'resize', detector=None
+              ) -> tuple[Image.Image, np.ndarray | None]:
+  """(the size x size RGB face, the landmarks it was aligned on or None) of
+  an image file (a path) or of encoded bytes: read_file, decode, then crop:
+  aligned on ``landmarks`` when given, else on those ``detector(image)``
+  finds when a detector (detection.FaceFinder) is given, else fitted.
+  Raises BadImage naming the reason for anything wrong with the image ('no
+  face' from the detector)."""
   data = source if isinstance(source, bytes) else read_file(source)
-  return np.asarray(crop(decode(data), size, landmarks, fit), np.uint8)
+  image = decode(data)
+  if landmarks is None and detector is not None:
+    landmarks = detector(image)
+  return crop(image, size, landmarks, fit), (
+      None if landmarks is None else np.asarray(landmarks, np.float64))
+
+
+def read_image(source: str | os.PathLike | bytes, size: int, *,
+               landmarks=None, fit: str = 'resize',
+               detector=None) -> np.ndarray:
+  """uint8 (size, size, 3) RGB: read_face's image as an array."""
+  face, _ = read_face(source, size, landmarks=landmarks, fit=fit,
+                      detector=detector)
+  return np.asarray(face, np.uint8)
 
 
 # --- Listing ------------------------------------------------------------------
@@ -390,7 +407,9 @@ class ImageBatches:
   (file paths, names under ``root``, or encoded bytes), in their order: one
   batch per ``batch_size`` sources, holding those of them that could be
   read (fewer, or none, where some could not). Each image is aligned on
-  ``landmarks[i]`` when landmarks are given, else fitted as ``fit`` says.
+  ``landmarks[i]`` when landmarks are given (an entry may be None), else on
+  the landmarks ``detector`` finds when one is given (detection.FaceFinder;
+  found in ``found``: source index -> (5, 2)), else fitted as ``fit`` says.
 
   Re-iterable; each iteration fills ``skipped`` (Skipped records, the bad
   images left out) and ``kept`` (the source index of each batch row, in
@@ -400,7 +419,8 @@ class ImageBatches:
 
   def __init__(self, sources: Sequence, image_size: int, batch_size: int, *,
                root: str | os.PathLike | None = None, landmarks=None,
-               fit: str = 'resize', workers: int | None = None):
+               fit: str = 'resize', detector=None,
+               workers: int | None = None):
     if image_size <= 0 or batch_size <= 0:
       raise ValueError(f'image_size and batch_size must be positive, got '
                        f'{image_size} and {batch_size}')
@@ -409,9 +429,11 @@ class ImageBatches:
                        'landmarks')
     self.sources, self.root, self.landmarks = sources, root, landmarks
     self.image_size, self.batch_size, self.fit = image_size, batch_size, fit
+    self.detector = detector
     self.workers = min(8, os.cpu_count() or 1) if workers is None else workers
     self.skipped: list[Skipped] = []
     self.kept: list[int] = []
+    self.found: dict[int, np.ndarray] = {}
 
   def __len__(self) -> int:
     """The number of batches an iteration yields (some may be empty)."""
@@ -422,12 +444,16 @@ class ImageBatches:
     if self.root is not None:
       source = os.path.join(self.root, source)
     try:
-      return read_image(source, self.image_size, fit=self.fit, landmarks=(
-          None if self.landmarks is None else self.landmarks[i]))
+      face, points = read_face(
+          source, self.image_size, fit=self.fit, detector=self.detector,
+          landmarks=None if self.landmarks is None else self.landmarks[i])
     except BadImage as e:
       name = (f'image {i}' if isinstance(self.sources[i], bytes)
               else os.fspath(self.sources[i]))
       return Skipped(i, name, str(e))
+    if self.detector is not None and points is not None:
+      self.found[i] = points
+    return np.asarray(face, np.uint8)
 
   def _batch(self, rows: range, results: list) -> np.ndarray:
     s = self.image_size
@@ -441,7 +467,7 @@ class ImageBatches:
     return np.stack(images) if images else np.zeros((0, s, s, 3), np.uint8)
 
   def __iter__(self) -> Iterator[np.ndarray]:
-    self.skipped, self.kept = [], []
+    self.skipped, self.kept, self.found = [], [], {}
     n, b = len(self.sources), self.batch_size
     windows = [range(start, min(start + b, n)) for start in range(0, n, b)]
     if self.workers <= 1:
