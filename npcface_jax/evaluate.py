@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from npcface_jax import (embedding, factories, identification, ijb as ijb_lib,
-                         jsonfile, protocols, run_dir, run_log,
+from npcface_jax import (detection, embedding, identification, inference,
+                         ijb as ijb_lib, jsonfile, protocols, run_log,
                          verification_bin)
 from npcface_jax.images import ImageBatches, identity_files, image_files
 
@@ -105,6 +105,7 @@ class _Run(NamedTuple):
   step: int
   out_dir: str
   export_features: bool
+  detector: Any  # detection.FaceFinder for folders of photos, or None
 
   def embed(self, images) -> np.ndarray:
     return self.embedder(self.variables, images)
@@ -165,11 +166,11 @@ def _identification(run: _Run, probes: str, distractors: str, name: str,
   found, listing_skipped = identity_files(probes)
   names = sorted({identity for _, identity in found})
   probe_images = ImageBatches([p for p, _ in found], run.image_size,
-                              run.batch)
+                              run.batch, detector=run.detector)
   probe_features = run.embed_batches(probe_images)
   labels = np.array([names.index(found[i][1]) for i in probe_images.kept])
   distractor_images = ImageBatches(image_files(distractors), run.image_size,
-                                   run.batch)
+                                   run.batch, detector=run.detector)
   distractor_features = run.embed_batches(distractor_images)
   # FARs whose threshold needs more impostor scores kept than MAX_KEPT
   # (1e-1 of 3.5e9 pairs would be 350M) are left out, and said so.
@@ -206,30 +207,29 @@ def _check_inputs(targets, ijb_roots, probes, distractors) -> None:
 
 
 def _open_run(workdir: str, step, flip: bool, batch_size,
-              export_features: bool) -> _Run:
+              export_features: bool, detect: bool) -> _Run:
   """The run's backbone restored and its embedder built, over all devices."""
-  config, image_size = run_dir.load_run(workdir)
-  mesh = factories.make_mesh(1)
-  batch = batch_size or config.eval_batch_size
-  batch = -(-batch // mesh.size) * mesh.size
-  variables, step = run_dir.restore_variables(workdir, mesh, step)
-  embedder = embedding.Embedder(
-      factories.create_model(config, train_dtype=False), mesh, batch, flip)
-  out_dir = os.path.join(workdir, 'eval', f'step_{step}' + '_flip' * flip)
+  model = inference.open_model(workdir, step, flip, batch_size)
+  out_dir = os.path.join(workdir, 'eval',
+                         f'step_{model.step}' + '_flip' * flip)
   os.makedirs(out_dir, exist_ok=True)
-  return _Run(embedder, variables, image_size, batch * 8, step, out_dir,
-              export_features)
+  finder = detection.FaceFinder() if detect else None
+  if finder is not None:
+    _ = finder.detector  # a missing extra fails before any work
+  return _Run(model.embedder, model.variables, model.image_size,
+              model.embedder.batch_size * 8, model.step, out_dir,
+              export_features, finder)
 
 
 def evaluate_run(workdir: str, *, targets=(), ijb=(), probes=None,
                  distractors=None, step=None, flip=False, batch_size=None,
-                 face_scores=False, export_features=False,
+                 face_scores=False, export_features=False, detect=False,
                  log=logging.info) -> dict:
   """Restores the run in workdir, evaluates every set and writes
   DIR/eval/step_N[_flip]/{results.json, roc_*.png, features/*.npy} and a
   copy of results.json as DIR/eval/results.json. Returns the results."""
   _check_inputs(targets, ijb, probes, distractors)
-  run = _open_run(workdir, step, flip, batch_size, export_features)
+  run = _open_run(workdir, step, flip, batch_size, export_features, detect)
   results_path = os.path.join(run.out_dir, 'results.json')
   record = {'step': run.step, 'flip': flip,
             'targets': _earlier_targets(results_path)}
@@ -262,8 +262,8 @@ def main(argv):
         f.workdir, targets=split(f.targets), ijb=split(f.ijb),
         probes=f.probes, distractors=f.distractors, step=f.step, flip=f.flip,
         batch_size=f.batch_size, face_scores=f.face_scores,
-        export_features=f.export_features)
-  except (ValueError, FileNotFoundError) as e:
+        export_features=f.export_features, detect=f.detect)
+  except (ValueError, FileNotFoundError, detection.MissingExtra) as e:
     raise app.UsageError(str(e)) from None
   print(f"step {record['step']}{' (flip)' * record['flip']}:")
   print(format_table(record['targets']))
@@ -286,6 +286,10 @@ def _define_flags():
                       'probe images, one subfolder per identity (FaceScrub).')
   flags.DEFINE_string('distractors', None, 'Identification: a folder (any '
                       'depth) of aligned distractor images (MegaFace).')
+  flags.DEFINE_bool('detect', False, 'Identification: the probe and '
+                    'distractor folders hold photos; detect and align each '
+                    'face (the [detect] extra) instead of reading aligned '
+                    'crops.')
   flags.DEFINE_bool('flip', False, 'Add the embedding of each mirrored '
                     'image (flip test-time augmentation).')
   flags.DEFINE_integer('batch_size', None, 'Images per device step (default: '

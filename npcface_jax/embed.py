@@ -1,0 +1,95 @@
+"""``python -m npcface_jax.embed --workdir=DIR SRC [SRC ...] OUT``: photos
+(or aligned crops) to L2-normalised embeddings.
+
+SRC is a folder (every image in it, any depth), a list file (a path a line,
+relative to the list's folder) or image files. OUT (a folder) receives
+``embeddings.npy`` (N, D) float32, one row per readable image, and
+``embed.json``: the row names in order, what was skipped and why, the run,
+step and settings. Photos' landmarks go to ``landmarks.txt`` in data_prep's
+``--landmarks`` format, so that ``data_prep --landmarks`` reuses them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+
+from npcface_jax import detection, inference, jsonfile, run_log
+
+FILES = ('embeddings.npy', 'embed.json', 'landmarks.txt')
+
+
+def embed(model: inference.Model, sources: list[str], out: str, *,
+          aligned: bool = False, min_score: float = detection.MIN_SCORE,
+          overwrite: bool = False, progress: bool = True) -> dict:
+  """Embeds what ``sources`` name (inference.list_sources) into ``out``;
+  returns what embed.json holds."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise ValueError(f'OUT {out} is a file; give a folder to write into')
+  taken = [n for n in FILES if os.path.exists(os.path.join(out, n))]
+  if taken and not overwrite:
+    raise ValueError(f'{out} already holds {", ".join(taken)}; pass '
+                     '--overwrite to replace them, or another OUT')
+  root, names = inference.list_sources(sources)
+  got = inference.embed_images(model, names, aligned=aligned, root=root,
+                               min_score=min_score, progress=progress)
+  os.makedirs(out, exist_ok=True)
+  buffer = io.BytesIO()
+  np.save(buffer, got.embeddings)
+  jsonfile.atomic_write(os.path.join(out, 'embeddings.npy'),
+                        buffer.getvalue())
+  landmarks = os.path.join(out, 'landmarks.txt')
+  if got.landmarks:
+    lines = inference.landmark_lines(names, got.landmarks)
+    jsonfile.atomic_write(landmarks, ('\n'.join(lines) + '\n').encode())
+  elif os.path.exists(landmarks):  # an earlier run's, not these images'
+    os.remove(landmarks)
+  record = {
+      'workdir': os.path.abspath(model.workdir), 'step': model.step,
+      'flip': model.flip, 'aligned': aligned, 'image_size': model.image_size,
+      'min_face_score': None if aligned else min_score,
+      'root': root, 'num_images': len(names),
+      'num_embedded': len(got.kept), 'embedding_dim': (
+          int(got.embeddings.shape[1])),
+      'names': [names[i] for i in got.kept],
+      'skipped': [{'name': s.name, 'reason': s.reason}
+                  for s in got.skipped]}
+  jsonfile.write_object(os.path.join(out, 'embed.json'), record)
+  return record
+
+
+def main(argv):
+  from absl import app, flags  # noqa: PLC0415 (the command only)
+  f = flags.FLAGS
+  run_log.quiet_third_party(f.verbose)
+  if len(argv) < 3:
+    raise app.UsageError('give SRC (a folder, a list file or images) and '
+                         'OUT (a folder)')
+  try:
+    model = inference.open_model(f.workdir, f.step, f.flip, f.batch_size)
+    record = embed(model, argv[1:-1], argv[-1], aligned=f.aligned,
+                   min_score=f.min_face_score, overwrite=f.overwrite)
+  except (ValueError, FileNotFoundError, detection.MissingExtra) as e:
+    raise app.UsageError(str(e)) from None
+  print(f"embedded {record['num_embedded']} of {record['num_images']} images "
+        f"(step {record['step']}{', flip' * record['flip']}) into "
+        f"{argv[-1]}/embeddings.npy; names and skipped in embed.json")
+  for s in record['skipped'][:10]:
+    print(f"skipped {s['name']}: {s['reason']}")
+  if len(record['skipped']) > 10:
+    print(f"... and {len(record['skipped']) - 10} more (embed.json)")
+
+
+def _define_flags():
+  from absl import flags  # noqa: PLC0415
+  inference.define_flags(threshold=False)
+  flags.DEFINE_bool('overwrite', False, 'Replace the files of an earlier '
+                    'embed in OUT.')
+
+
+if __name__ == '__main__':
+  from absl import app
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,210 @@
+"""``python -m npcface_jax.identify --workdir=DIR --gallery=FOLDER p.jpg
+[...]``: who is this? Each probe photo's top-k enrolled people with scores,
+and the answer: the best match, or 'unknown' when its score is not above
+the threshold (inference.find_threshold, as verify).
+
+The gallery is FOLDER/<person>/<photos, any depth>. A person's template is
+the L2-normalised mean of their photos' embeddings (as IJB templates are
+pooled); a probe scores the cosine to each template. The threshold was
+measured on image pairs; a template, the mean of several photos, is less
+noisy than one photo, so it is a conservative bar for the gallery's people.
+
+Gallery embeddings are cached in DIR/galleries/ per gallery folder, step
+and reading settings, each photo keyed by its path, size and modification
+time: a rerun embeds only photos added or changed since, and forgets
+removed ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+
+from npcface_jax import detection, images, inference, jsonfile, run_log
+
+
+def _stamp(path: str) -> tuple[int, int]:
+  try:
+    info = os.stat(path)
+  except OSError:
+    return (-1, -1)  # read (and reported) as a bad image
+  return (info.st_size, info.st_mtime_ns)
+
+
+def cache_path(model: inference.Model, gallery: str, aligned: bool,
+               min_score: float) -> str:
+  """Where this gallery's embeddings are cached for this model and
+  reading: one file per (folder, step, flip, image reading)."""
+  key = json.dumps([os.path.abspath(gallery), model.step, model.flip,
+                    aligned, None if aligned else min_score,
+                    model.image_size])
+  digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+  name = os.path.basename(os.path.abspath(gallery)) or 'gallery'
+  return os.path.join(model.workdir, 'galleries', f'{name}-{digest}.npz')
+
+
+def _load_cache(path: str) -> dict:
+  """{relative path: (stamp, embedding or reason)}; {} when there is no
+  cache or it cannot be read (it is then rebuilt, with a warning)."""
+  if not os.path.exists(path):
+    return {}
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      files, stamps = z['files'].tolist(), z['stamps'].tolist()
+      rows, reasons, embeddings = z['rows'], z['reasons'], z['embeddings']
+      return {f: (tuple(s), embeddings[r] if r >= 0 else str(reasons[i]))
+              for i, (f, s, r) in enumerate(zip(files, stamps, rows))}
+  except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+    logging.warning('%s cannot be read (%s); the gallery is embedded afresh',
+                    path, e)
+    return {}
+
+
+def _save_cache(path: str, entries: dict, dim: int) -> None:
+  files = sorted(entries)
+  good = [f for f in files if not isinstance(entries[f][1], str)]
+  row = {f: i for i, f in enumerate(good)}
+  buffer = io.BytesIO()
+  np.savez(buffer, files=np.array(files, dtype=str),
+           stamps=np.array([entries[f][0] for f in files],
+                           np.int64).reshape(-1, 2),
+           rows=np.array([row.get(f, -1) for f in files], np.int64),
+           reasons=np.array([entries[f][1] if f not in row else ''
+                             for f in files], dtype=str),
+           embeddings=np.array([entries[f][1] for f in good],
+                               np.float32).reshape(-1, dim))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  jsonfile.atomic_write(path, buffer.getvalue())
+
+
+def enroll(model: inference.Model, gallery: str, *, aligned: bool = False,
+           min_score: float = detection.MIN_SCORE,
+           progress: bool = True) -> dict:
+  """{'names', 'templates' (P, D), 'images' per person, 'skipped',
+  'embedded' (photos embedded now; the rest came from the cache)}."""
+  found, listing_skipped = images.identity_files(gallery)
+  root = os.path.abspath(gallery)
+  rel = [os.path.relpath(p, root) for p, _ in found]
+  stamps = [_stamp(p) for p, _ in found]
+  path = cache_path(model, gallery, aligned, min_score)
+  cached = _load_cache(path)
+  todo = [i for i, f in enumerate(rel) if cached.get(f, (None,))[0]
+          != stamps[i]]
+  got = inference.embed_images(model, [rel[i] for i in todo], root=root,
+                               aligned=aligned, min_score=min_score,
+                               progress=progress, what='gallery')
+  entries = {f: cached[f] for f in rel if f in cached}
+  for r, j in enumerate(got.kept):
+    entries[rel[todo[j]]] = (stamps[todo[j]], got.embeddings[r])
+  for s in got.skipped:
+    entries[rel[todo[s.index]]] = (stamps[todo[s.index]], s.reason)
+  if todo or set(cached) != set(entries):
+    _save_cache(path, entries, model.config.embedding_dim)
+  return _templates(found, rel, entries, listing_skipped, len(todo))
+
+
+def _templates(found, rel, entries, listing_skipped, embedded) -> dict:
+  people: dict[str, list[np.ndarray]] = {}
+  skipped = [{'name': k, 'reason': r} for k, r in listing_skipped]
+  for (_, person), f in zip(found, rel):
+    value = entries[f][1]
+    if isinstance(value, str):
+      skipped.append({'name': f, 'reason': value})
+    else:
+      people.setdefault(person, []).append(value)
+  names = sorted(people)
+  if not names:
+    raise ValueError('no photo of the gallery could be enrolled: '
+                     + '; '.join(f"{s['name']}: {s['reason']}"
+                                 for s in skipped[:3]))
+  means = np.stack([np.mean(people[n], axis=0) for n in names])
+  templates = means / np.linalg.norm(means, axis=1, keepdims=True)
+  return {'names': names, 'templates': templates.astype(np.float32),
+          'images': {n: len(people[n]) for n in names},
+          'skipped': skipped, 'embedded': embedded}
+
+
+def identify(model: inference.Model, threshold: inference.Threshold,
+             gallery: dict, probes: list[str], *, top_k: int = 5,
+             aligned: bool = False, min_score: float = detection.MIN_SCORE,
+             progress: bool = True) -> dict:
+  """Each probe's top_k people and the answer ('unknown' at or below the
+  threshold)."""
+  got = inference.embed_images(model, probes, aligned=aligned,
+                               min_score=min_score, progress=progress,
+                               what='probes')
+  scores = got.embeddings @ gallery['templates'].T
+  k = min(top_k, len(gallery['names']))
+  answers = []
+  for r, i in enumerate(got.kept):
+    order = np.argsort(-scores[r], kind='stable')[:k]
+    top = [{'name': gallery['names'][j], 'score': float(scores[r, j])}
+           for j in order]
+    best = top[0]
+    answers.append({'probe': probes[i], 'top': top, 'answer': (
+        best['name'] if best['score'] > threshold.value else 'unknown')})
+  return {'workdir': os.path.abspath(model.workdir), 'step': model.step,
+          'flip': model.flip, 'threshold': threshold.value,
+          'threshold_source': threshold.source, 'probes': answers,
+          'skipped': [{'name': s.name, 'reason': s.reason}
+                      for s in got.skipped],
+          'gallery': {k: gallery[k] for k in ('names', 'images', 'skipped',
+                                              'embedded')}}
+
+
+def format_result(result: dict) -> str:
+  g = result['gallery']
+  lines = [f"gallery: {len(g['names'])} people, "
+           f"{sum(g['images'].values())} photos ({g['embedded']} read "
+           f"now, the rest cached), {len(g['skipped'])} skipped",
+           f"threshold {result['threshold']:.4f}: "
+           f"{result['threshold_source']}"]
+  for p in result['probes']:
+    top = ', '.join(f"{t['name']} {t['score']:.3f}" for t in p['top'])
+    lines.append(f"{p['probe']}: {p['answer']}  ({top})")
+  lines += [f"skipped {s['name']}: {s['reason']}" for s in result['skipped']]
+  return '\n'.join(lines)
+
+
+def main(argv):
+  from absl import app, flags  # noqa: PLC0415 (the command only)
+  f = flags.FLAGS
+  run_log.quiet_third_party(f.verbose)
+  try:
+    if len(argv) < 2:
+      raise ValueError('give one probe photo or more')
+    if f.top_k < 1:
+      raise ValueError(f'--top_k must be at least 1, got {f.top_k}')
+    model, threshold = inference.model_and_threshold(f)
+    gallery = enroll(model, f.gallery, aligned=f.aligned,
+                     min_score=f.min_face_score, progress=not f.json)
+    result = identify(model, threshold, gallery, argv[1:], top_k=f.top_k,
+                      aligned=f.aligned, min_score=f.min_face_score,
+                      progress=not f.json)
+  except (ValueError, FileNotFoundError, detection.MissingExtra) as e:
+    raise app.UsageError(str(e)) from None
+  print(json.dumps(result, indent=1) if f.json else format_result(result))
+  if not result['probes']:
+    sys.exit(1)
+
+
+def _define_flags():
+  from absl import flags  # noqa: PLC0415
+  inference.define_flags(threshold=True)
+  flags.DEFINE_string('gallery', None, 'A folder of enrolled people: '
+                      'FOLDER/<person>/<photos>.')
+  flags.DEFINE_integer('top_k', 5, 'How many people to list per probe.')
+  flags.DEFINE_bool('json', False, 'Print one JSON object.')
+  flags.mark_flags_as_required(['gallery'])
+
+
+if __name__ == '__main__':
+  from absl import app
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,286 @@
+"""verify, embed and identify on a run, and the one way from a photo to an
+embedding: the same ORL photo gives the same embedding through embed,
+verify, identify and the evaluation command's folder input.
+
+The run is a demo MobileFaceNet at its initial state, written as training
+writes it (run.json and a checkpoint): what is checked is that every path
+computes the same thing, which needs no training."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import demo
+from npcface_jax import (checkpoint, detection, embed as embed_command,
+                         evaluate, factories, identify, images, inference,
+                         jsonfile, run_dir, training_data, verify)
+from tests.conftest import NUM_DEVICES
+from tests.helpers import SHARED_DATA
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ORL = SHARED_DATA / 'orl_faces'
+PHOTOS = [f's{p}/{i}.pgm' for p in (31, 32) for i in (1, 2, 3)]
+
+
+def _orl():
+  if not (ORL / 's31' / '1.pgm').is_file():
+    pytest.skip(f'ORL faces not found at {ORL} (shared test data absent)')
+  return ORL
+
+
+def write_run(workdir, **overrides) -> str:
+  """A run directory at step 0 (run.json, one checkpoint), as training
+  leaves it."""
+  c = demo.get_config()
+  c.synthetic.heldout_identities = 0
+  c.eval_batch_size = 16
+  for key, value in overrides.items():
+    setattr(c, key, value)
+  mesh = factories.make_mesh(1)
+  data = training_data.open_data(c, mesh)
+  task = factories.make_task(c, mesh, data)
+  run_dir.write_run_info(str(workdir), c, data)
+  checkpoints = checkpoint.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep=1, every_steps=1,
+      asynchronous=False)
+  checkpoints.save(0, factories.init_state(task), data.open(None).state(),
+                   force=True)
+  checkpoints.close()
+  return str(workdir)
+
+
+@pytest.fixture(scope='module')
+def model(tmp_path_factory):
+  workdir = write_run(tmp_path_factory.mktemp('run'))
+  return inference.open_model(workdir)
+
+
+@pytest.fixture(scope='module')
+def photos(model):
+  """The ORL photos' embeddings through inference.embed_images, the path
+  of every command."""
+  orl = _orl()
+  got = inference.embed_images(model, PHOTOS, root=str(orl), progress=False)
+  assert got.kept == list(range(len(PHOTOS))) and not got.skipped
+  return got
+
+
+def _results(workdir, step=0, flip=False, targets=None):
+  path = os.path.join(workdir, 'eval', f'step_{step}' + '_flip' * flip,
+                      'results.json')
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  targets = targets or {'lfw': {
+      'accuracy': 0.9, 'accuracy_std': 0.01, 'threshold': 0.31,
+      'tar_at_far': [{'far': 1e-3, 'tar': 0.8, 'threshold': 0.42,
+                      'false_accepts': 2}]}}
+  jsonfile.write_object(path, {'step': step, 'flip': flip,
+                               'targets': targets})
+
+
+# --- The threshold -----------------------------------------------------------
+
+def test_threshold_from_the_runs_own_results(tmp_path):
+  _results(tmp_path)
+  t = inference.find_threshold(str(tmp_path), 0)
+  assert (t.value, t.flip) == (0.31, False)
+  assert '10-fold threshold of lfw' in t.source
+  t = inference.find_threshold(str(tmp_path), 0, far=1e-3)
+  assert t.value == 0.42 and 'FAR 0.001 on lfw: TAR 80.00%' in t.source
+  with pytest.raises(ValueError, match='no threshold at FAR 1e-05.*0.001'):
+    inference.find_threshold(str(tmp_path), 0, far=1e-5)
+  with pytest.raises(ValueError, match='no evaluation results for step 7'
+                     '.*npcface_jax.evaluate.*--threshold'):
+    inference.find_threshold(str(tmp_path), 7)
+
+
+def test_threshold_prefers_the_flip_results_and_names_ambiguity(tmp_path):
+  two = {n: {'threshold': t, 'accuracy': 1.0, 'accuracy_std': 0.0}
+         for n, t in (('lfw', 0.2), ('agedb', 0.25))}
+  _results(tmp_path, flip=True, targets=two)
+  _results(tmp_path)
+  with pytest.raises(ValueError, match='2 sets.*agedb, lfw.*--target'):
+    inference.find_threshold(str(tmp_path), 0)
+  t = inference.find_threshold(str(tmp_path), 0, target='agedb')
+  assert (t.value, t.flip) == (0.25, True)
+  assert inference.find_threshold(str(tmp_path), 0, flip=False).value == 0.31
+  with pytest.raises(ValueError, match="no set 'cfp'"):
+    inference.find_threshold(str(tmp_path), 0, target='cfp')
+
+
+def test_sources_folder_list_and_paths(tmp_path):
+  (tmp_path / 'a' / 'b').mkdir(parents=True)
+  for name in ('a/1.jpg', 'a/b/2.png', 'a/notes.txt'):
+    (tmp_path / name).write_bytes(b'x')
+  assert inference.list_sources([str(tmp_path / 'a')]) == (
+      str(tmp_path / 'a'), ['1.jpg', os.path.join('b', '2.png')])
+  (tmp_path / 'list.txt').write_text('# faces\na/1.jpg\n\n a/b/2.png \n')
+  assert inference.list_sources([str(tmp_path / 'list.txt')]) == (
+      str(tmp_path), ['a/1.jpg', 'a/b/2.png'])
+  assert inference.list_sources(['x.jpg', 'y.jpg']) == (None,
+                                                         ['x.jpg', 'y.jpg'])
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(ValueError, match='holds no image files'):
+    inference.list_sources([str(tmp_path / 'empty')])
+
+
+def test_pairs_file_errors_name_the_line(tmp_path):
+  path = tmp_path / 'pairs.txt'
+  path.write_text('a.jpg b.jpg 1\nc.jpg d.jpg\n')
+  assert verify.read_pairs(str(path)) == (
+      [('a.jpg', 'b.jpg', True), ('c.jpg', 'd.jpg', None)], str(tmp_path))
+  path.write_text('a.jpg b.jpg 1\na.jpg b.jpg yes\n')
+  with pytest.raises(ValueError, match="line 2: 'a.jpg b.jpg yes' is not a "
+                     'pair'):
+    verify.read_pairs(str(path))
+
+
+# --- Same photo, same embedding ----------------------------------------------
+
+def test_embed_writes_rows_names_skips_and_landmarks(model, photos, tmp_path):
+  src = tmp_path / 'src'
+  for name in PHOTOS:
+    (src / name).parent.mkdir(parents=True, exist_ok=True)
+    (src / name).symlink_to(ORL / name)
+  Image.new('RGB', (64, 64), (128, 128, 128)).save(src / 's31' / 'blank.png')
+  out = tmp_path / 'out'
+  record = embed_command.embed(model, [str(src)], str(out), progress=False)
+  vectors = np.load(out / 'embeddings.npy')
+  assert record['names'] == PHOTOS  # sorted, blank.png left out
+  assert [s['name'] for s in record['skipped']] == ['s31/blank.png']
+  assert record['skipped'][0]['reason'].startswith('no face')
+  np.testing.assert_allclose(vectors, photos.embeddings, atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+  # The landmarks file is data_prep's --landmarks format: reading it and
+  # aligning on it gives the very pixels detection gave.
+  from npcface_jax import alignment  # noqa: PLC0415
+  points = alignment.read_landmarks(out / 'landmarks.txt')
+  assert sorted(points) == PHOTOS
+  for i, name in enumerate(PHOTOS):
+    np.testing.assert_array_equal(
+        np.reshape(points[name], (5, 2)), photos.landmarks[i])
+    again = images.read_image(ORL / name, model.image_size,
+                              landmarks=points[name])
+    detected = images.read_image(ORL / name, model.image_size,
+                                 detector=detection.FaceFinder())
+    np.testing.assert_array_equal(again, detected)
+  with pytest.raises(ValueError, match='--overwrite'):
+    embed_command.embed(model, [str(src)], str(out), progress=False)
+
+
+def test_verify_scores_are_the_embeddings_cosines(model, photos):
+  pairs = [(PHOTOS[0], p, None) for p in PHOTOS[1:]] + [
+      (PHOTOS[0], 'missing.jpg', True)]
+  threshold = inference.Threshold(0.5, 'given', False)
+  result = verify.verify(model, threshold, pairs, str(ORL), progress=False)
+  e = photos.embeddings
+  assert [p['b'] for p in result['pairs']] == PHOTOS[1:]
+  np.testing.assert_allclose([p['cosine'] for p in result['pairs']],
+                             e[1:] @ e[0], atol=1e-5)
+  assert [p['same'] for p in result['pairs']] == list(e[1:] @ e[0] > 0.5)
+  assert result['skipped'][0]['name'] == 'missing.jpg'
+  assert 'accuracy' not in result  # the labelled pair was skipped
+  assert 'cosine' in verify.format_result(result)
+
+
+def test_evaluate_folder_input_with_detect_gives_the_same(model, photos,
+                                                          tmp_path):
+  """The evaluation command's probe folder, --detect: the same rows."""
+  probes, distractors = tmp_path / 'probes', tmp_path / 'distractors'
+  for name in PHOTOS:
+    (probes / name).parent.mkdir(parents=True, exist_ok=True)
+    (probes / name).symlink_to(ORL / name)
+  distractors.mkdir()
+  (distractors / '1.pgm').symlink_to(ORL / 's33' / '1.pgm')
+  evaluate.evaluate_run(model.workdir, probes=str(probes),
+                        distractors=str(distractors), detect=True,
+                        export_features=True, log=lambda *a: None)
+  features = np.load(os.path.join(model.workdir, 'eval', 'step_0',
+                                  'features', 'probes_probes.npy'))
+  np.testing.assert_allclose(features, photos.embeddings, atol=1e-5)
+
+
+def test_identify_caches_the_gallery_until_it_changes(model, tmp_path):
+  orl = _orl()
+  gallery = tmp_path / 'gallery'
+  for p in (31, 32, 33):
+    (gallery / f's{p}').mkdir(parents=True)
+    for i in (1, 2):
+      (gallery / f's{p}' / f'{i}.pgm').symlink_to(orl / f's{p}' / f'{i}.pgm')
+  read = dict(aligned=True, progress=False)  # crops: no detector, quick
+  first = identify.enroll(model, str(gallery), **read)
+  assert first['embedded'] == 6 and first['names'] == ['s31', 's32', 's33']
+  again = identify.enroll(model, str(gallery), **read)
+  assert again['embedded'] == 0
+  np.testing.assert_array_equal(again['templates'], first['templates'])
+  (gallery / 's33' / '2.pgm').unlink()
+  (gallery / 's34').mkdir()
+  (gallery / 's34' / '1.pgm').symlink_to(orl / 's34' / '1.pgm')
+  (gallery / 's34' / 'bad.png').write_bytes(b'not an image')
+  changed = identify.enroll(model, str(gallery), **read)
+  assert changed['embedded'] == 2 and changed['names'][-1] == 's34'
+  assert changed['images'] == {'s31': 2, 's32': 2, 's33': 1, 's34': 1}
+  assert [s['name'] for s in changed['skipped']] == [
+      os.path.join('s34', 'bad.png')]
+  # A template is the normalised mean of the person's embeddings.
+  crops = inference.embed_images(
+      model, [str(orl / 's31' / f'{i}.pgm') for i in (1, 2)], **read)
+  mean = crops.embeddings.mean(0)
+  np.testing.assert_allclose(changed['templates'][0],
+                             mean / np.linalg.norm(mean), atol=1e-5)
+  probes = [str(orl / 's31' / '1.pgm'), str(orl / 's35' / '1.pgm')]
+  scores = changed['templates'] @ crops.embeddings[0]
+  result = identify.identify(
+      model, inference.Threshold(float(np.max(scores)) - 1e-4, 'given',
+                                 False), changed, probes, top_k=2, **read)
+  top = result['probes'][0]['top']
+  assert [t['name'] for t in top] == [changed['names'][j] for j in
+                                      np.argsort(-scores)[:2]]
+  assert result['probes'][0]['answer'] == top[0]['name']
+  stranger = result['probes'][1]
+  assert stranger['answer'] == 'unknown' or (
+      stranger['top'][0]['score'] > result['threshold'])
+
+
+# --- The command lines -------------------------------------------------------
+
+def _command(name, *args):
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             JAX_NUM_CPU_DEVICES=str(NUM_DEVICES), TF_CPP_MIN_LOG_LEVEL='2')
+  return subprocess.run([sys.executable, '-m', f'npcface_jax.{name}', *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+@pytest.mark.slow
+def test_verify_and_identify_command_lines(model, photos, tmp_path):
+  _results(model.workdir)  # threshold 0.31 at step 0
+  a, b = (str(ORL / p) for p in PHOTOS[:2])
+  proc = _command('verify', f'--workdir={model.workdir}', a, b, '--json')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout)
+  assert result['threshold'] == 0.31 and result['step'] == 0
+  np.testing.assert_allclose(result['pairs'][0]['cosine'],
+                             photos.embeddings[1] @ photos.embeddings[0],
+                             atol=1e-5)
+  proc = _command('verify', f'--workdir={model.workdir}', a)
+  assert proc.returncode != 0 and 'give two photos or more' in proc.stderr
+  gallery = tmp_path / 'gallery'
+  (gallery / 's31').mkdir(parents=True)
+  (gallery / 's31' / '1.pgm').symlink_to(ORL / PHOTOS[0])
+  proc = _command('identify', f'--workdir={model.workdir}',
+                  f'--gallery={gallery}', b, '--far=1e-3')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'threshold 0.4200: FAR 0.001 on lfw' in proc.stdout
+  assert f'{b}: ' in proc.stdout and 's31' in proc.stdout
+
+
+def test_missing_detector_extra_names_the_install_line(monkeypatch):
+  monkeypatch.setitem(sys.modules, 'mtcnn', None)  # import mtcnn fails
+  with pytest.raises(detection.MissingExtra, match=r'npcface_jax\[detect\]'):
+    detection.Mtcnn()
