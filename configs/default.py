@@ -92,6 +92,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.nonfinite = 'stop'
   c.seed = 0
 
+  # Fine-tuning (finetune.py): a fresh run takes its backbone (parameters
+  # and BatchNorm statistics) from another run's checkpoint, 'WORKDIR' (its
+  # newest) or 'WORKDIR:STEP', and starts its classifier at the class means
+  # of its own data's embeddings; '' off. A resumed run ignores it.
+  c.init_from = ''
+  # Steps during which the backbone (and its BatchNorm statistics and
+  # momentum) stays as it was, while the classifier and head train; 0: off.
+  c.freeze_backbone_steps = 0
+
   # Logging, checkpoints and verification.
   c.log_every_steps = 100
   c.checkpoint_every_steps = 2000

@@ -44,6 +44,7 @@ def check(config, *, num_devices: int, process_count: int = 1) -> None:
   _check_layout(config, problems, num_devices, process_count)
   _check_optimizer(config, problems)
   _check_logging(config, problems)
+  _check_finetune(config, problems)
   if config.dataset == 'synthetic':
     _check_synthetic(config, problems)
   if problems:
@@ -168,6 +169,41 @@ def _check_synthetic(config, problems: _Problems) -> None:
          '(synthetic.heldout_samples) to make pairs')
     need(syn.heldout_pairs >= 20, 'synthetic.heldout_pairs',
          'must be at least 20 for 10-fold verification')
+
+
+def _check_finetune(config, problems: _Problems) -> None:
+  """init_from's form (its run is read only when a run starts fresh, so
+  that a resumed run does not need it) and the frozen steps."""
+  spec = _get(config, 'init_from')
+  if not isinstance(spec, str):
+    problems.need(False, 'init_from',
+                  "must be a string: '' (off), 'WORKDIR' or 'WORKDIR:STEP'")
+  elif spec:
+    try:
+      init_from_parts(spec)
+    except ValueError as e:
+      problems.need(False, 'init_from', str(e))
+  steps = _get(config, 'freeze_backbone_steps')
+  problems.need(
+      isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0,
+      'freeze_backbone_steps', 'must be a whole number of steps >= 0 (0: off)')
+
+
+def init_from_parts(spec: str) -> tuple[str, int | None]:
+  """(workdir, step) of config.init_from 'WORKDIR' or 'WORKDIR:STEP' (step
+  None: the newest); ValueError naming the fix. A last colon followed by no
+  '/' starts the STEP, so 'gs://bucket/run' is a workdir."""
+  workdir, colon, step = spec.rpartition(':')
+  if not colon or '/' in step or '\\' in step:
+    workdir, step = spec, None
+  elif not (step.isascii() and step.isdigit()):
+    raise ValueError(f"STEP {step!r} is not a step number: use 'WORKDIR' "
+                     "(its newest checkpoint) or 'WORKDIR:STEP', e.g. "
+                     "'/runs/casia:64000'")
+  if not workdir.strip():
+    raise ValueError("no WORKDIR: use 'WORKDIR' or 'WORKDIR:STEP', the "
+                     '--workdir of the run to start from')
+  return workdir, None if step is None else int(step)
 
 
 def check_num_classes(config, dataset_classes: int) -> None:

@@ -1,5 +1,6 @@
 """The training loop: builds the run from its config (factories.py), restores or
-starts the state, feeds the step (train_step.py) batches from the data
+starts the state (fresh, or from another run's backbone: finetune.py), feeds
+the step (train_step.py) batches from the data
 (training_data.py), and around it keeps checkpoints, TensorBoard metrics,
 the log, verification (verification.py), SIGTERM and the NaN policy.
 
@@ -17,8 +18,9 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from npcface_jax import (checkpoint, config_checks, factories, run_dir,
-                         run_log, train_step, training_data, verification)
+from npcface_jax import (checkpoint, config_checks, factories, finetune,
+                         run_dir, run_log, train_step, training_data,
+                         verification)
 
 Array = jax.Array
 
@@ -113,7 +115,8 @@ class _Run:
     target = factories.abstract_state(self.task)
     self._start(target, defaults)
     self.step_fn = train_step.make_train_step(
-        self.task, jax.tree.map(lambda s: s.sharding, target))
+        self.task, jax.tree.map(lambda s: s.sharding, target),
+        config.freeze_backbone_steps)
     self.verifier = verification.Verifier(config, workdir, self.mesh,
                                           self.data.image_size, self.writer)
 
@@ -121,7 +124,7 @@ class _Run:
     restored = self.checkpoints.restore(target)
     c, data = self.config, self.data
     if restored is None:
-      self.state, position, self.step = factories.init_state(self.task), None, 0
+      self.state, position, self.step = self._fresh_state(), None, 0
       logging.info('starting: %d steps of %d (%d per epoch), %d classes, '
                    '%s devices as %s', self.num_steps, c.batch_size,
                    data.steps_per_epoch, data.num_classes, jax.device_count(),
@@ -131,10 +134,20 @@ class _Run:
       self.state, position, self.step = restored
       logging.info('resumed from the checkpoint of step %d (input at %s)',
                    self.step, position)
+      if c.init_from:
+        logging.info('config.init_from = %r ignored: the run resumes from '
+                     'its own checkpoint', c.init_from)
     if defaults is not None:
       logging.info('config (fields unlike configs/default.py):\n%s', '\n'.join(
           run_log.config_lines(c, defaults, self.task.head.options)))
     self.stream = data.open(position)
+
+  def _fresh_state(self) -> factories.TrainState:
+    """A new state: from the seed, or with config.init_from's backbone and
+    class-mean classifier rows (finetune.py)."""
+    if self.config.init_from:
+      return finetune.init_state(self.task, self.data, self.config)
+    return factories.init_state(self.task)
 
   def log(self, pending: list) -> None:
     """Writes and logs the mean of the metrics since the last log."""

@@ -7,7 +7,9 @@ view when the 'model' axis has size 1, else class-sharded
 a random share of the classes. Gradients are taken in the global view, so
 their scale is right whatever the layout. A step whose loss or gradient is
 not finite is never applied (the 'nonfinite' metric says so; train.py
-decides to stop or skip). Needs neither TensorFlow nor clu.
+decides to stop or skip). With ``freeze_backbone_steps`` N, the steps
+before N leave the backbone as it was (see _freeze_backbone). Needs
+neither TensorFlow nor clu.
 """
 
 from __future__ import annotations
@@ -66,8 +68,34 @@ def _loss_fn(task: Task, classify, state: TrainState, images, labels, rng,
   return loss_fn
 
 
-def make_train_step(task: Task, shardings: TrainState):
-  """The jitted ``step(state, batch) -> (state, metrics)``, state donated."""
+def _in_backbone(path) -> bool:
+  return 'backbone' in [getattr(k, 'key', getattr(k, 'name', None))
+                        for k in path]
+
+
+def _freeze_backbone(new: TrainState, old: TrainState, frozen: Array
+                     ) -> TrainState:
+  """``new`` with old's backbone where ``frozen``: its parameters, its
+  BatchNorm statistics and the optimizer state of its parameters (SGD's
+  momentum), so that fine-tuning (finetune.py) trains the new classifier
+  and head first on a backbone exactly as restored. The forward still runs
+  in training mode (BatchNorm normalises with the batch's statistics,
+  dropout is on); only the updates are dropped."""
+  keep = lambda n, o: jnp.where(frozen, o, n)  # noqa: E731
+  params = dict(new.params, backbone=jax.tree.map(
+      keep, new.params['backbone'], old.params['backbone']))
+  opt_state = jax.tree_util.tree_map_with_path(
+      lambda path, n, o: keep(n, o) if _in_backbone(path) else n,
+      new.opt_state, old.opt_state)
+  return new.replace(params=params, opt_state=opt_state,
+                     batch_stats=jax.tree.map(keep, new.batch_stats,
+                                              old.batch_stats))
+
+
+def make_train_step(task: Task, shardings: TrainState,
+                    freeze_backbone_steps: int = 0):
+  """The jitted ``step(state, batch) -> (state, metrics)``, state donated;
+  steps before ``freeze_backbone_steps`` leave the backbone unchanged."""
   classify = _classify_fn(task)
   all_devices = NamedSharding(task.mesh, P(('data', 'model')))
   base_key = jax.random.fold_in(jax.random.key(task.seed), _STEP_RNG)
@@ -96,6 +124,8 @@ def make_train_step(task: Task, shardings: TrainState):
     # on), so every checkpoint holds finite numbers.
     finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
     new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    if freeze_backbone_steps > 0:
+      new = _freeze_backbone(new, state, state.step < freeze_backbone_steps)
     metrics['nonfinite'] = (~finite).astype(jnp.float32)
     return new.replace(step=state.step + 1, opt_state=_at_step(
         new.opt_state, state.step + 1)), metrics
