@@ -8,6 +8,7 @@ import os
 import sys
 
 from data_prep import DataPrepError
+from npcface_jax import detection
 
 _TRAIN = """\
 SRC is detected: an image folder root/<identity>/<image>, a folder or file
@@ -41,7 +42,20 @@ def _add_preprocessing(p: argparse.ArgumentParser) -> None:
                       "list file's or IMAGES; or absolute; record keys for a "
                       '.rec): align '
                       'each image to the ArcFace template; images without a '
-                      'line are skipped')
+                      'line are skipped (with --detect: detected)')
+  p.add_argument('--detect', action='store_true',
+                 help='find the face in each image without a --landmarks '
+                      'line (MTCNN, the [detect] extra) and align it on its '
+                      "landmarks; photos with no face are skipped ('no "
+                      "face')")
+  p.add_argument('--min-face-score', type=float, default=None, metavar='P',
+                 help='with --detect: the lowest detector score that counts '
+                      f'as a face (default {detection.MIN_SCORE})')
+  p.add_argument('--save-landmarks', metavar='FILE',
+                 help='write the landmarks each aligned image was aligned on '
+                      '(detected or given) in the --landmarks format; '
+                      '--landmarks FILE then reproduces the same images '
+                      'without detecting')
   p.add_argument('--workers', type=int, default=None, metavar='N',
                  help='decode/encode processes (default: all cores)')
   p.add_argument('--overwrite', action='store_true',
@@ -88,21 +102,27 @@ def main(argv=None) -> int:
   if args.command is None:
     p.print_help(sys.stderr)
     return 2
+  if args.min_face_score is not None and not args.detect:
+    p.error('--min-face-score applies to detected faces; add --detect or '
+            'drop it')
+  faces = dict(landmarks=args.landmarks, detect=args.detect,
+               save_landmarks=args.save_landmarks,
+               min_face_score=(detection.MIN_SCORE if args.min_face_score is
+                               None else args.min_face_score))
   try:
     if args.command == 'train':
       from data_prep import train_set  # noqa: PLC0415
       train_set.convert(
           args.src, args.out, image_size=args.image_size, fit=args.fit,
-          landmarks=args.landmarks,
-          exclude_identities=args.exclude_identities,
+          **faces, exclude_identities=args.exclude_identities,
           min_images_per_identity=args.min_images_per_identity,
           num_shards=args.shards, workers=args.workers, seed=args.seed,
           overwrite=args.overwrite, progress=not args.quiet)
     else:
       from data_prep import pairs  # noqa: PLC0415
       pairs.convert(args.pairs, args.images, args.out,
-                    image_size=args.image_size, fit=args.fit,
-                    landmarks=args.landmarks, workers=args.workers,
+                    image_size=args.image_size, fit=args.fit, **faces,
+                    workers=args.workers,
                     overwrite=args.overwrite, progress=not args.quiet)
   except DataPrepError as e:
     print(f'python -m data_prep {args.command}: error: {e}', file=sys.stderr)

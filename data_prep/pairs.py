@@ -1,6 +1,7 @@
 """``python -m data_prep pairs``: a pairs file and its images into an
 insightface verification ``.bin``, each image preprocessed exactly as the
-training images are (``preprocess.prepare``).
+training images are (``preprocess.prepare_faces``): fitted, aligned on
+--landmarks, or aligned on the landmarks --detect finds.
 
 Pairs files, line by line (a first line of one or two integers, LFW's
 ``folds n`` or ``n`` header, is skipped):
@@ -12,6 +13,7 @@ Pairs files, line by line (a first line of one or two integers, LFW's
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import sys
@@ -19,7 +21,7 @@ import sys
 from tqdm import tqdm
 
 from data_prep import DataPrepError, preprocess
-from npcface_jax import alignment, textfile, verification_bin
+from npcface_jax import alignment, detection, textfile, verification_bin
 
 
 # LFW image numbers: ASCII digits only (str.isdigit also takes '²', which
@@ -81,35 +83,23 @@ def read_pairs(path: str) -> list[tuple[int, str, str, bool]]:
 
 def convert(pairs_file: str, images: str, out: str, *, image_size: int = 112,
             fit: str = 'resize', landmarks: str | None = None,
-            workers: int | None = None, overwrite: bool = False,
-            progress: bool = True) -> dict:
-  """Writes out (a .bin) and returns counts of kept and skipped pairs."""
-  if os.path.exists(out) and not overwrite:
-    raise DataPrepError(f'{out!r} exists; pass --overwrite to replace it')
-  for flag, path in (('PAIRS', pairs_file), ('--landmarks', landmarks)):
-    if path is not None and not os.path.isfile(path):
-      raise DataPrepError(f'{flag} file {path!r} does not exist')
-  if not os.path.isdir(images):
-    raise DataPrepError(f'IMAGES {images!r} is not a folder; pass the folder '
-                        'that holds <name>/<name>_0001.jpg (or the paths of '
-                        'a "path1 path2 same" list)')
+            detect: bool = False, min_face_score: float = detection.MIN_SCORE,
+            save_landmarks: str | None = None, workers: int | None = None,
+            overwrite: bool = False, progress: bool = True) -> dict:
+  """Writes out (a .bin) and returns counts of kept and skipped pairs (and
+  of the skipped images by reason)."""
+  workers = workers or os.cpu_count() or 1
+  finder = _check(pairs_file, images, out, landmarks, detect, min_face_score,
+                  save_landmarks, workers, overwrite)
   pairs = read_pairs(pairs_file)
   if not pairs:
     raise DataPrepError(f'{pairs_file!r} holds no pairs')
-
-  points = {}
-  if landmarks:
-    try:
-      raw = alignment.read_landmarks(landmarks)
-    except ValueError as e:
-      raise DataPrepError(str(e)) from None
-    points = {os.path.normpath(os.path.join(images, k)): v
-              for k, v in raw.items()}
+  points = _landmarks(landmarks, images) if landmarks else {}
   keys = sorted({k for _, a, b, _ in pairs for k in (a, b)})
   paths = [os.path.normpath(os.path.join(images, k)) for k in keys]
   jobs = [preprocess.Job(p, None, points.get(p)) for p in paths]
-  options = preprocess.Options(image_size, fit, bool(landmarks), 95)
-  results = preprocess.prepare_all(jobs, options, workers or os.cpu_count())
+  options = preprocess.Options(image_size, fit, bool(landmarks), 95, finder)
+  results = preprocess.prepare_faces(jobs, options, workers)
   bar = tqdm(results, total=len(jobs), desc='data_prep pairs', unit='img',
              file=sys.stderr, disable=not progress, mininterval=0.5)
   images_by_key = dict(zip(keys, bar))
@@ -121,8 +111,53 @@ def convert(pairs_file: str, images: str, out: str, *, image_size: int = 112,
     if bad:
       skipped.append((n, bad))
       continue
-    bins += [images_by_key[a], images_by_key[b]]
+    bins += [images_by_key[a].jpeg, images_by_key[b].jpeg]
     issame.append(same)
+  _print_skipped(skipped)
+  if not issame:
+    raise DataPrepError(_nothing_readable(pairs_file, images, landmarks,
+                                          detect, skipped))
+  verification_bin.save_bin(out, bins, issame)
+  counts = _counts(issame, skipped, images_by_key)
+  if save_landmarks:
+    counts['landmarks_saved'] = preprocess.write_landmarks(save_landmarks, {
+        k: r.landmarks for k, r in images_by_key.items()
+        if isinstance(r, preprocess.Prepared) and r.landmarks is not None})
+  print(_summary(counts, len(pairs), out, save_landmarks), file=sys.stderr)
+  return counts
+
+
+def _check(pairs_file, images, out, landmarks, detect, min_face_score,
+           save_landmarks, workers, overwrite) -> detection.FaceFinder | None:
+  """Every argument checked before any work; returns --detect's
+  detector."""
+  if os.path.exists(out) and not overwrite:
+    raise DataPrepError(f'{out!r} exists; pass --overwrite to replace it')
+  for flag, path in (('PAIRS', pairs_file), ('--landmarks', landmarks)):
+    if path is not None and not os.path.isfile(path):
+      raise DataPrepError(f'{flag} file {path!r} does not exist')
+  if not os.path.isdir(images):
+    raise DataPrepError(f'IMAGES {images!r} is not a folder; pass the folder '
+                        'that holds <name>/<name>_0001.jpg (or the paths of '
+                        'a "path1 path2 same" list)')
+  if save_landmarks:
+    preprocess.check_landmarks_out(save_landmarks, overwrite=overwrite,
+                                   aligning=bool(detect or landmarks))
+  return preprocess.face_finder(min_face_score, workers) if detect else None
+
+
+def _landmarks(path: str, images: str) -> dict:
+  """The --landmarks file by the path of each image (names in it are
+  relative to IMAGES, or absolute)."""
+  try:
+    raw = alignment.read_landmarks(path)
+  except ValueError as e:
+    raise DataPrepError(str(e)) from None
+  return {os.path.normpath(os.path.join(images, k)): v
+          for k, v in raw.items()}
+
+
+def _print_skipped(skipped: list) -> None:
   for n, bad in skipped[:10]:
     why = '; '.join(f'{k}: {s.reason} ({s.detail})' for k, s in bad)
     print(f'data_prep pairs: skipped the pair on line {n}: {why}',
@@ -130,18 +165,39 @@ def convert(pairs_file: str, images: str, out: str, *, image_size: int = 112,
   if len(skipped) > 10:
     print(f'data_prep pairs: ... and {len(skipped) - 10} more',
           file=sys.stderr)
-  if not issame:
-    n, bad = skipped[0]
-    key, skip = bad[0]
-    raise DataPrepError(
-        f'no pair of {pairs_file!r} has both images readable under '
-        f'{images!r} (line {n}: {key}: {skip.reason}, {skip.detail}); check '
-        'IMAGES and the pairs file'
-        + (f' and the --landmarks file {landmarks!r}' if landmarks else ''))
-  verification_bin.save_bin(out, bins, issame)
-  counts = {'pairs': len(issame), 'same': sum(issame),
-            'different': len(issame) - sum(issame), 'skipped': len(skipped)}
-  print(f'data_prep pairs: wrote {counts["pairs"]} pairs ({counts["same"]} '
-        f'same, {counts["different"]} different) to {out}; skipped '
-        f'{counts["skipped"]} of {len(pairs)}', file=sys.stderr)
-  return counts
+
+
+def _nothing_readable(pairs_file, images, landmarks, detect, skipped) -> str:
+  n, bad = skipped[0]
+  key, skip = bad[0]
+  return (f'no pair of {pairs_file!r} has both images readable under '
+          f'{images!r} (line {n}: {key}: {skip.reason}, {skip.detail}); check '
+          'IMAGES and the pairs file'
+          + (f' and the --landmarks file {landmarks!r}' if landmarks else '')
+          + (' (--detect found no face: --min-face-score lower?)'
+             if detect and skip.reason == 'no face' else ''))
+
+
+def _counts(issame, skipped, images_by_key) -> dict:
+  """Pairs written and skipped, and the images skipped by reason ('no
+  face', 'corrupt image', ...; each image once, however many pairs it is
+  in)."""
+  reasons = collections.Counter(r.reason for r in images_by_key.values()
+                                if isinstance(r, preprocess.Skip))
+  return {'pairs': len(issame), 'same': sum(issame),
+          'different': len(issame) - sum(issame), 'skipped': len(skipped),
+          'skipped_images_by_reason': dict(sorted(reasons.items()))}
+
+
+def _summary(counts: dict, listed: int, out: str, save_landmarks) -> str:
+  line = (f'data_prep pairs: wrote {counts["pairs"]} pairs ({counts["same"]} '
+          f'same, {counts["different"]} different) to {out}; skipped '
+          f'{counts["skipped"]} of {listed}')
+  if counts['skipped_images_by_reason']:
+    line += ' (images left out: ' + ', '.join(
+        f'{n} {r}' for r, n in counts['skipped_images_by_reason'].items()
+    ) + ')'
+  if save_landmarks:
+    line += (f'\ndata_prep pairs: wrote the landmarks of '
+             f'{counts["landmarks_saved"]} images to {save_landmarks}')
+  return line

@@ -22,7 +22,7 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from data_prep import DataPrepError, preprocess, shards, sources
-from npcface_jax import alignment, images, jsonfile, textfile
+from npcface_jax import alignment, detection, images, jsonfile, textfile
 
 IMAGES_PER_SHARD = 10_000
 JPEG_QUALITY = 95
@@ -57,19 +57,23 @@ def survivors(num_labels: int, valid: collections.Counter,
 
 
 def convert(src: str, out: str, *, image_size: int = 112, fit: str = 'resize',
-            landmarks: str | None = None, exclude_identities: str | None = None,
+            landmarks: str | None = None, detect: bool = False,
+            min_face_score: float = detection.MIN_SCORE,
+            save_landmarks: str | None = None,
+            exclude_identities: str | None = None,
             min_images_per_identity: int = 1, num_shards: int | None = None,
             workers: int | None = None, seed: int = 0, overwrite: bool = False,
             progress: bool = True) -> dict:
   """Runs the conversion and returns what it writes to report.json."""
   start = time.perf_counter()
   options = dict(image_size=image_size, fit=fit, landmarks=landmarks,
+                 detect=detect, min_face_score=min_face_score,
+                 save_landmarks=save_landmarks,
                  exclude_identities=exclude_identities,
                  min_images_per_identity=min_images_per_identity,
                  shards=num_shards, workers=workers or os.cpu_count() or 1,
                  seed=seed, jpeg_quality=JPEG_QUALITY)
-  _check_options(options)
-  _check_out(out, overwrite)
+  finder = _check_options(options, out, overwrite)
   listing = sources.list_source(src)
   exclude = _read_names(exclude_identities) if exclude_identities else set()
   chosen = select(listing.entries, exclude, min_images_per_identity)
@@ -82,20 +86,22 @@ def convert(src: str, out: str, *, image_size: int = 112, fit: str = 'resize',
   entries = list(chosen.entries)
   random.Random(seed).shuffle(entries)
   points = _landmarks(landmarks, listing) if landmarks else {}
-  jobs = [preprocess.Job(e.path, e.offset, points.get(_landmark_key(e,
-                                                                    listing)))
+  jobs = [preprocess.Job(e.path, e.offset,
+                         points.get(_landmark_key(e, listing)))
           for e in entries]
   count = min(num_shards or max(1, round(len(jobs) / IMAGES_PER_SHARD)),
               len(jobs))
-  prep = preprocess.Options(image_size, fit, bool(landmarks), JPEG_QUALITY)
+  prep = preprocess.Options(image_size, fit, bool(landmarks), JPEG_QUALITY,
+                            finder)
 
   created = not os.path.exists(out)
   os.makedirs(out, exist_ok=True)
   partials = shards.PartialShards(out, count)
   try:
     loop_start = time.perf_counter()
-    skipped = _write_partials(partials, entries, jobs, prep, chosen.names,
-                              options['workers'], listing, progress)
+    skipped, found = _write_partials(partials, entries, jobs, prep,
+                                     chosen.names, options['workers'],
+                                     listing, progress)
     loop_s = time.perf_counter() - loop_start
     valid = sum(partials.label_counts, collections.Counter())
     kept = survivors(len(chosen.names), valid, min_images_per_identity)
@@ -135,6 +141,9 @@ def convert(src: str, out: str, *, image_size: int = 112, fit: str = 'resize',
       # Decoded, preprocessed, encoded and written per second:
       'images_per_s': round(len(jobs) / loop_s, 1),
   }
+  if save_landmarks:
+    report['num_landmarks_saved'] = preprocess.write_landmarks(
+        save_landmarks, found)
   jsonfile.write_object(os.path.join(out, 'label_map.json'), final)
   jsonfile.write_object(os.path.join(out, 'report.json'), report)
   print(_summary(report, out), file=sys.stderr)
@@ -142,13 +151,15 @@ def convert(src: str, out: str, *, image_size: int = 112, fit: str = 'resize',
 
 
 def _write_partials(partials, entries, jobs, prep, names, workers, listing,
-                    progress) -> list[dict]:
+                    progress) -> tuple[list[dict], dict]:
   """Every job's image into its shard (contiguous runs of the shuffled
-  order) under its provisional label; returns the skipped ones."""
+  order) under its provisional label; returns the skipped ones, and the
+  landmarks each aligned image was aligned on by its key (the names
+  --landmarks reads)."""
   label_of = {name: i for i, name in enumerate(names)}
   key_field = 'key' if listing.format == 'rec' else 'path'
-  skipped = list(listing.skipped)
-  results = preprocess.prepare_all(jobs, prep, workers)
+  skipped, found = list(listing.skipped), {}
+  results = preprocess.prepare_faces(jobs, prep, workers)
   bar = tqdm(results, total=len(jobs), desc='data_prep train', unit='img',
              file=sys.stderr, disable=not progress, mininterval=0.5)
   count = len(partials.paths)
@@ -157,12 +168,29 @@ def _write_partials(partials, entries, jobs, prep, names, workers, listing,
       skipped.append({key_field: entry.key, 'reason': result.reason,
                       'detail': result.detail})
     else:
-      partials.write(i * count // len(jobs), result, label_of[entry.identity])
+      partials.write(i * count // len(jobs), result.jpeg,
+                     label_of[entry.identity])
+      if result.landmarks is not None:
+        found[entry.key] = result.landmarks
   partials.close()
-  return skipped
+  return skipped, found
 
 
-def _check_options(options: dict) -> None:
+def _check_options(options: dict, out: str, overwrite: bool
+                   ) -> detection.FaceFinder | None:
+  """Every option checked before any work; returns --detect's detector."""
+  _check_values(options)
+  _check_out(out, overwrite)
+  if options['save_landmarks']:
+    preprocess.check_landmarks_out(
+        options['save_landmarks'], overwrite=overwrite, out=out,
+        aligning=bool(options['detect'] or options['landmarks']))
+  if not options['detect']:
+    return None
+  return preprocess.face_finder(options['min_face_score'], options['workers'])
+
+
+def _check_values(options: dict) -> None:
   if options['image_size'] < 8:
     raise DataPrepError(f'--image-size {options["image_size"]} is too small; '
                         'faces are usually 112')
@@ -247,4 +275,8 @@ def _summary(report: dict, out: str) -> str:
     for s in report['skipped'][:5]:
       name = s.get('path', s.get('key'))
       lines.append(f'  {name}: {s["reason"]} ({s.get("detail", "")})')
+  if 'num_landmarks_saved' in report:
+    lines.append(f'data_prep: wrote the landmarks of '
+                 f'{report["num_landmarks_saved"]} aligned images to '
+                 f'{report["options"]["save_landmarks"]}')
   return '\n'.join(lines)
