@@ -30,7 +30,7 @@ from typing import NamedTuple
 from PIL import Image
 
 from data_prep import DataPrepError, recordio
-from npcface_jax import detection, images, jsonfile
+from npcface_jax import alignment, detection, images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,42 +241,11 @@ def _run_chunk(jobs: list[Job], options: Options) -> list[Prepared | Skip]:
 # --- --save-landmarks ---------------------------------------------------------
 
 def write_landmarks(path: str, points: dict[str, tuple[float, ...]]) -> int:
-  """Writes ``name x1 y1 ... x5 y5`` lines (alignment.read_landmarks'
-  format) for ``points``, sorted by name, each float as its repr so that it
-  reads back to the same float (and the same pixels); atomically. Names the
-  format cannot hold (line breaks, trailing spaces, not UTF-8) are left
-  out, with a warning; returns the number of lines written."""
-  lines, left_out = [], []
-  for name in sorted(points, key=_name_order):
-    written = _landmark_name(name)
-    if written is None:
-      left_out.append(name)
-    else:
-      lines.append(f'{written} {" ".join(map(repr, points[name]))}\n')
-  jsonfile.atomic_write(path, ''.join(lines).encode('utf-8'))
+  """alignment.write_landmarks, saying on stderr which names it left out;
+  returns the number of lines written."""
+  written, left_out = alignment.write_landmarks(path, points)
   if left_out:
     print(f'data_prep: --save-landmarks left out {len(left_out)} image(s) '
           f'whose names a landmarks line cannot hold, e.g. {left_out[0]!r}; '
           'rename them to keep their landmarks', file=sys.stderr)
-  return len(lines)
-
-
-def _name_order(name: str):
-  """Record keys in numeric order, paths in string order."""
-  return (0, int(name), '') if name.isascii() and name.isdigit() else (
-      1, 0, name)
-
-
-def _landmark_name(name: str) -> str | None:
-  """name as a landmarks line can hold it: './' before a name that would
-  read as a comment or lose its leading space or byte order mark (the same
-  file either way); None when no line can hold it."""
-  try:
-    name.encode('utf-8')
-  except UnicodeEncodeError:
-    return None
-  if not name or any(c in name for c in '\n\r\0') or name != name.rstrip():
-    return None
-  if name[0] in '#\ufeff' or name[0].isspace():
-    return f'./{name}'
-  return name
+  return written

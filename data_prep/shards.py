@@ -40,7 +40,7 @@ def serialize(jpeg: bytes, label: int) -> bytes:
   return tf.train.Example(features=tf.train.Features(feature={
       'image': feature(bytes_list=tf.train.BytesList(value=[jpeg])),
       'label': feature(int64_list=tf.train.Int64List(value=[label])),
-  })).SerializeToString()
+  })).SerializeToString(deterministic=True)  # map order fixed: same bytes
 
 
 class PartialShards:
@@ -106,7 +106,7 @@ def _rewrite(src: str, dst: str, relabel: dict[int, int]) -> None:
       label = example.features.feature['label'].int64_list.value[0]
       if label in relabel:
         example.features.feature['label'].int64_list.value[0] = relabel[label]
-        writer.write(example.SerializeToString())
+        writer.write(example.SerializeToString(deterministic=True))
 
 
 def write_metadata(out_dir: str, image_size: int, class_names: list[str],

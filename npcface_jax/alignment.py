@@ -16,6 +16,7 @@ import os
 import numpy as np
 from PIL import Image
 
+from npcface_jax import jsonfile
 from npcface_jax.textfile import shown, text_lines
 
 # Pixel coordinates beyond this are garbage, not a face in an image (no
@@ -140,3 +141,43 @@ def read_landmarks(path: str | os.PathLike) -> dict[str, tuple[float, ...]]:
                        f'landmarks on line {lines[name]}; keep one of them')
     landmarks[name], lines[name] = values, n
   return landmarks
+
+
+def write_landmarks(path: str | os.PathLike, points: dict
+                    ) -> tuple[int, list[str]]:
+  """Writes read_landmarks' format, ``name x1 y1 ... x5 y5`` lines, for
+  {name: 10 numbers or (5, 2)}, sorted by name (record keys numerically),
+  each float as its repr so that it reads back to the same float (and so
+  the same pixels); atomically. Returns (lines written, the names no line
+  can hold: line breaks, trailing spaces, not UTF-8), those left out."""
+  lines, left_out = [], []
+  for name in sorted(points, key=_name_order):
+    written = _landmark_name(name)
+    if written is None:
+      left_out.append(name)
+    else:
+      values = ' '.join(repr(float(v)) for v in np.ravel(points[name]))
+      lines.append(f'{written} {values}\n')
+  jsonfile.atomic_write(path, ''.join(lines).encode('utf-8'))
+  return len(lines), left_out
+
+
+def _name_order(name: str):
+  """Record keys in numeric order, paths in string order."""
+  return (0, int(name), '') if name.isascii() and name.isdigit() else (
+      1, 0, name)
+
+
+def _landmark_name(name: str) -> str | None:
+  """name as a landmarks line can hold it: './' before a name that would
+  read as a comment or lose its leading space or byte order mark (the same
+  file either way); None when no line can hold it."""
+  try:
+    name.encode('utf-8')
+  except UnicodeEncodeError:
+    return None
+  if not name or any(c in name for c in '\n\r\0') or name != name.rstrip():
+    return None
+  if name[0] in '#\ufeff' or name[0].isspace():
+    return f'./{name}'
+  return name

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from npcface_jax import detection, inference, jsonfile, run_log
+from npcface_jax import alignment, detection, inference, jsonfile, run_log
 
 FILES = ('embeddings.npy', 'embed.json', 'landmarks.txt')
 
@@ -42,8 +42,8 @@ def embed(model: inference.Model, sources: list[str], out: str, *,
                         buffer.getvalue())
   landmarks = os.path.join(out, 'landmarks.txt')
   if got.landmarks:
-    lines = inference.landmark_lines(names, got.landmarks)
-    jsonfile.atomic_write(landmarks, ('\n'.join(lines) + '\n').encode())
+    alignment.write_landmarks(landmarks, {
+        names[i]: p for i, p in got.landmarks.items()})
   elif os.path.exists(landmarks):  # an earlier run's, not these images'
     os.remove(landmarks)
   record = {

@@ -190,13 +190,6 @@ def list_sources(paths: list[str]) -> tuple[str | None, list[str]]:
   return None, list(paths)
 
 
-def landmark_lines(names, landmarks: dict[int, np.ndarray]) -> list[str]:
-  """``name x1 y1 ... x5 y5`` lines (the --landmarks format, exact floats)
-  of the images aligned on detected landmarks."""
-  return [' '.join([names[i], *(repr(float(v)) for v in np.ravel(p))])
-          for i, p in sorted(landmarks.items())]
-
-
 # --- What the commands share --------------------------------------------------
 
 def define_flags(threshold: bool) -> None:

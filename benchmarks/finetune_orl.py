@@ -1,0 +1,159 @@
+"""From raw photos to a fine-tuned model, on ORL, with the commands a user
+types (README, "Your own photos"), and fine-tuning measured against
+training from scratch:
+
+    python benchmarks/finetune_orl.py [--out DIR] [--steps 160]
+        [--finetune-steps 80] [--freeze 20] [--no-scratch]
+
+  1. data_prep train --detect: people s1-s20 (set A) and s21-s30 (set B),
+     each photo's face detected (MTCNN) and aligned; A's landmarks saved
+  2. data_prep pairs --detect: 900 pairs of s31-s40 (all 450 same-person
+     pairs and 450 different-person pairs, seeded), people neither set has
+  3. train on A (the starting run), evaluate on the pairs
+  4. fine-tune on B from A (--config.init_from, classifier rows from B's
+     class means, backbone frozen for --freeze steps), evaluate
+  5. train on B from scratch for the same steps as 4, evaluate
+  6. verify --pairs on the fine-tuned run at its 10-fold threshold
+
+The network is the demo's (MobileFaceNet at quarter width, 48 x 48 faces,
+128-d, NPCFace). Prints each run's 10-fold accuracy on the pairs; the
+numbers are in benchmarks/RESULTS.md. tests/test_finetune_orl.py runs
+steps 1-4 and 6 (no from-scratch run) and asserts what is printed here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import pathlib
+import random
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ORL = ROOT.parent / 'shared' / 'data' / 'orl_faces'
+SIZE = 48
+
+
+def _env() -> dict:
+  """The commands as a user runs them: the optimising compiler (the tests'
+  fast-compile flag dropped) and one CPU device."""
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu',
+             JAX_NUM_CPU_DEVICES='1')
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
+def run(*args: str) -> str:
+  """A command's stdout; its stderr tail in the error when it fails."""
+  proc = subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=_env(),
+                        capture_output=True, text=True, timeout=1800)
+  if proc.returncode:
+    raise RuntimeError(f'{" ".join(args)} failed:\n{proc.stderr[-4000:]}')
+  return proc.stdout
+
+
+def people(root: pathlib.Path, numbers) -> str:
+  """root/s<p> links to ORL's people: a photo folder per person."""
+  root.mkdir(parents=True)
+  for p in numbers:
+    (root / f's{p}').symlink_to(ORL / f's{p}')
+  return str(root)
+
+
+def write_pairs(path: pathlib.Path, numbers, seed: int = 0) -> None:
+  """Every same-person pair of the people, as many different-person pairs
+  drawn with a seed, shuffled (each 10-fold fold mixes both)."""
+  rng = random.Random(seed)
+  photos = [f's{p}/{i}.pgm' for p in numbers for i in range(1, 11)]
+  same = [(f's{p}/{i}.pgm', f's{p}/{j}.pgm', 1) for p in numbers
+          for i, j in itertools.combinations(range(1, 11), 2)]
+  different = set()
+  while len(different) < len(same):
+    a, b = rng.sample(photos, 2)
+    if a.split('/')[0] != b.split('/')[0]:
+      different.add((min(a, b), max(a, b), 0))
+  pairs = same + sorted(different)
+  rng.shuffle(pairs)
+  path.write_text(''.join(f'{a} {b} {s}\n' for a, b, s in pairs))
+
+
+def train(workdir: str, dataset: str, steps: int, *extra: str) -> None:
+  run('npcface_jax.main', '--config=configs/demo.py', f'--workdir={workdir}',
+      f'--config.dataset={dataset}', f'--config.num_train_steps={steps}',
+      '--config.batch_size=32', '--config.lr_boundaries=(1000,)',
+      '--config.learning_rate=0.05', '--config.eval_at_start=False',
+      '--config.checkpoint_every_steps=1000', '--config.log_every_steps=40',
+      *extra)
+
+
+def accuracy(workdir: str, pairs_bin: str) -> float:
+  run('npcface_jax.evaluate', f'--workdir={workdir}', f'--targets={pairs_bin}')
+  record = json.loads(pathlib.Path(workdir, 'eval',
+                                   'results.json').read_text())
+  return record['targets']['pairs']['accuracy']
+
+
+def workflow(out: pathlib.Path, steps: int, finetune_steps: int,
+             freeze: int, scratch: bool = True) -> dict:
+  """Runs the steps of the module docstring in ``out``; returns the numbers."""
+  timings, numbers = {}, {}
+  start = time.perf_counter()
+  run('data_prep', 'train', people(out / 'photos_a', range(1, 21)),
+      str(out / 'set_a'), '--detect', '--image-size', str(SIZE),
+      '--save-landmarks', str(out / 'landmarks_a.txt'), '--quiet')
+  run('data_prep', 'train', people(out / 'photos_b', range(21, 31)),
+      str(out / 'set_b'), '--detect', '--image-size', str(SIZE), '--quiet')
+  write_pairs(out / 'pairs.txt', range(31, 41))
+  pairs_photos = people(out / 'photos_test', range(31, 41))
+  run('data_prep', 'pairs', str(out / 'pairs.txt'), pairs_photos,
+      str(out / 'pairs.bin'), '--detect', '--image-size', str(SIZE), '--quiet')
+  timings['data_prep'] = time.perf_counter() - start
+  pairs_bin = str(out / 'pairs.bin')
+  for name, dataset, n, extra in (
+      ('start_a', 'set_a', steps, ()),
+      ('finetuned_b', 'set_b', finetune_steps, (
+          f'--config.init_from={out / "start_a"}',
+          f'--config.freeze_backbone_steps={freeze}')),
+      *((('scratch_b', 'set_b', finetune_steps, ()),) if scratch else ())):
+    start = time.perf_counter()
+    workdir = str(out / name)
+    train(workdir, str(out / dataset), n, *extra)
+    numbers[name] = accuracy(workdir, pairs_bin)
+    timings[name] = time.perf_counter() - start
+  verified = json.loads(run(
+      'npcface_jax.verify', f'--workdir={out / "finetuned_b"}',
+      f'--pairs={out / "pairs.txt"}', '--json'))
+  numbers['verify at the 10-fold threshold'] = verified['accuracy']
+  return {'accuracy': numbers, 'seconds': timings,
+          'verify_skipped': len(verified['skipped'])}
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--out')
+  p.add_argument('--steps', type=int, default=160)
+  p.add_argument('--finetune-steps', type=int, default=80)
+  p.add_argument('--freeze', type=int, default=20)
+  p.add_argument('--no-scratch', action='store_true')
+  args = p.parse_args()
+  if not ORL.is_dir():
+    sys.exit(f'ORL photos not found at {ORL}')
+  with tempfile.TemporaryDirectory() as tmp:
+    out = pathlib.Path(args.out or tmp)
+    result = workflow(out, args.steps, args.finetune_steps, args.freeze,
+                      not args.no_scratch)
+  for name, acc in result['accuracy'].items():
+    seconds = result['seconds'].get(name)
+    took = f'  ({seconds:.0f} s)' if seconds else ''
+    print(f'{name:34}{100 * acc:6.2f}%{took}')
+  print(f'data_prep (detect + align 400 photos): '
+        f'{result["seconds"]["data_prep"]:.0f} s')
+
+
+if __name__ == '__main__':
+  main()
