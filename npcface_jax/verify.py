@@ -14,10 +14,12 @@ import sys
 from npcface_jax import detection, inference, run_log, textfile
 
 
-def read_pairs(path: str) -> tuple[list[tuple[str, str, bool | None]], str]:
+def read_pairs(path: str, images: str | None = None
+               ) -> tuple[list[tuple[str, str, bool | None]], str]:
   """([(path 1, path 2, same or None)], root) of a pairs file: "path1
-  path2" or "path1 path2 same" (same 1 or 0) lines, paths relative to the
-  file's folder; ValueError naming the line of anything else."""
+  path2" or "path1 path2 same" (same 1 or 0) lines, paths relative to
+  ``images`` (default: the file's folder), as data_prep pairs reads them;
+  ValueError naming the line of anything else."""
   pairs = []
   for n, line in textfile.text_lines(path):
     fields = line.split()
@@ -32,7 +34,10 @@ def read_pairs(path: str) -> tuple[list[tuple[str, str, bool | None]], str]:
                        'same" (same 1 or 0), paths without spaces')
   if not pairs:
     raise ValueError(f'{path} holds no pairs')
-  return pairs, os.path.dirname(os.path.abspath(path))
+  if images is not None and not os.path.isdir(images):
+    raise ValueError(f'--images {images} is not a folder')
+  return pairs, os.path.abspath(images or os.path.dirname(
+      os.path.abspath(path)))
 
 
 def verify(model: inference.Model, threshold: inference.Threshold,
@@ -95,7 +100,7 @@ def main(argv):
     if f.pairs:
       if photos:
         raise ValueError('give photos or --pairs, not both')
-      pairs, root = read_pairs(f.pairs)
+      pairs, root = read_pairs(f.pairs, f.images)
     elif len(photos) >= 2:
       pairs, root = [(photos[0], p, None) for p in photos[1:]], None
     else:
@@ -115,7 +120,10 @@ def _define_flags():
   from absl import flags  # noqa: PLC0415
   inference.define_flags(threshold=True)
   flags.DEFINE_string('pairs', None, 'A file of "path1 path2 [same]" lines '
-                      '(paths relative to it) to score instead of photos.')
+                      'to score instead of photos (the format data_prep '
+                      'pairs reads).')
+  flags.DEFINE_string('images', None, 'The folder the --pairs paths are '
+                      "relative to (default: the pairs file's folder).")
   flags.DEFINE_bool('json', False, 'Print one JSON object.')
 
 

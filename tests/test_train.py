@@ -8,7 +8,6 @@ import pathlib
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +18,10 @@ from ml_collections import config_flags
 
 from configs import casia_mobileface, default, demo, ms1m_attention56
 from npcface_jax import (checkpoint, config_checks, factories, heads,
-                         input_pipeline, registry, run_dir, train, train_step,
+                         registry, run_dir, train, train_step,
                          training_data)
 from tests.conftest import NUM_DEVICES
-from tests.helpers import SHARED_DATA, fresh_rng, orl_people
+from tests.helpers import fresh_rng
 from tests import tiny_backbone
 from tests.tiny_backbone import TinyNet
 
@@ -375,40 +374,6 @@ def test_command_line_reports_config_errors(tmp_path):
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode != 0
   assert 'config.head_options.npcface.scale = -2.0: must be positive' in out
-
-
-# --- End to end on real faces ------------------------------------------------
-
-@pytest.mark.slow
-def test_orl_end_to_end(tmp_path):
-  """data_prep on ORL people s1..s30, training through the real pipeline
-  and step (quarter-width MobileFaceNet, 48x48 faces), then verification on
-  the held-out s31..s40 pairs of the fixture .bin: clearly better than the
-  same network untrained."""
-  pairs = SHARED_DATA / 'orl_bin' / 'orl_test.bin'
-  if not pairs.is_file():
-    pytest.skip(f'{pairs} not found (shared test data absent)')
-  src = orl_people(tmp_path, range(1, 31))
-  from data_prep import train_set  # noqa: PLC0415
-  prep = tmp_path / 'prep'
-  train_set.convert(str(src), str(prep), image_size=48, fit='pad',
-                    num_shards=2, workers=1, progress=False)
-  c = _config(**{
-      'dataset': str(prep), 'model_options.width': 0.25,
-      'embedding_dim': 128, 'batch_size': 32, 'num_train_steps': 200,
-      'lr_boundaries': (16, 20), 'log_every_steps': 50,
-      'checkpoint_every_steps': 100, 'verification_targets': str(pairs),
-      'eval_at_start': True, 'eval_batch_size': 64, 'shuffle_buffer': 512})
-  assert input_pipeline.dataset_info(prep).num_classes == 30
-  start = time.time()
-  outcome = train.train_and_evaluate(c, str(tmp_path / 'work'))
-  record = json.loads((tmp_path / 'work' / 'eval' /
-                       'verification.json').read_text())
-  untrained = record['history'][0]['orl_test']
-  trained = outcome.verification['orl_test']['accuracy']
-  assert record['history'][-1] == {'step': 200, 'orl_test': trained}
-  assert record['best']['orl_test']['accuracy'] >= trained
-  assert trained >= untrained + 0.10, (untrained, trained, time.time() - start)
 
 
 def test_gpu_bench_config_carries_what_make_task_reads(monkeypatch):
