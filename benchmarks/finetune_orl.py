@@ -99,27 +99,32 @@ def train(workdir: str, dataset: str, steps: int, pairs_bin: str,
                                  'verification.json').read_text())
 
 
-def prepare(out: pathlib.Path) -> None:
-  """Steps 1 and 2: the photos detected, aligned and written."""
+def prepare(out: pathlib.Path, workers: int | None = None) -> None:
+  """Steps 1 and 2: the photos detected, aligned and written (``workers``:
+  data_prep's --workers, default all cores)."""
+  common = ['--detect', '--image-size', str(SIZE), '--quiet']
+  if workers:
+    common += ['--workers', str(workers)]
   run('data_prep', 'train', people(out / 'people_a', range(1, 21)),
-      str(out / 'set_a'), '--detect', '--image-size', str(SIZE),
-      '--save-landmarks', str(out / 'landmarks_a.txt'), '--quiet')
+      str(out / 'set_a'), *common,
+      '--save-landmarks', str(out / 'landmarks_a.txt'))
   run('data_prep', 'train', people(out / 'people_b', range(21, 31)),
-      str(out / 'set_b'), '--detect', '--image-size', str(SIZE), '--quiet')
+      str(out / 'set_b'), *common)
   write_pairs(out / 'pairs.txt', range(31, 41))
   run('data_prep', 'pairs', str(out / 'pairs.txt'),
       people(out / 'test_people', range(31, 41)), str(out / 'pairs.bin'),
-      '--detect', '--image-size', str(SIZE), '--quiet')
+      *common)
 
 
 def workflow(out: pathlib.Path, steps: int, finetune_steps: int,
-             freeze: int, scratch: bool = True) -> dict:
+             freeze: int, scratch: bool = True,
+             workers: int | None = None) -> dict:
   """Runs the steps of the module docstring in ``out``; returns the
   accuracies (verification at the end of each run, and evaluate's and
   verify's on the fine-tuned run, without flip) and the seconds taken."""
   timings, numbers = {}, {}
   start = time.perf_counter()
-  prepare(out)
+  prepare(out, workers)
   timings['data_prep'] = time.perf_counter() - start
   pairs_bin = str(out / 'pairs.bin')
   runs = [('run_a', 'set_a', steps, ()),

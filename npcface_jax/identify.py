@@ -105,7 +105,11 @@ def enroll(model: inference.Model, gallery: str, *, aligned: bool = False,
   for s in got.skipped:
     entries[rel[todo[s.index]]] = (stamps[todo[s.index]], s.reason)
   if todo or set(cached) != set(entries):
-    _save_cache(path, entries, model.config.embedding_dim)
+    try:
+      _save_cache(path, entries, model.config.embedding_dim)
+    except OSError as e:  # a read-only run directory: no cache, no failure
+      logging.warning('cannot cache the gallery at %s (%s); it is embedded '
+                      'again next time', path, e)
   return _templates(found, rel, entries, listing_skipped, len(todo))
 
 

@@ -185,8 +185,9 @@ DISTINCT_BACKBONES = [n for n in BACKBONES
 @pytest.mark.parametrize('name', DISTINCT_BACKBONES)
 def test_bfloat16_forward(name):
   """bf16 compute against float32 in both BatchNorm modes: embeddings
-  finite, float32, and in the same direction (cosine > 0.97; measured
-  0.98-0.9999) except in the mode named above."""
+  finite, float32, and in the same direction (cosine > 0.95; measured
+  0.968-0.9999 over fresh inputs, VGG-19's training mode the lowest) except
+  in the mode named above."""
   _, variables, images = _init(name, batch=4)
 
   def forward(dtype, train):
@@ -205,7 +206,7 @@ def test_bfloat16_forward(name):
     out32 = forward(None, train)
     cos = np.sum(out16 * out32, 1) / (np.linalg.norm(out16, axis=1)
                                       * np.linalg.norm(out32, axis=1))
-    assert np.all(cos > 0.97), (train, cos)
+    assert np.all(cos > 0.95), (train, cos)
 
 
 @pytest.mark.slow

@@ -29,9 +29,10 @@ def test_photos_to_a_finetuned_model_and_its_answers(tmp_path):
   if not (SHARED_DATA / 'orl_faces' / 's40' / '10.pgm').is_file():
     pytest.skip('ORL faces not found under ../shared/data (shared test data '
                 'absent)')
+  # One data_prep worker: the other core runs the other pytest worker.
   result = _workflow_module().workflow(tmp_path, steps=160,
                                        finetune_steps=80, freeze=20,
-                                       scratch=False)
+                                       scratch=False, workers=1)
   acc = result['accuracy']
   # Detection: a face in each of the 300 training photos, landmarks inside
   # the 92 x 112 photo, eyes above the nose above the mouth, left eye left.
