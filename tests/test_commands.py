@@ -296,3 +296,30 @@ def test_missing_detector_extra_names_the_install_line(monkeypatch):
   monkeypatch.setitem(sys.modules, 'mtcnn', None)  # import mtcnn fails
   with pytest.raises(detection.MissingExtra, match=r'npcface_jax\[detect\]'):
     detection.Mtcnn()
+
+
+def test_data_prep_faces_reach_training_and_evaluation_as_one(model, photos):
+  """data_prep --detect stores each face as JPEG (quality 95; its bytes are
+  checked against images.read_face in test_detection.py): the one lossy
+  step, within JPEG rounding of the face every command embeds. Training
+  (tf.data) and evaluation (.bin sets, Pillow) decode those bytes to the
+  very same pixels, so they embed the same."""
+  import tensorflow as tf  # noqa: PLC0415 (the input pipeline's decoder)
+  from data_prep import preprocess  # noqa: PLC0415 (the test's only use)
+  from npcface_jax import input_pipeline  # noqa: PLC0415 (TensorFlow)
+  faces, decoded = [], []
+  for i, name in enumerate(PHOTOS):
+    face, _ = images.read_face(ORL / name, model.image_size,
+                               landmarks=photos.landmarks[i])
+    jpeg = preprocess.encode_jpeg(face, 95)
+    trained = input_pipeline.decode_jpeg(tf, jpeg).numpy()
+    evaluated = np.asarray(images.decode(jpeg))
+    np.testing.assert_array_equal(trained, evaluated)
+    faces.append(np.asarray(face))
+    decoded.append(trained)
+  diff = np.abs(np.stack(decoded).astype(int) - np.stack(faces).astype(int))
+  assert diff.mean() < 3 and diff.max() <= 24, (diff.mean(), diff.max())
+  np.testing.assert_array_equal(model.embed(np.stack(faces)),
+                                photos.embeddings)
+  cosines = np.sum(model.embed(np.stack(decoded)) * photos.embeddings, 1)
+  assert cosines.min() > 0.99, cosines
