@@ -1,6 +1,8 @@
 """The inference step, apart from training: a backbone in inference mode
-over any number of images, in fixed-size batches (the last one padded, so
-one compiled shape serves all), sharded over every device of the mesh,
+over any number of images, in fixed-size batches (a smaller last one
+padded to a power of two, so a few compiled shapes serve any count and a
+single pair of photos does not pay for a whole batch), sharded over every
+device of the mesh,
 optionally adding each image's mirror (flip test-time augmentation), to
 L2-normalised float32 numpy embeddings.
 
@@ -49,14 +51,24 @@ class Embedder:
 
     self._embed = jax.jit(embed, out_shardings=out)
 
+  def padded_size(self, n: int) -> int:
+    """The batch that n images (n <= batch_size) are padded to: the device
+    count times the next power of two, at most batch_size (so at most
+    log2(batch_size / devices) + 2 shapes are ever compiled)."""
+    devices = self.mesh.size
+    per_device = -(-n // devices)
+    return min(self.batch_size, devices * (1 << (per_device - 1).bit_length()))
+
   def __call__(self, variables: Any, images: np.ndarray) -> np.ndarray:
     images = np.asarray(images)
     n, b = images.shape[0], self.batch_size
     out = []
     for start in range(0, n, b):
       chunk = images[start:start + b]
-      if chunk.shape[0] < b:  # pad the last batch to the compiled shape
-        pad = np.zeros((b - chunk.shape[0],) + chunk.shape[1:], chunk.dtype)
+      size = self.padded_size(chunk.shape[0])
+      if chunk.shape[0] < size:  # pad the last batch to a compiled shape
+        pad = np.zeros((size - chunk.shape[0],) + chunk.shape[1:],
+                       chunk.dtype)
         chunk = np.concatenate([chunk, pad])
       batch = jax.make_array_from_callback(chunk.shape, self._in,
                                            lambda index, c=chunk: c[index])

@@ -193,9 +193,10 @@ def test_verify_scores_are_the_embeddings_cosines(model, photos):
   assert 'cosine' in verify.format_result(result)
 
 
-def test_evaluate_folder_input_with_detect_gives_the_same(model, photos,
-                                                          tmp_path):
+def test_evaluate_folder_input_with_detect_gives_the_same(
+    model, photos, tmp_path, monkeypatch):
   """The evaluation command's probe folder, --detect: the same rows."""
+  monkeypatch.setattr(factories, 'create_model', tiny_backbone.create_model)
   probes, distractors = tmp_path / 'probes', tmp_path / 'distractors'
   for name in PHOTOS:
     (probes / name).parent.mkdir(parents=True, exist_ok=True)
@@ -323,3 +324,18 @@ def test_data_prep_faces_reach_training_and_evaluation_as_one(model, photos):
                                 photos.embeddings)
   cosines = np.sum(model.embed(np.stack(decoded)) * photos.embeddings, 1)
   assert cosines.min() > 0.99, cosines
+
+
+def test_small_batches_pad_to_a_power_of_two_and_embed_alike(model, photos):
+  """One pair of photos is embedded in a batch of 2 per device, not a full
+  batch (verify's latency), with the same embeddings as in a full one."""
+  e = model.embedder
+  devices = e.mesh.size
+  assert [e.padded_size(n) for n in (1, devices, devices + 1)] == [
+      devices, devices, 2 * devices]
+  assert e.padded_size(e.batch_size) == e.batch_size
+  faces = np.stack([images.read_image(ORL / name, model.image_size,
+                                      landmarks=photos.landmarks[i])
+                    for i, name in enumerate(PHOTOS)])
+  np.testing.assert_allclose(model.embed(faces[:1]), photos.embeddings[:1],
+                             atol=1e-5)
