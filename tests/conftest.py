@@ -46,8 +46,12 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def pytest_collection_modifyitems(items):
-  """The slow tests first (in their order), so that under pytest-xdist the
-  minutes-long ones start at once and the quick ones fill the workers at
-  the end (with --dist worksteal, setup.cfg) instead of one long test
-  starting last on an otherwise idle machine."""
-  items.sort(key=lambda item: item.get_closest_marker('slow') is None)
+  """The slow tests first, the longest (``slow(minutes=N)``) at the very
+  front, so that under pytest-xdist they start at once and the quick ones
+  fill the workers at the end (with --dist worksteal, setup.cfg) instead of
+  a long test starting last on an otherwise idle machine."""
+  def key(item):
+    marker = item.get_closest_marker('slow')
+    return (marker is None, -(marker.kwargs.get('minutes', 0)
+                              if marker else 0))
+  items.sort(key=key)

@@ -40,6 +40,7 @@ def _orl():
 def write_run(workdir, **overrides) -> str:
   """A run directory at step 0 (run.json, one checkpoint), as training
   leaves it."""
+  os.makedirs(workdir, exist_ok=True)
   c = demo.get_config()
   c.synthetic.heldout_identities = 0
   c.eval_batch_size = 16

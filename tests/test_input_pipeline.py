@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from npcface_jax import input_pipeline as ip, synthetic
+from npcface_jax import images, input_pipeline as ip, synthetic
 from tests.conftest import NUM_DEVICES
 from tests.helpers import SHARED_DATA, orl_people
 
@@ -65,7 +65,8 @@ class Data:
 
   def __init__(self, path, encoded, labels, shard_lengths):
     self.path, self.labels = str(path), np.asarray(labels)
-    self.decoded = [tf.io.decode_jpeg(e, channels=3).numpy() for e in encoded]
+    # Pillow's decode (evaluation's): the pipeline must give the same pixels.
+    self.decoded = [np.asarray(images.decode(e)) for e in encoded]
     self._index = {d.tobytes(): i for i, d in enumerate(self.decoded)}
     self.shard_of = np.repeat(np.arange(len(shard_lengths)), shard_lengths)
 

@@ -44,7 +44,7 @@ OVERRIDES = {
 }
 
 # Whole training runs across two processes: the full suite only.
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=1)
 
 
 def _free_port() -> int:

@@ -24,7 +24,7 @@ def _workflow_module():
   return module
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=5)
 def test_photos_to_a_finetuned_model_and_its_answers(tmp_path):
   if not (SHARED_DATA / 'orl_faces' / 's40' / '10.pgm').is_file():
     pytest.skip('ORL faces not found under ../shared/data (shared test data '

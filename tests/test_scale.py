@@ -11,7 +11,7 @@ from npcface_jax import factories, train_step
 from tests.test_train import _config, _task
 
 # A million classes on eight devices: the full suite only.
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(minutes=1)
 
 
 def _classifier_bytes_per_device(state) -> tuple[dict, int]:

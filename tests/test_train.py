@@ -330,7 +330,7 @@ def _latest_step(workdir):
   return step
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=1)
 def test_sigterm_and_kill9_resume_equal_uninterrupted(tmp_path, monkeypatch):
   """A run stopped by SIGTERM writes a checkpoint, exits 0, and the restart
   from the same workdir ends on exactly the uninterrupted run's parameters
