@@ -9,13 +9,14 @@ training from scratch:
      each photo's face detected (MTCNN) and aligned; A's landmarks saved
   2. data_prep pairs --detect: 900 pairs of s31-s40 (all 450 same-person
      pairs and 450 different-person pairs, seeded), people neither set has
-  3. train on A (the starting run), evaluate on the pairs
+  3. train on A (the starting run), verified on the pairs before its first
+     step and at the end
   4. fine-tune on B from A (--config.init_from, classifier rows from B's
      class means, backbone frozen for --freeze steps, learning rate
-     --finetune-lr), evaluate
+     --finetune-lr), verified likewise, then python -m npcface_jax.evaluate
   5. train on B from scratch for the same steps as 4 (learning rate 0.1),
-     evaluate
-  6. verify --pairs on the fine-tuned run at its 10-fold threshold
+     verified likewise
+  6. verify --pairs on the fine-tuned run at evaluate's 10-fold threshold
 
 The network is the demo's (MobileFaceNet at quarter width, 48 x 48 faces,
 128-d, NPCFace). Prints each run's 10-fold accuracy on the pairs (with flip
