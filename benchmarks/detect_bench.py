@@ -1,6 +1,6 @@
 """Face detection in data_prep: detect + align (MTCNN finds the landmarks,
 the ArcFace warp, JPEG q95) beside the plain fit path (resize, JPEG), with
-1 and 2 worker processes, through preprocess.prepare_all as
+1 and 2 worker processes, through preprocess.prepare_faces as
 ``python -m data_prep train`` runs it.
 
     PYTHONPATH=. python benchmarks/detect_bench.py [--photos 80]
@@ -48,11 +48,11 @@ def photo_jobs(n: int) -> list[preprocess.Job]:
 
 
 def timed(jobs, options, workers: int, settle: int) -> dict:
-  """One prepare_all pass: wall s, first result s, steady images/s over the
+  """One prepare_faces pass: wall s, first result s, steady images/s over the
   results after the first ``settle``, and the skips."""
   stamps, skips = [], 0
   start = time.perf_counter()
-  for result in preprocess.prepare_all(jobs, options, workers):
+  for result in preprocess.prepare_faces(jobs, options, workers):
     stamps.append(time.perf_counter() - start)
     skips += isinstance(result, preprocess.Skip)
   settle = min(settle, len(stamps) - 1)

@@ -63,11 +63,12 @@ def run(*args: str) -> str:
   return proc.stdout
 
 
-def people(root: pathlib.Path, numbers) -> str:
-  """root/s<p> links to ORL's people: a photo folder per person."""
+def people(root: pathlib.Path, numbers, orl: pathlib.Path = ORL) -> str:
+  """root/s<p> links to ORL's people (read where they are, in ``orl``):
+  a photo folder per person."""
   root.mkdir(parents=True)
   for p in numbers:
-    (root / f's{p}').symlink_to(ORL / f's{p}')
+    (root / f's{p}').symlink_to(orl / f's{p}')
   return str(root)
 
 
@@ -104,31 +105,33 @@ def train(workdir: str, dataset: str, pairs_bin: str, learning_rate: float,
                                  'verification.json').read_text())
 
 
-def prepare(out: pathlib.Path, workers: int | None = None) -> None:
-  """Steps 1 and 2: the photos detected, aligned and written (``workers``:
-  data_prep's --workers, default all cores)."""
+def prepare(out: pathlib.Path, workers: int | None = None,
+            orl: pathlib.Path = ORL) -> None:
+  """Steps 1 and 2: the photos in ``orl`` detected, aligned and written
+  (``workers``: data_prep's --workers, default all cores)."""
   common = ['--detect', '--image-size', str(SIZE), '--quiet']
   if workers:
     common += ['--workers', str(workers)]
-  run('data_prep', 'train', people(out / 'people_a', range(1, 21)),
+  run('data_prep', 'train', people(out / 'people_a', range(1, 21), orl),
       str(out / 'set_a'), *common,
       '--save-landmarks', str(out / 'landmarks_a.txt'))
-  run('data_prep', 'train', people(out / 'people_b', range(21, 31)),
+  run('data_prep', 'train', people(out / 'people_b', range(21, 31), orl),
       str(out / 'set_b'), *common)
   write_pairs(out / 'pairs.txt', range(31, 41))
   run('data_prep', 'pairs', str(out / 'pairs.txt'),
-      people(out / 'test_people', range(31, 41)), str(out / 'pairs.bin'),
+      people(out / 'test_people', range(31, 41), orl), str(out / 'pairs.bin'),
       *common)
 
 
 def workflow(out: pathlib.Path, freeze: int = 20, finetune_lr: float = 0.01,
-             scratch: bool = True, workers: int | None = None) -> dict:
+             scratch: bool = True, workers: int | None = None,
+             orl: pathlib.Path = ORL) -> dict:
   """Runs the steps of the module docstring in ``out``; returns the
   accuracies (verification before and after each run, and evaluate's and
   verify's on the fine-tuned run, without flip) and the seconds taken."""
   timings, numbers = {}, {}
   start = time.perf_counter()
-  prepare(out, workers)
+  prepare(out, workers, orl)
   timings['data_prep'] = time.perf_counter() - start
   pairs_bin = str(out / 'pairs.bin')
   runs = [('run_a', 'set_a', 0.1, ()),

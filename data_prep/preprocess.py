@@ -6,7 +6,7 @@ a ``Skip`` with a reason instead of raising, so one broken file never stops
 a conversion; a photo in which the detector finds no face is one ('no
 face').
 
-``prepare_all`` runs it over many images in worker processes started with
+``prepare_faces`` runs it over many images in worker processes started with
 'spawn': forking a process that already runs TensorFlow or JAX threads is
 unsafe, and the workers need only Pillow and NumPy (``npcface_jax.images``
 imports no JAX), plus TensorFlow through mtcnn when they detect faces.
@@ -68,11 +68,6 @@ def encode_jpeg(image: Image.Image, quality: int) -> bytes:
   out = io.BytesIO()
   image.save(out, 'JPEG', quality=quality)
   return out.getvalue()
-
-
-def prepare(data: bytes, options: Options, landmarks=None) -> bytes:
-  """JPEG bytes of the preprocessed image; raises images.BadImage."""
-  return prepare_face(data, options, landmarks).jpeg
 
 
 def prepare_face(data: bytes, options: Options, landmarks=None) -> Prepared:
@@ -173,13 +168,6 @@ def _run(job: Job, options: Options) -> Prepared | Skip:
     return Skip('too large', 'out of memory')
   except Exception as e:  # noqa: BLE001 (a bug for one image costs only it)
     return Skip('failed', f'{type(e).__name__}: {e}')
-
-
-def prepare_all(jobs: Iterable[Job], options: Options,
-                workers: int = 1) -> Iterator[bytes | Skip]:
-  """JPEG bytes or a Skip for each job, in the jobs' order."""
-  for result in prepare_faces(jobs, options, workers):
-    yield result.jpeg if isinstance(result, Prepared) else result
 
 
 def prepare_faces(jobs: Iterable[Job], options: Options,

@@ -75,28 +75,21 @@ class Embedded(NamedTuple):
   landmarks: dict[int, np.ndarray]  # source index -> the (5, 2) aligned on
 
 
-def image_batches(model: Model, sources, *, aligned: bool = False,
-                  min_score: float = detection.MIN_SCORE,
-                  root: str | None = None) -> images.ImageBatches:
-  """The batches of uint8 faces the model embeds: photos detected and
-  aligned, or aligned crops resized (``aligned``)."""
-  finder = None if aligned else detection.FaceFinder(min_score)
-  if finder is not None:
-    _ = finder.detector  # made now: a missing extra fails before any work
-  return images.ImageBatches(sources, model.image_size,
-                             model.embedder.batch_size * 4, root=root,
-                             detector=finder)
-
-
 def embed_images(model: Model, sources, *, aligned: bool = False,
                  min_score: float = detection.MIN_SCORE,
                  root: str | None = None, progress: bool = True,
                  what: str = 'embedding') -> Embedded:
   """The embeddings of ``sources`` (paths, names under root, or encoded
-  bytes); a progress bar on stderr when there is more than one batch."""
+  bytes): photos detected and aligned, or aligned crops resized
+  (``aligned``); a progress bar on stderr when there is more than one
+  batch."""
   from tqdm import tqdm  # noqa: PLC0415 (a command's progress bar only)
-  batches = image_batches(model, sources, aligned=aligned,
-                          min_score=min_score, root=root)
+  finder = None if aligned else detection.FaceFinder(min_score)
+  if finder is not None:
+    _ = finder.detector  # made now: a missing extra fails before any work
+  batches = images.ImageBatches(sources, model.image_size,
+                                model.embedder.batch_size * 4, root=root,
+                                detector=finder)
   bar = tqdm(batches, total=len(batches), desc=what, unit='batch',
              file=sys.stderr, disable=not progress or len(batches) < 2,
              mininterval=0.5)

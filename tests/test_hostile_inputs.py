@@ -80,13 +80,13 @@ def _prepare_listed(listing, name):
   for skipped in listing.skipped:
     assert name in skipped['detail'], skipped
   jobs = [preprocess.Job(e.path, e.offset) for e in listing.entries]
-  for job, result in zip(jobs, preprocess.prepare_all(jobs, OPTIONS)):
+  for job, result in zip(jobs, preprocess.prepare_faces(jobs, OPTIONS)):
     if isinstance(result, preprocess.Skip):
       assert result.reason != 'failed', (job, result)
       if result.reason == 'unreadable record':
         assert name in result.detail, result
     else:
-      assert result[:2] == b'\xff\xd8', job
+      assert result.jpeg[:2] == b'\xff\xd8', job
 
 
 def _decode_image(path):
@@ -103,7 +103,7 @@ def _decode_png_crc_fixed(path):
 def _decode_bytes(data, path):
   try:
     image = images.decode(data)
-    jpeg = preprocess.prepare(data, OPTIONS)
+    jpeg = preprocess.prepare_face(data, OPTIONS).jpeg
   except images.BadImage as e:
     raise Refused(f'{path}: {e}') from None
   width, height = image.size
@@ -441,8 +441,8 @@ def test_fuzz_rec_cases_start_from_files_that_read_whole(tmp_path):
     assert listing.layout == layout and listing.skipped == []
     assert [e.key for e in listing.entries] == [str(k) for k in keys]
     jobs = [preprocess.Job(e.path, e.offset) for e in listing.entries]
-    results = list(preprocess.prepare_all(jobs, OPTIONS))
-    assert all(isinstance(r, bytes) for r in results), results
+    results = list(preprocess.prepare_faces(jobs, OPTIONS))
+    assert all(isinstance(r, preprocess.Prepared) for r in results), results
   assert len(case['length_fields']) == 6  # one chunk a record
   insightface = {c['name']: c for c in fuzz_cases()}['rec_insightface']
   assert len(insightface['length_fields']) > 9  # record 7 is in chunks
@@ -759,9 +759,9 @@ def test_run_turns_every_failure_into_a_skip(tmp_path):
                      'unreadable record'),
   }
   with _deadline(20):
-    # prepare_all with one worker: _run over each job, then the .rec closed.
-    results = list(preprocess.prepare_all([j for j, _ in jobs.values()],
-                                          OPTIONS))
+    # prepare_faces with one worker: _run over each job, then the .rec closed.
+    results = list(preprocess.prepare_faces([j for j, _ in jobs.values()],
+                                            OPTIONS))
     # A failure no reader foresaw (here a bad option) is still only a skip.
     result = preprocess._run(  # noqa: SLF001
         preprocess.Job(str(tmp_path / 'ok.png')),

@@ -26,13 +26,13 @@ def _workflow_module():
 
 @pytest.mark.slow(minutes=5)
 def test_photos_to_a_finetuned_model_and_its_answers(tmp_path):
-  if not (SHARED_DATA / 'orl_faces' / 's40' / '10.pgm').is_file():
-    pytest.skip('ORL faces not found under ../shared/data (shared test data '
-                'absent)')
+  orl = SHARED_DATA / 'orl_faces'  # read in place, never copied
+  if not (orl / 's40' / '10.pgm').is_file():
+    pytest.skip(f'ORL faces not found at {orl} (shared test data absent)')
   # One data_prep worker: the other core runs the other pytest worker.
   result = _workflow_module().workflow(tmp_path, freeze=20,
                                        finetune_lr=0.01, scratch=False,
-                                       workers=1)
+                                       workers=1, orl=orl)
   acc = result['accuracy']
   # Detection: a face in each of the 300 training photos, landmarks inside
   # the 92 x 112 photo, eyes above the nose above the mouth, left eye left.
@@ -46,8 +46,12 @@ def test_photos_to_a_finetuned_model_and_its_answers(tmp_path):
   eyes, nose, mouth = p[:, :2, 1].max(1), p[:, 2, 1], p[:, 3:, 1].min(1)
   assert (eyes < nose).all() and (nose < mouth).all()
   assert (p[:, 0, 0] < p[:, 1, 0]).all()
-  # The one ORL photo without a face MTCNN can find is skipped by name.
-  assert [s['name'] for s in result['verified']['skipped']] == ['s37/4.pgm']
+  # A photo without a face MTCNN can find (one of ORL's 400) is skipped,
+  # named, as 'no face'.
+  skipped = result['verified']['skipped']
+  assert len(skipped) <= 1 and all(
+      s['reason'].startswith('no face') and s['name'].endswith('.pgm')
+      for s in skipped), skipped
   # Training learns: the untrained network already scores about 80% on
   # these aligned pairs, the trained one about 91%. Fine-tuning on ten
   # other people keeps the backbone's verification of a third group within
