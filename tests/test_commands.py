@@ -13,6 +13,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -36,9 +37,9 @@ def _orl():
   return ORL
 
 
-def write_run(workdir, **overrides) -> str:
+def write_run(workdir, calibrate=False, **overrides) -> str:
   """A run directory at step 0 (run.json, one checkpoint), as training
-  leaves it."""
+  leaves it; ``calibrate``: with BatchNorm statistics of the data."""
   os.makedirs(workdir, exist_ok=True)
   c = demo.get_config()
   c.synthetic.heldout_identities = 0
@@ -52,10 +53,32 @@ def write_run(workdir, **overrides) -> str:
   checkpoints = checkpoint.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=1, every_steps=1,
       asynchronous=False)
-  checkpoints.save(0, factories.init_state(task), data.open(None).state(),
-                   force=True)
+  state = factories.init_state(task)
+  if calibrate:
+    state = _calibrated(task, state, data)
+  checkpoints.save(0, state, data.open(None).state(), force=True)
   checkpoints.close()
   return str(workdir)
+
+
+def _calibrated(task, state, data):
+  """The state with the BatchNorm statistics of a batch of the data, as
+  training leaves them (BatchNorm's momentum 0.9, 60 updates): at the
+  initial (0, 1) every face embeds to nearly the same direction."""
+  images = data.open(None).next_local()['image']
+  params = state.params['backbone']
+
+  @jax.jit
+  def update(stats):
+    _, new = task.model.apply({'params': params, 'batch_stats': stats},
+                              images, train=True, mutable=['batch_stats'],
+                              rngs={'dropout': jax.random.key(0)})
+    return new['batch_stats']
+
+  stats = state.batch_stats
+  for _ in range(60):
+    stats = update(stats)
+  return state.replace(batch_stats=stats)
 
 
 @pytest.fixture(scope='module')

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from npcface_jax.models.layers import (Conv, EmbeddingHead, batch_norm,
-                                       check_face_size)
+                                       channels, check_face_size)
 
 Dtype = Any
 
@@ -126,25 +126,27 @@ class ResidualAttentionNet(nn.Module):
   stages: Sequence[int] = (1, 1, 1)  # attention modules per stage
   embedding_dim: int = 512
   dropout: float = 0.0
+  width: float = 1.0  # multiplies every channel count (reduced nets)
   impl: str = 'auto'
   dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, images, train: bool):
     check_face_size('ResidualAttentionNet', images)
+    c = functools.partial(channels, width=self.width)
     unit = functools.partial(_Unit, impl=self.impl, dtype=self.dtype)
     x = images.astype(self.dtype or images.dtype)
-    x = Conv(64, 7, 2, impl=self.impl, dtype=self.dtype)(x)       # 56x56
+    x = Conv(c(64), 7, 2, impl=self.impl, dtype=self.dtype)(x)    # 56x56
     x = nn.relu(batch_norm(train, self.dtype, self.impl)(x))
-    x = unit(256)(x, train)
+    x = unit(c(256))(x, train)
     # Stage s runs at 56 / 2**s and its masks pool 3 - s times (to 7x7).
     for stage, count in enumerate(self.stages):
       if stage:
-        x = unit(256 << stage, stride=2)(x, train)               # 28, 14
+        x = unit(c(256 << stage), stride=2)(x, train)            # 28, 14
       for _ in range(count):
         x = _AttentionModule(3 - stage, self.impl, self.dtype)(x, train)
     for stride in (2, 1, 1):
-      x = unit(2048, stride)(x, train)                            # 7x7
+      x = unit(c(2048), stride)(x, train)                         # 7x7
     return EmbeddingHead(self.embedding_dim, self.dropout, self.dtype,
                          self.impl)(x, train)
 

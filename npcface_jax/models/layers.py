@@ -300,6 +300,14 @@ def batch_norm(train: bool, dtype: Dtype | None = None,
   return BatchNorm(train, dtype=dtype, impl=impl)
 
 
+def channels(n: int, width: float) -> int:
+  """n * width to the nearest multiple of 8, at least 8, so that a scaled
+  network keeps vector-friendly channel counts (exact at width 1)."""
+  if not width > 0:
+    raise ValueError(f'width must be positive, got {width}')
+  return max(8, int(n * width / 8 + 0.5) * 8)
+
+
 def check_face_size(model: str, images) -> None:
   if images.shape[1:3] != (112, 112):
     raise ValueError(f'{model} takes 112x112 images, got '

@@ -22,7 +22,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from npcface_jax.models.layers import Conv, DepthwiseConv, PReLU, batch_norm
+from npcface_jax.models.layers import (Conv, DepthwiseConv, PReLU, batch_norm,
+                                       channels)
 
 Dtype = Any
 
@@ -71,12 +72,6 @@ class _Bottleneck(nn.Module):
     return x + y if self.residual else y
 
 
-def _channels(n: int, width: float) -> int:
-  """n * width to the nearest multiple of 8, at least 8, so that a scaled
-  network keeps vector-friendly channel counts (exact at width 1)."""
-  return max(8, int(n * width / 8 + 0.5) * 8)
-
-
 def _gdc_kernel(images) -> int:
   """The final map's side, the GDC's kernel: the input's side / 16, which
   the four stride-2 convolutions reach exactly only for such sides."""
@@ -102,7 +97,7 @@ class MobileFaceNet(nn.Module):
     if not self.width > 0:
       raise ValueError(f'MobileFaceNet width must be positive, got '
                        f'{self.width}')
-    c = functools.partial(_channels, width=self.width)
+    c = functools.partial(channels, width=self.width)
     conv = functools.partial(_ConvBN, impl=self.impl, dtype=self.dtype)
     block = functools.partial(_Bottleneck, impl=self.impl, dtype=self.dtype)
     x = images.astype(self.dtype or images.dtype)

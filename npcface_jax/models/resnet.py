@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from npcface_jax.models.layers import (Conv, EmbeddingHead, PReLU, batch_norm,
-                                       check_face_size)
+                                       channels, check_face_size)
 
 Dtype = Any
 
@@ -69,18 +69,20 @@ class IResNet(nn.Module):
   se: bool = False
   embedding_dim: int = 512
   dropout: float = 0.0
+  width: float = 1.0  # multiplies every channel count (reduced nets)
   impl: str = 'auto'
   dtype: Dtype | None = None
 
   @nn.compact
   def __call__(self, images, train: bool):
     check_face_size('IResNet', images)
+    c = functools.partial(channels, width=self.width)
     x = images.astype(self.dtype or images.dtype)
-    x = Conv(64, 3, impl=self.impl, dtype=self.dtype)(x)
+    x = Conv(c(64), 3, impl=self.impl, dtype=self.dtype)(x)
     x = PReLU()(batch_norm(train, self.dtype, self.impl)(x))
     for features, units in zip((64, 128, 256, 512), self.units):
       for i in range(units):
-        x = _Unit(features, 2 if i == 0 else 1, self.se, self.impl,
+        x = _Unit(c(features), 2 if i == 0 else 1, self.se, self.impl,
                   self.dtype)(x, train)
     return EmbeddingHead(self.embedding_dim, self.dropout, self.dtype,
                          self.impl)(x, train)

@@ -15,7 +15,7 @@ from typing import Any
 import flax.linen as nn
 
 from npcface_jax.models.layers import (Conv, EmbeddingHead, batch_norm,
-                                       check_face_size)
+                                       channels, check_face_size)
 
 Dtype = Any
 
@@ -27,6 +27,7 @@ class VGG19(nn.Module):
 
   embedding_dim: int = 512
   dropout: float = 0.0
+  width: float = 1.0  # multiplies every channel count (reduced nets)
   impl: str = 'auto'
   dtype: Dtype | None = None
 
@@ -35,6 +36,7 @@ class VGG19(nn.Module):
     check_face_size('VGG19', images)
     x = images.astype(self.dtype or images.dtype)
     for stage, (features, layers) in enumerate(_STAGES):
+      features = channels(features, self.width)
       for _ in range(layers):
         x = Conv(features, 3, impl=self.impl, dtype=self.dtype)(x)
         x = nn.relu(batch_norm(train, self.dtype, self.impl)(x))
