@@ -13,7 +13,7 @@ import pytest
 from npcface_jax import models
 from npcface_jax.models.attention import upsample_bilinear
 from npcface_jax.models.layers import BatchNorm, Conv, DepthwiseConv
-from tests.helpers import fresh_rng
+from tests.helpers import fresh_rng, random_variables
 
 
 def _count(params, skip=None):
@@ -26,13 +26,13 @@ _VARIABLES = {}
 
 
 def _init(name, batch=4):
-  """The model, its variables (jitted init, cached per module) and images."""
+  """The model, its variables (drawn in NumPy at flax's initial
+  distributions, cached per module) and images."""
   model = models.create(name)
   images = jnp.asarray(fresh_rng()[0].normal(size=(batch, 112, 112, 3)),
                        jnp.float32)
   if name not in _VARIABLES:
-    _VARIABLES[name] = jax.jit(
-        lambda x: model.init(jax.random.key(0), x, train=False))(images)
+    _VARIABLES[name] = random_variables(model, images.shape)
   return model, _VARIABLES[name], images
 
 
