@@ -167,10 +167,10 @@ def test_unknown_model_is_named():
 # finiteness only. Train mode normalises by the statistics of a batch of 4,
 # through which the 100+-unit Attention networks amplify rounding from unit
 # to unit (cosine 0.78-0.92 at float32 vs bf16, 0.90 at width 0.25;
-# calibrated eval mode does the same); in eval mode with initial running statistics nothing is
-# normalised, and SE-ResNet's squeeze-excitation gates saturate on the
-# resulting activations of 1e4, flipping with rounding (cosine 0.5-0.8;
-# 0.64 at width 0.25).
+# calibrated eval mode does the same); in eval mode with initial running
+# statistics nothing is normalised, and SE-ResNet's squeeze-excitation
+# gates saturate on the resulting activations of 1e4, flipping with
+# rounding (cosine 0.5-0.8; 0.64 at width 0.25).
 _BF16_UNCHECKED_MODE = {'attention56': True, 'attention92': True,
                         'se_resnet50': False}
 
