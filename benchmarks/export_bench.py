@@ -24,7 +24,6 @@ import argparse
 import os
 import pathlib
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -35,40 +34,9 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.inference_bench import timed  # noqa: E402
 from npcface_jax import embedding, factories, models, serving  # noqa: E402
-
-
-def timed(fn, reps: int) -> float:
-  """The median wall time of fn() over reps calls, after one warm-up."""
-  fn()
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def random_variables(model, size: int, seed: int = 0):
-  """Variables at flax's initial distributions, drawn in NumPy."""
-  rng = np.random.default_rng(seed)
-  shapes = jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False),
-      jax.ShapeDtypeStruct((1, size, size, 3), np.float32))
-
-  def draw(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if "'var'" in name or "'scale'" in name:
-      return np.ones(leaf.shape, np.float32)
-    if "'alpha'" in name:
-      return np.full(leaf.shape, 0.25, np.float32)
-    if "'kernel'" in name:
-      std = np.sqrt((2.0 if leaf.ndim == 4 else 1.0)
-                    / np.prod(leaf.shape[:-1]))
-      return (rng.standard_normal(leaf.shape) * std).astype(np.float32)
-    return np.zeros(leaf.shape, np.float32)
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
+from tests.helpers import random_variables  # noqa: E402
 
 
 def main() -> None:
@@ -81,7 +49,7 @@ def main() -> None:
   args = parser.parse_args()
   size, batches = 112, (1, 64)
   model = models.create(args.model, embedding_dim=512, width=args.width)
-  variables = random_variables(model, size)
+  variables = random_variables(model, (1, size, size, 3))
   rng = np.random.default_rng(0)
   faces = rng.integers(0, 256, (max(batches), size, size, 3), np.uint8)
   devices = len(jax.devices())

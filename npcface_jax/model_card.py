@@ -51,11 +51,11 @@ def file_records(root: str) -> dict[str, dict]:
 def _training(config, num_classes: int, step: int) -> dict:
   """Data, head and schedule as trained; the image count from data_prep's
   metadata when the data is still where training read it."""
-  source = config.dataset
+  source, note = config.dataset, ''
   count, steps_per_epoch = None, None
   if source == 'synthetic':
     count = int(config.synthetic.epoch_examples)
-    source = 'synthetic identities (configs: synthetic.*), per epoch'
+    source, note = 'synthetic identities (config.synthetic)', 'an epoch'
   else:
     try:
       count = input_pipeline.dataset_info(source).num_examples
@@ -64,6 +64,7 @@ def _training(config, num_classes: int, step: int) -> dict:
   if count:
     steps_per_epoch = max(count // config.batch_size, 1)
   return {'dataset': source, 'classes': num_classes, 'images': count,
+          'images_note': note,
           'batch_size': config.batch_size, 'head': config.head,
           'steps': step,
           'epochs': round(step / steps_per_epoch, 2) if steps_per_epoch
@@ -111,9 +112,9 @@ def describe(model, flip: bool) -> dict:
                 'embedding_size': dim},
       'input': {'name': 'images', 'dtype': 'uint8', 'channels': 'RGB',
                 'shape': ['batch', size, size, 3],
-                'alignment': 'faces aligned by a similarity transform of '
-                             'their 5 landmarks (eyes, nose tip, mouth '
-                             'corners) onto the template, in pixels',
+                'alignment': 'each face aligned by a similarity transform '
+                             'of its 5 landmarks (eyes, nose tip, mouth '
+                             'corners) onto the template',
                 'template': np.round(alignment.template(size), 4).tolist(),
                 'normalisation': f'inside the graph: (x - '
                                  f'{images.PIXEL_CENTER}) / '
@@ -164,7 +165,8 @@ def _parity_lines(parity: dict) -> list[str]:
            f'cosine {parity["min_cosine_required"]}, accuracy within '
            f'{parity["accuracy_points"]} point.', '',
            '| format | min cosine | mean cosine | verification accuracy, '
-           'export vs JAX | images/s |', '|---|---|---|---|---|']
+           'export vs JAX | images/s (this check, compile included) |',
+           '|---|---|---|---|---|']
   for fmt, r in parity['formats'].items():
     if 'error' in r:
       lines.append(f'| {fmt} | failed: {r["error"]} | | | |')
@@ -172,8 +174,8 @@ def _parity_lines(parity: dict) -> list[str]:
     acc = '; '.join(f'{name} {100 * a["export"]:.2f}% vs '
                     f'{100 * a["jax"]:.2f}%'
                     for name, a in r['accuracy'].items()) or '-'
-    lines.append(f'| {fmt} | {r["min_cosine"]:.6f} | '
-                 f'{r["mean_cosine"]:.6f} | {acc} | '
+    lines.append(f'| {fmt} | {r["min_cosine"]:.7f} | '
+                 f'{r["mean_cosine"]:.7f} | {acc} | '
                  f'{r["images_per_second"]:.1f} |')
   return lines
 
@@ -189,8 +191,8 @@ def markdown(card: dict) -> str:
       f'{m["parameters"]:,} parameters, embedding size '
       f'{m["embedding_size"]}.',
       f'- Input `{i["name"]}`: {i["dtype"]} {i["channels"]}, shape '
-      f'{i["shape"]}, any batch. {i["alignment"]}: {template} '
-      f'(x, y) in a {i["shape"][1]}x{i["shape"][2]} crop. Normalisation '
+      f'{i["shape"]}, any batch; {i["alignment"]}, (x, y) in a '
+      f'{i["shape"][1]}x{i["shape"][2]} crop: {template}. Normalisation '
       f'is {i["normalisation"]}: feed raw pixels.',
       f'- Output `{card["output"]["name"]}`: float32 {card["output"]["shape"]}'
       f', {card["output"]["normalised"]}.'
@@ -198,7 +200,8 @@ def markdown(card: dict) -> str:
          'augmentation).' if i['flip'] else ''), '',
       '## Training', '',
       f'- Data: {t["dataset"]}; {t["classes"]} classes, '
-      f'{t["images"] if t["images"] else "unknown number of"} images.',
+      f'{t["images"] or "an unknown number of"} images '
+      f'{t.get("images_note", "")}'.rstrip() + '.',
       f'- Head: {t["head"]} {card["head_options"] or ""}.',
       f'- {t["steps"]} steps of batch {t["batch_size"]}'
       + (f' ({t["epochs"]} epochs).' if t['epochs'] else '.'), '',
