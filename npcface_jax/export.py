@@ -221,7 +221,10 @@ def check_export(root: str, log=print) -> list[str]:
   if not os.path.isfile(path):
     return [f'{path} not found: --check takes a folder that python -m '
             'npcface_jax.export wrote']
-  card = jsonfile.read_object(path)
+  try:
+    card = jsonfile.read_object(path)
+  except ValueError as e:
+    return [f'{e} (the card is damaged)']
   recorded, problems = card.get('files') or {}, []
   present = set(model_card.export_files(root))
   for name in sorted(set(recorded) - present):

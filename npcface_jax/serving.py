@@ -18,8 +18,8 @@ Formats, each written by ``write`` and run back in its own runtime by
               onnxruntime.
   tflite      jax2tf's graph serialisation (plain TensorFlow ops) through
               the TFLite converter, float32. JAX deprecates that
-              serialisation; where a JAX no longer has it, this format is an
-              error that says so, and the others still export.
+              serialisation; where a JAX no longer has it, this format fails
+              saying so (export --formats=savedmodel,onnx leaves it out).
 """
 
 from __future__ import annotations

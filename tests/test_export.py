@@ -16,8 +16,8 @@ import pytest
 from jax import lax
 from PIL import Image
 
-from npcface_jax import (embedding, export, factories, inference, images,
-                         model_card, models, onnx_graph, serving)
+from npcface_jax import (embedding, export, factories, images, inference,
+                         jsonfile, model_card, models, onnx_graph, serving)
 from tests import tiny_backbone
 from tests.helpers import SHARED_DATA, fresh_rng, random_variables
 from tests.test_commands import _results, write_run
@@ -238,9 +238,9 @@ def test_check_catches_every_kind_of_damage(exported, tmp_path):
       'damaged)']
   shutil.copy(os.path.join(out, 'model.onnx'), onnx_path)
   card_path = os.path.join(damaged, model_card.CARD_JSON)
-  card = model_card.jsonfile.read_object(card_path)
+  card = jsonfile.read_object(card_path)
   card['files']['model.tflite']['sha256'] = '0' * 64
-  model_card.jsonfile.write_object(card_path, card)
+  jsonfile.write_object(card_path, card)
   problems = export.check_export(damaged)
   assert problems == ['model.tflite: sha256 differs from the card (the file '
                       'was changed or damaged)']
@@ -250,6 +250,9 @@ def test_check_catches_every_kind_of_damage(exported, tmp_path):
   assert export.check_export(damaged) == [
       'saved_model/saved_model.pb: missing',
       'extra.bin: not in the card (added after the export)']
+  pathlib.Path(card_path).write_text('{"files": ')
+  problem, = export.check_export(damaged)
+  assert 'model_card.json' in problem and 'the card is damaged' in problem
 
 
 def test_check_runs_every_format_on_the_sample(exported, tmp_path):
@@ -264,7 +267,7 @@ def test_check_runs_every_format_on_the_sample(exported, tmp_path):
   sample['embeddings'] = np.roll(sample['embeddings'], 1, axis=0)
   np.savez(os.path.join(copy, export.SAMPLE), **sample)
   assert (sample['embeddings'] @ sample['embeddings'].T).min() < 0.99
-  card = model_card.jsonfile.read_object(os.path.join(copy,
+  card = jsonfile.read_object(os.path.join(copy,
                                                       model_card.CARD_JSON))
   card['files'] = model_card.file_records(copy)
   model_card.write(copy, card)
