@@ -276,6 +276,7 @@ def test_check_runs_every_format_on_the_sample(exported, tmp_path):
   assert all('below 0.9999' in p for p in problems)
 
 
+@pytest.mark.slow
 def test_check_command_line_exit_status(exported, tmp_path):
   out, _ = exported
   command = [sys.executable, '-m', 'npcface_jax.export', f'--check={out}']
