@@ -183,6 +183,8 @@ def export_run(workdir: str, *, step: int | None = None,
   if unknown or not formats:
     raise ValueError(f'--formats: {", ".join(unknown) or "none given"}; '
                      f'choose from {", ".join(serving.FORMATS)}')
+  if 'onnx' in formats:
+    serving.require_onnx()  # before any work, not after the other formats
   model = inference.open_model(workdir, step, flip, batch_size)
   out = out or os.path.join(workdir, 'export')
   faces = parity_faces(model, list(image_paths), max_pairs)
@@ -192,11 +194,15 @@ def export_run(workdir: str, *, step: int | None = None,
   folder = out.rstrip(os.sep) + f'.partial-{os.getpid()}'
   shutil.rmtree(folder, ignore_errors=True)
   os.makedirs(folder)
-  results = {fmt: _export_format(fmt, fn, model, folder, faces, reference,
-                                 log) for fmt in formats}
-  np.savez(os.path.join(folder, SAMPLE),
-           images=faces.images[:SAMPLE_SIZE],
-           embeddings=reference[:SAMPLE_SIZE])
+  try:
+    results = {fmt: _export_format(fmt, fn, model, folder, faces, reference,
+                                   log) for fmt in formats}
+    np.savez(os.path.join(folder, SAMPLE),
+             images=faces.images[:SAMPLE_SIZE],
+             embeddings=reference[:SAMPLE_SIZE])
+  except BaseException:  # interrupted: no half-written folder left behind
+    shutil.rmtree(folder, ignore_errors=True)
+    raise
   card = model_card.describe(model, flip)
   card['parity'] = {
       'passed': all(r['passed'] for r in results.values()),

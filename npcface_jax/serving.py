@@ -48,7 +48,8 @@ class MissingExtra(ImportError):
   """An optional package an export format needs is not installed."""
 
 
-def _require_onnx():
+def require_onnx():
+  """onnxruntime, or MissingExtra naming the install line."""
   try:
     import onnx  # noqa: PLC0415, F401 (an optional extra)
     import onnxruntime  # noqa: PLC0415 (an optional extra)
@@ -94,7 +95,7 @@ def write(fmt: str, fn: Callable, image_size: int, path: str,
           doc: str = '') -> None:
   """The serving function ``fn`` as ``fmt`` at ``path``."""
   if fmt == 'onnx':
-    _require_onnx()
+    require_onnx()
     from npcface_jax import onnx_graph  # noqa: PLC0415 (needs the extra)
     model = onnx_graph.to_onnx(fn, (image_size, image_size, 3), jnp.uint8,
                                input_name=INPUT, output_name=OUTPUT, doc=doc)
@@ -126,7 +127,7 @@ def load(fmt: str, path: str) -> Callable[[np.ndarray], np.ndarray]:
   """A function running the exported model at ``path`` in its own runtime:
   uint8 faces (B, S, S, 3) -> float32 embeddings (B, D), any B >= 1."""
   if fmt == 'onnx':
-    ort = _require_onnx()
+    ort = require_onnx()
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(path, options,

@@ -320,4 +320,7 @@ def test_missing_extra_and_bad_requests_are_named(run, tiny, monkeypatch):
   monkeypatch.setitem(sys.modules, 'onnxruntime', None)
   with pytest.raises(serving.MissingExtra,
                      match=r'pip install "npcface_jax\[export\]"'):
+    export.export_run(workdir, formats=['savedmodel', 'onnx'])
+  with pytest.raises(serving.MissingExtra):
     serving.load('onnx', 'model.onnx')
+  assert not list(pathlib.Path(workdir).glob('export*'))
