@@ -17,7 +17,8 @@ from jax import lax
 from PIL import Image
 
 from npcface_jax import (embedding, export, factories, images, inference,
-                         jsonfile, model_card, models, onnx_graph, serving)
+                         jsonfile, model_card, models, onnx_graph, serving,
+                         verification)
 from tests import tiny_backbone
 from tests.helpers import SHARED_DATA, fresh_rng, random_variables
 from tests.test_commands import _results, write_run
@@ -124,7 +125,7 @@ def test_every_backbone_exports_to_every_format(name, faces, tmp_path,
   is lowered for CPU only here (two thirds of its export time); the
   command's test lowers for all three platforms."""
   monkeypatch.setattr(serving, 'SAVEDMODEL_PLATFORMS', ('cpu',))
-  rng, seed = fresh_rng()
+  _, seed = fresh_rng()
   model = models.create(name, width=0.25, embedding_dim=64)
   variables = random_variables(model, (1, 112, 112, 3), seed)
   pixels = faces if name == 'mobilefacenet' else faces[:8]
@@ -165,9 +166,8 @@ def tiny(monkeypatch):
   monkeypatch.setattr(factories, 'create_model', tiny_backbone.create_model)
 
 
-def _held_out(run, monkeypatch):
+def _held_out(monkeypatch):
   """The run's config with held-out synthetic pairs to check parity on."""
-  from npcface_jax import verification  # noqa: PLC0415 (patched here)
   original = verification.verification_sets
 
   def with_pairs(config, image_size):
@@ -184,7 +184,7 @@ def exported(run, tmp_path_factory):
   workdir, _ = run
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(factories, 'create_model', tiny_backbone.create_model)
-    _held_out(run, patch)
+    _held_out(patch)
     out = str(tmp_path_factory.mktemp('export') / 'model')
     card = export.export_run(workdir, out=out, log=lambda *_: None)
   return out, card
