@@ -61,11 +61,9 @@ _BINARY = {
     'lt': ('Less', np.less), 'eq': ('Equal', np.equal),
     'and': ('And', np.logical_and), 'or': ('Or', np.logical_or),
 }
-_FOLD_ONLY = {  # folded when constant, else translated below
+_FOLD_UNARY = {  # their NumPy forms for folding; translated below
     'rsqrt': lambda x: 1 / np.sqrt(x), 'square': np.square,
     'logistic': lambda x: 1 / (1 + np.exp(-x)),
-    'integer_pow': None, 'select_n': None, 'convert_element_type': None,
-    'broadcast_in_dim': None,
 }
 _CALLS = ('jaxpr', 'call_jaxpr', 'fun_jaxpr')  # params holding a sub-jaxpr
 
@@ -355,8 +353,8 @@ def _fold(eqn, args: list) -> Any:
   if name in _UNARY or name in _BINARY:
     out = (_UNARY.get(name) or _BINARY[name])[1](*args)
     return np.asarray(out, eqn.outvars[0].aval.dtype)
-  if name in ('rsqrt', 'square', 'logistic'):
-    return np.asarray(_FOLD_ONLY[name](args[0]), avals[0].dtype)
+  if name in _FOLD_UNARY:
+    return np.asarray(_FOLD_UNARY[name](args[0]), avals[0].dtype)
   if name == 'broadcast_in_dim':  # keep size-1 dimensions: broadcast later
     shape, dims = eqn.params['shape'], eqn.params['broadcast_dimensions']
     lazy = [1] * len(shape)

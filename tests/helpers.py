@@ -69,13 +69,20 @@ def _assert_close(a, b, msg):
     np.testing.assert_array_equal(a, b, err_msg=msg)
 
 
-def orl_people(tmp_path, people):
-  """A folder of ORL identities s<p> (symlinks into the shared data), for
-  data_prep; skips the test, saying why, where the data is absent."""
+def orl_faces():
+  """The shared ORL photos' folder, read in place (never copied into the
+  repository); skips the test, saying why, where it is absent."""
   import pytest  # noqa: PLC0415
   faces = SHARED_DATA / 'orl_faces'
   if not faces.is_dir():
     pytest.skip(f'ORL faces not found at {faces} (shared test data absent)')
+  return faces
+
+
+def orl_people(tmp_path, people):
+  """A folder of ORL identities s<p> (symlinks into the shared data), for
+  data_prep; skips the test, saying why, where the data is absent."""
+  faces = orl_faces()
   src = tmp_path / 'orl_src'
   src.mkdir()
   for p in people:

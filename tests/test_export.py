@@ -20,19 +20,18 @@ from npcface_jax import (embedding, export, factories, images, inference,
                          jsonfile, model_card, models, onnx_graph, serving,
                          verification)
 from tests import tiny_backbone
-from tests.helpers import SHARED_DATA, fresh_rng, random_variables
+from tests.helpers import fresh_rng, orl_faces, random_variables
 from tests.test_commands import _results, write_run
 
-ORL = SHARED_DATA / 'orl_faces'
 ort = pytest.importorskip('onnxruntime', reason='the [export] extra')
 
 
 @pytest.fixture(scope='module')
 def faces():
-  """72 ORL faces at 112x112 (s1-s8, nine photos each)."""
-  if not (ORL / 's1' / '1.pgm').is_file():
-    pytest.skip(f'ORL faces not found at {ORL} (shared test data absent)')
-  return np.stack([images.read_image(ORL / f's{p}' / f'{i}.pgm', 112)
+  """72 ORL faces at 112x112 (s1-s8, nine photos each), read from the
+  shared data in place."""
+  orl = orl_faces()
+  return np.stack([images.read_image(orl / f's{p}' / f'{i}.pgm', 112)
                    for p in range(1, 9) for i in range(1, 10)])
 
 

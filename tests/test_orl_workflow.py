@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from npcface_jax import alignment, jsonfile
-from tests.helpers import SHARED_DATA
+from tests.helpers import orl_faces
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -26,9 +26,7 @@ def _workflow_module():
 
 @pytest.mark.slow(minutes=5)
 def test_photos_to_a_finetuned_model_and_its_answers(tmp_path):
-  orl = SHARED_DATA / 'orl_faces'  # read in place, never copied
-  if not (orl / 's40' / '10.pgm').is_file():
-    pytest.skip(f'ORL faces not found at {orl} (shared test data absent)')
+  orl = orl_faces()  # ../shared/data, read in place, never copied
   # One data_prep worker: the other core runs the other pytest worker.
   result = _workflow_module().workflow(tmp_path, freeze=20,
                                        finetune_lr=0.01, scratch=False,
