@@ -110,4 +110,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.verification_targets = ''  # comma-separated insightface .bin files
   c.eval_batch_size = 256
   c.eval_flip = True
+
+  # Hard-sample statistics of the training batches (analysis.py, the
+  # paper's Figs. 3, 5-7), written to workdir/analysis/stats.jsonl and
+  # TensorBoard: every N steps, -1 once an epoch, 0 off. A sample is
+  # mis-classified when a negative's cosine is above cos(theta_y + margin)
+  # (NPCFace's hard mask at the paper's m_h = 0.4, whatever the head, so
+  # that runs compare).
+  c.analysis_every_steps = -1
+  c.analysis_margin = 0.4
   return c

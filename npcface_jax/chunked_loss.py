@@ -27,6 +27,7 @@ padding rows.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,17 @@ from npcface_jax.heads import MarginParts
 Array = jax.Array
 
 _FAR_BELOW = -1e30  # the running max before any block: finite, so no inf-inf
+
+
+class Chunked(NamedTuple):
+  """What the chunked loss returns; only ``ce`` has a gradient."""
+
+  ce: Array  # (B,) per-sample cross-entropy
+  row: object  # the head's row constants (parts.row)
+  sums: tuple  # the head's per-sample sums over the negatives, all shards
+  top1: Array  # (B,) bool, the target logit beats every negative logit
+  cos_target: Array  # (B,) cosine to the target's row
+  cos_nearest: Array  # (B,) largest cosine to a negative row (-inf: none)
 
 
 def _normalize_rows(w):
@@ -119,7 +131,7 @@ def _forward(xn, w, labels, state, parts, chunk_size, axis_name,
   row = parts.row(c_y, state)
 
   def block(w_block, start, carry):
-    run_max, run_sum, sums = carry
+    run_max, run_sum, sums, nearest = carry
     cos = xn @ _normalize_rows(w_block)[0].T
     is_negative = shard.is_negative(start, cos.shape[1])
     logits, block_sums = parts.negative(cos, row, is_negative)
@@ -128,14 +140,17 @@ def _forward(xn, w, labels, state, parts, chunk_size, axis_name,
     run_sum = (run_sum * jnp.exp(run_max - new_max)
                + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=-1))
     sums = jax.tree.map(jnp.add, sums, block_sums)
-    return cos, (new_max, run_sum, sums)
+    nearest = jnp.maximum(nearest, jnp.max(
+        jnp.where(is_negative, cos, -jnp.inf), axis=-1))
+    return cos, (new_max, run_sum, sums, nearest)
 
   # The per-sample sums' structure comes from the head: trace one tiny block.
   sums0 = jax.tree.map(
       jnp.zeros_like,
       jax.eval_shape(lambda: parts.negative(
           jnp.zeros((batch, 1)), row, jnp.ones((batch, 1), bool))[1]))
-  carry = (jnp.full((batch,), _FAR_BELOW), jnp.zeros((batch,)), sums0)
+  carry = (jnp.full((batch,), _FAR_BELOW), jnp.zeros((batch,)), sums0,
+           jnp.full((batch,), -jnp.inf))
   full, rest = _blocks(w.shape[0], chunk_size)
 
   def body(k, loop):
@@ -151,25 +166,26 @@ def _forward(xn, w, labels, state, parts, chunk_size, axis_name,
   cos_rest = None
   if rest:
     cos_rest, carry = block(w[full * chunk_size:], full * chunk_size, carry)
-  run_max, run_sum, sums = carry
+  run_max, run_sum, sums, nearest = carry
   sums = shard.psum(sums)
   if axis_name is not None:  # merge the shards' running log-sum-exps
     top = lax.pmax(run_max, axis_name)
     run_sum, run_max = shard.psum(run_sum * jnp.exp(run_max - top)), top
+    nearest = lax.pmax(nearest, axis_name)
   z_y = parts.positive(c_y, row, sums)
   lse = jnp.logaddexp(run_max + jnp.log(run_sum), z_y)
   ce = lse - z_y
   top1 = z_y >= run_max  # the target beats every negative logit
   residuals = (xn, w, labels, state, wy, inv_y, c_y, row, sums, lse, z_y,
                cos_store, cos_rest)
-  return (ce, row, sums, top1), residuals
+  return Chunked(ce, row, sums, top1, c_y, nearest), residuals
 
 
 def _backward(parts, chunk_size, axis_name, num_classes, residuals,
               cotangents):
   (xn, w, labels, state, wy, inv_y, c_y, row, sums, lse, z_y, cos_store,
    cos_rest) = residuals
-  g = cotangents[0]  # row, sums and top1 are for logging, not for grads
+  g = cotangents[0]  # the rest is for logging and analysis, not for grads
   shard = _Shard(w, labels, axis_name, num_classes)
   full, rest = _blocks(w.shape[0], chunk_size)
 
@@ -218,10 +234,12 @@ def chunked_cross_entropy(embeddings: Array, weights: Array, labels: Array,
                           parts: MarginParts, state=None, *,
                           chunk_size: int = 4096, axis_name=None,
                           num_classes: int | None = None):
-  """Per-sample cross-entropy (B,) over the head's logits of
+  """``Chunked``: per-sample cross-entropy (B,) over the head's logits of
   cosine(embeddings, weights), with the head's row constants and sums
-  (for its state and diagnostics) and whether each target logit is the
-  largest (top-1, bool), ``chunk_size`` classes at a time.
+  (for its state and diagnostics), whether each target logit is the
+  largest (top-1, bool), and each sample's cosine to its target and to its
+  nearest negative (hard-sample analysis), ``chunk_size`` classes at a
+  time.
   ``state`` is the head's state (SphereFace, CurricularFace), passed to the
   parts' ``row``.
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from npcface_jax import class_shards, chunked_loss, losses
+from npcface_jax import class_shards, chunked_loss, heads, losses
 from npcface_jax.registry import Head, HeadOutput
 
 Array = jax.Array
@@ -113,8 +113,10 @@ def classifier_loss(embeddings: Array, weights: Array, labels: Array,
                     key: Array | None = None) -> tuple[Array, HeadOutput]:
   """Per-sample cross-entropy (B,) and the head's output for one shard
   (or the whole classifier when ``axis_name`` is None); the output's
-  metrics hold the head's diagnostics and ``top1`` (B,) bool, whether the
-  target logit is the largest.
+  metrics hold the head's diagnostics, ``top1`` (B,) bool, whether the
+  target logit is the largest, and each sample's ``cos_target`` and
+  ``cos_nearest`` (target_and_nearest; over the sampled classes with
+  Partial FC).
 
   With ``chunk_size`` the loss runs chunked and fused (chunked_loss.py):
   same values and gradients, far less memory, and the returned HeadOutput
@@ -133,17 +135,44 @@ def classifier_loss(embeddings: Array, weights: Array, labels: Array,
                                        num_sample, axis_name, num_classes)
     num_classes = None
   if chunk_size is not None:
-    ce, row, sums, top1 = chunked_loss.chunked_cross_entropy(
+    out = chunked_loss.chunked_cross_entropy(
         embeddings, weights, labels, head.parts(), state, chunk_size=chunk_size,
         axis_name=axis_name, num_classes=num_classes)
-    new_state, metrics = head.after_parts(state, row, sums)
-    return ce, HeadOutput(None, new_state, jnp.zeros((), jnp.float32),
-                          {**metrics, 'top1': top1})
-  out = head(cosine(embeddings, weights), labels, state, params,
-             axis_name=axis_name, num_classes=num_classes)
+    new_state, metrics = head.after_parts(state, out.row, out.sums)
+    return out.ce, HeadOutput(None, new_state, jnp.zeros((), jnp.float32), {
+        **metrics, 'top1': out.top1, 'cos_target': out.cos_target,
+        'cos_nearest': out.cos_nearest})
+  cos = cosine(embeddings, weights)
+  out = head(cos, labels, state, params, axis_name=axis_name,
+             num_classes=num_classes)
   ce, top1 = losses.cross_entropy_and_top1(out.logits, labels,
                                            axis_name=axis_name)
-  return ce, out._replace(metrics={**out.metrics, 'top1': top1})
+  return ce, out._replace(metrics={
+      **out.metrics, 'top1': top1,
+      **target_and_nearest(cos, labels, axis_name, num_classes)})
+
+
+def target_and_nearest(cos: Array, labels: Array, axis_name=None,
+                       num_classes: int | None = None) -> dict[str, Array]:
+  """Each sample's cosine to its target ('cos_target') and its largest
+  cosine to any negative class ('cos_nearest', -inf when there is none),
+  (B,) float32 without gradient, through the loss's collectives (a psum
+  for the target, a pmax for the maximum) when class-sharded."""
+  c = lax.stop_gradient(cos).astype(jnp.float32)
+  cols = class_shards.columns(labels, c.shape[-1], axis_name, num_classes)
+  nearest = jnp.max(jnp.where(class_shards.negatives(cols.is_target,
+                                                     cols.valid), c, -jnp.inf),
+                    axis=-1)
+  return {'cos_target': class_shards.take_target(c, cols, axis_name),
+          'cos_nearest': (nearest if axis_name is None
+                          else lax.pmax(nearest, axis_name))}
+
+
+def misclassified(cos_target: Array, cos_nearest: Array, margin) -> Array:
+  """(B,) bool: some negative's cosine is above cos(theta_y + margin), the
+  hard-sample test of MV-softmax and of NPCFace's mask (heads.npcface_parts,
+  with margin = its hard_margin); margin 0 is a plain top-1 error."""
+  return cos_nearest > heads.cos_add(cos_target, margin)
 
 
 def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,

@@ -7,6 +7,7 @@ first step on a cluster.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -151,6 +152,11 @@ def _check_logging(config, problems: _Problems) -> None:
   need(config.keep_checkpoints >= 1, 'keep_checkpoints', 'must be >= 1')
   need(config.eval_every_steps >= 0, 'eval_every_steps',
        'use 0 (only at the end) or a positive interval')
+  need(config.analysis_every_steps >= -1, 'analysis_every_steps',
+       'use -1 (once an epoch), 0 (off) or a positive interval')
+  need(0.0 <= config.analysis_margin < math.pi, 'analysis_margin',
+       'an angle in radians in [0, pi): 0 counts top-1 errors, the '
+       "paper's 0.4 its hard samples")
   for path in verification_targets(config):
     need(os.path.isfile(path), 'verification_targets',
          f'{path!r} is not a file (insightface .bin verification sets)')

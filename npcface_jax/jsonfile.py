@@ -10,6 +10,8 @@ import json
 import math
 import os
 
+from npcface_jax import textfile
+
 
 # JSON files of ours are kilobytes, a few levels deep; anything beyond these
 # is not one (and deeper values would overflow the stack of the recursive
@@ -82,3 +84,33 @@ def write_object(path: str | os.PathLike, value: dict) -> None:
   become null."""
   text = json.dumps(_finite(value), indent=1, allow_nan=False)
   atomic_write(path, text.encode('utf-8'))
+
+
+def append_line(path: str | os.PathLike, value: dict) -> None:
+  """``value`` as one compact JSON line appended to ``path`` (JSON Lines),
+  non-finite floats as null; the file and its folder are made if needed."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  text = json.dumps(_finite(value), allow_nan=False, separators=(',', ':'))
+  with open(path, 'a', encoding='utf-8') as f:
+    f.write(text + '\n')
+
+
+def read_lines(path: str | os.PathLike) -> tuple[list[dict], list[str]]:
+  """(the JSON objects of a JSON Lines file, what was left out and why).
+  A line that is not an object (one cut short by a crash while it was
+  written, a damaged one) is left out and named, never fatal: the records
+  around it are kept."""
+  records, left_out = [], []
+  for n, line in textfile.text_lines(path):
+    if not line.strip():
+      continue
+    try:
+      value = json.loads(line)
+    except (ValueError, RecursionError) as e:
+      value = e
+    if isinstance(value, dict) and _json_depth(value) <= _MAX_JSON_DEPTH:
+      records.append(value)
+    else:
+      left_out.append(f'{path}, line {n}: not a JSON object '
+                      f'({textfile.shown(line.strip())})')
+  return records, left_out

@@ -18,9 +18,9 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from npcface_jax import (checkpoint, config_checks, factories, finetune,
-                         run_dir, run_log, train_step, training_data,
-                         verification)
+from npcface_jax import (analysis, checkpoint, config_checks, factories,
+                         finetune, jsonfile, run_dir, run_log, train_step,
+                         training_data, verification)
 
 Array = jax.Array
 
@@ -88,6 +88,53 @@ def _log_line(step: int, num_steps: int, summary: dict) -> str:
           f'{extra}')
 
 
+class _Analysis:
+  """Hard-sample statistics (analysis.py): the steps' per-sample values
+  gathered into a window, written as a record every ``every`` steps and at
+  the last step. The values stay on the device until a record or a long
+  queue needs them, so that steps are never waited for."""
+
+  def __init__(self, config, workdir: str, writer, steps_per_epoch: int,
+               step: int):
+    every = config.analysis_every_steps
+    self.every = steps_per_epoch if every == -1 else every
+    self.margin, self.writer = config.analysis_margin, writer
+    self.file = analysis.path(workdir) if jax.process_index() == 0 else None
+    self.window, self.pending = analysis.Window(step + 1), []
+
+  def add(self, hard_samples) -> None:
+    self.pending.append(hard_samples)
+    if len(self.pending) > 32:  # all but the newest two steps are done
+      self._fold(len(self.pending) - 2)
+
+  def _fold(self, count: int) -> None:
+    ready, self.pending = self.pending[:count], self.pending[count:]
+    for values in jax.device_get(ready):
+      self.window.add(**values)
+
+  def __call__(self, step: int, epoch: float, last: bool) -> None:
+    if step % self.every and not last:
+      return
+    self._fold(len(self.pending))
+    record = self.window.record(step, epoch, self.margin)
+    self.window = analysis.Window(step + 1)
+    if self.file is None:
+      return
+    jsonfile.append_line(self.file, record)
+    scalars, values = analysis.tensorboard(record)
+    self.writer.write_scalars(step, scalars)
+    self.writer.write_histograms(step, values, num_buckets={
+        k: analysis.NUM_BINS for k in values})
+    logging.info('step %d hard samples: %d of %d mis-classified, r %s, '
+                 'overlap %s', step, record['misclassified'],
+                 record['samples'], _maybe(record['pearson']),
+                 _maybe(record['overlap']))
+
+
+def _maybe(x) -> str:
+  return '-' if x is None else f'{x:.3f}'
+
+
 class _Run:
   """One training run's parts, built and restored (or started) at once."""
 
@@ -114,9 +161,16 @@ class _Run:
         every_steps=config.checkpoint_every_steps)
     target = factories.abstract_state(self.task)
     self._start(target, defaults)
+    self.analysis = None
+    if config.analysis_every_steps:
+      self.analysis = _Analysis(config, workdir, self.writer,
+                                self.data.steps_per_epoch, self.step)
     self.step_fn = train_step.make_train_step(
         self.task, jax.tree.map(lambda s: s.sharding, target),
-        config.freeze_backbone_steps)
+        config.freeze_backbone_steps,
+        config.analysis_margin if self.analysis else None)
+    self.metrics_file = (analysis.path(workdir, analysis.METRICS)
+                         if lead else None)
     self.verifier = verification.Verifier(config, workdir, self.mesh,
                                           self.data.image_size, self.writer)
 
@@ -155,6 +209,8 @@ class _Run:
         lambda *xs: np.stack(xs), *jax.device_get(pending)).items()}
     summary['epoch'] = self.step / self.data.steps_per_epoch
     self.writer.write_scalars(self.step, summary)
+    if self.metrics_file:
+      jsonfile.append_line(self.metrics_file, {'step': self.step, **summary})
     logging.info('%s', _log_line(self.step, self.num_steps, summary))
 
   def save(self, force: bool = False) -> None:
@@ -182,6 +238,7 @@ def _loop(run: _Run, preemption: _Preemption) -> Outcome:
   while run.step < run.num_steps:
     run.state, metrics = run.step_fn(run.state, next(run.stream))
     run.step += 1
+    hard_samples = metrics.pop('hard_samples', None)
     pending.append(metrics)
     unchecked.append((run.step, metrics['nonfinite']))
     due_log = (run.step % config.log_every_steps == 0
@@ -192,6 +249,10 @@ def _loop(run: _Run, preemption: _Preemption) -> Outcome:
     if due_log:
       run.log(pending)
       pending = []
+    if run.analysis:
+      run.analysis.add(hard_samples)
+      run.analysis(run.step, run.step / run.data.steps_per_epoch,
+                   run.step == run.num_steps)
     run.progress(run.step)
     run.save()
     if config.eval_every_steps and run.step % config.eval_every_steps == 0 and (

@@ -92,10 +92,22 @@ def _freeze_backbone(new: TrainState, old: TrainState, frozen: Array
                                               old.batch_stats))
 
 
+def _hard_samples(out, margin: float) -> dict[str, Array]:
+  """The batch's per-sample hard-sample statistics (analysis.py)."""
+  c_y, nearest = out.metrics['cos_target'], out.metrics['cos_nearest']
+  return {'cos_target': c_y, 'cos_nearest': nearest,
+          'misclassified': classifier.misclassified(c_y, nearest, margin)}
+
+
 def make_train_step(task: Task, shardings: TrainState,
-                    freeze_backbone_steps: int = 0):
+                    freeze_backbone_steps: int = 0,
+                    analysis_margin: float | None = None):
   """The jitted ``step(state, batch) -> (state, metrics)``, state donated;
-  steps before ``freeze_backbone_steps`` leave the backbone unchanged."""
+  steps before ``freeze_backbone_steps`` leave the backbone unchanged.
+  With ``analysis_margin`` the metrics also hold 'hard_samples': each
+  sample's cosine to its target and to its nearest negative and whether it
+  is mis-classified at that margin (classifier.misclassified), (B,) each,
+  from the cosines the loss computed (for the hard-sample analysis)."""
   classify = _classify_fn(task)
   all_devices = NamedSharding(task.mesh, P(('data', 'model')))
   base_key = jax.random.fold_in(jax.random.key(task.seed), _STEP_RNG)
@@ -117,6 +129,8 @@ def make_train_step(task: Task, shardings: TrainState,
     params = optax.apply_updates(state.params, updates)
     params['head'] = task.head.project(params['head'])
     metrics = _metrics(task, loss, ce, out, grads, task.schedule(state.step))
+    if analysis_margin is not None:
+      metrics['hard_samples'] = _hard_samples(out, analysis_margin)
     new = state.replace(params=params, batch_stats=batch_stats,
                         opt_state=opt_state, head_state=out.state)
     # A NaN or infinite loss or gradient is never applied: the state stays

@@ -69,11 +69,11 @@ def test_npcface_against_float64_reference():
   wn = np.asarray(w, np.float64)
   wn /= np.linalg.norm(wn, axis=1, keepdims=True)
   logits, frozen, counts = ref.npcface(xn @ wn.T, y)
-  ce, _, sums, _ = chunked_cross_entropy(x, w, y, nf.heads.npcface_parts(),
-                                      chunk_size=16)
-  np.testing.assert_allclose(ce, ref.cross_entropy(logits, y), rtol=1e-5,
+  out = chunked_cross_entropy(x, w, y, nf.heads.npcface_parts(),
+                              chunk_size=16)
+  np.testing.assert_allclose(out.ce, ref.cross_entropy(logits, y), rtol=1e-5,
                              atol=1e-4, err_msg=f'seed {seed}')
-  np.testing.assert_array_equal(sums[1], counts, err_msg=f'seed {seed}')
+  np.testing.assert_array_equal(out.sums[1], counts, err_msg=f'seed {seed}')
 
 
 @pytest.mark.slow
