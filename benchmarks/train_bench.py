@@ -12,9 +12,14 @@ In one run, interleaved round after round:
              targets instead of the classifier), same optimizer
   loss       the classifier alone: NPCFace cross-entropy of fixed
              embeddings, its gradient and the SGD update of W
+  analysis   the full step with the hard-sample statistics on
+             (config.analysis_every_steps != 0): the per-sample cosines
+             gathered, fetched and summarised on the host (analysis.Window)
+             every step, which the loop does lazily
 The target is full <= 1.15 x (backbone + loss): joining the parts costs
-little beyond them. Ratios are medians of per-round ratios; each timed call
-follows an untimed one of the same case.
+little beyond them; analysis / full is the statistics' cost. Ratios are
+medians of per-round ratios; each timed call follows an untimed one of the
+same case.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import numpy as np
 import optax
 
 from configs import casia_mobileface
-from npcface_jax import (classifier, factories, train_step,
+from npcface_jax import (analysis, classifier, factories, train_step,
                          training_data)
 
 
@@ -102,7 +107,18 @@ def cases(batch: int, num_classes: int, chunk_size: int) -> dict:
     *head_only[:2], loss = loss_step(*head_only)
     loss.block_until_ready()
 
-  return {'full': run_full, 'backbone': run_backbone, 'loss': run_loss}
+  # The full step with the hard-sample statistics, summarised every step.
+  shardings = factories.state_shardings(task, state[0])
+  analysed = [factories.init_state(task), analysis.Window(1)]
+  analysis_step = train_step.make_train_step(task, shardings,
+                                             analysis_margin=0.4)
+
+  def run_analysis():
+    analysed[0], metrics = analysis_step(analysed[0], batch_)
+    analysed[1].add(**jax.device_get(metrics['hard_samples']))
+
+  return {'full': run_full, 'analysis': run_analysis,
+          'backbone': run_backbone, 'loss': run_loss}
 
 
 def main():
@@ -130,6 +146,8 @@ def main():
                                            times['loss']))
   vs_backbone = statistics.median(
       f / b for f, b in zip(times['full'], times['backbone']))
+  with_analysis = statistics.median(
+      a / f for a, f in zip(times['analysis'], times['full']))
   print(f'\n{platform.processor() or platform.machine()}, {os.cpu_count()} '
         f'cores, jax {jax.__version__} on {jax.default_backend()}, batch '
         f'{args.batch}, C={args.classes}, chunk_size={args.chunk_size}, '
@@ -140,7 +158,8 @@ def main():
     ms = 1e3 * statistics.median(times[name])
     print(f'| {name} | {ms:.1f} | {args.batch / ms * 1e3:.1f} |')
   print(f'\nfull / (backbone + loss) = {ratio:.3f} (target <= 1.15); '
-        f'full / backbone = {vs_backbone:.3f}')
+        f'full / backbone = {vs_backbone:.3f}; analysis / full = '
+        f'{with_analysis:.3f}')
 
 
 if __name__ == '__main__':

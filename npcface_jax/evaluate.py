@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from npcface_jax import (detection, embedding, identification, inference,
-                         ijb as ijb_lib, jsonfile, protocols, run_log,
-                         verification_bin)
+                         ijb as ijb_lib, jsonfile, protocols, run_dir,
+                         run_log, verification, verification_bin)
 from npcface_jax.images import ImageBatches, identity_files, image_files
 
 # --- Evaluating a trained run: python -m npcface_jax.evaluate ----------------
@@ -124,20 +124,37 @@ class _Run(NamedTuple):
 def _pairs(run: _Run, path: str, name: str, log) -> dict:
   """An insightface .bin pair set: 10-fold accuracy, ROC, TAR at FAR."""
   pairs = verification_bin.load_pairs(path, run.image_size)
-  issame = pairs.issame
-  features = run.embed(pairs.images)
+  return _pair_set(run, name, pairs.images, pairs.issame, log, {
+      'path': os.path.abspath(path), 'skipped_pairs': pairs.skipped})
+
+
+def _pair_set(run: _Run, name: str, images, issame, log, about) -> dict:
+  """Pairs of images (rows 2k, 2k + 1): 10-fold accuracy, ROC (drawn and
+  kept as points for later comparison), TAR at FAR."""
+  features = run.embed(images)
   scores = protocols.pair_similarities(features)
   result = protocols.verification_report(scores, issame)
-  result.update(kind='pairs', path=os.path.abspath(path),
-                num_pairs=len(issame), skipped_pairs=pairs.skipped)
+  result.update(kind='pairs', num_pairs=len(issame), **about)
   result['roc'] = _roc(run.out_dir, name, scores, issame,
                        f'{name}: ROC, step {run.step}')
+  result['roc_curve'] = protocols.roc_points(scores, issame)
   run.save_features(name, **{'': features})
+  skipped = about.get('skipped_pairs', ())
   log('%s: %.2f%% +- %.2f over %d pairs%s', name, 100 * result['accuracy'],
       100 * result['accuracy_std'], len(issame),
-      f' ({len(pairs.skipped)} left out: an image does not decode)'
-      * bool(pairs.skipped))
+      f' ({len(skipped)} left out: an image does not decode)' * bool(skipped))
   return result
+
+
+def _run_sets(run: _Run, workdir: str, done: dict, log) -> None:
+  """The pair sets the run verified on while training (verification.py):
+  its config's .bin targets and, on synthetic data, held-out identities."""
+  config, _ = run_dir.load_run(workdir)
+  for name, (images, issame) in verification.verification_sets(
+      config, run.image_size).items():
+    name = _target_name(name, done)
+    done[name] = _pair_set(run, name, images, np.asarray(issame), log,
+                           {'path': 'config'})
 
 
 def _ijb(run: _Run, root: str, meta, name: str, face_scores: bool,
@@ -153,6 +170,7 @@ def _ijb(run: _Run, root: str, meta, name: str, face_scores: bool,
                     f'{s.name}: {s.reason}' for s in images.skipped])
   result['roc'] = _roc(run.out_dir, name, scores, labels,
                        f'{name} 1:1: ROC, step {run.step}')
+  result['roc_curve'] = protocols.roc_points(scores, labels)
   # One row per readable image; _rows says which image (meta row) each is.
   run.save_features(name, **{'': features, '_rows': np.asarray(images.kept)})
   log('%s: %d template pairs, %d images unreadable', name,
@@ -194,10 +212,11 @@ def _identification(run: _Run, probes: str, distractors: str, name: str,
   return result
 
 
-def _check_inputs(targets, ijb_roots, probes, distractors) -> None:
-  if not (targets or ijb_roots or probes):
+def _check_inputs(targets, ijb_roots, probes, distractors, run_sets) -> None:
+  if not (targets or ijb_roots or probes or run_sets):
     raise ValueError('nothing to evaluate: pass --targets (.bin files), '
-                     '--ijb (IJB-B/C folders) or --probes with --distractors')
+                     '--ijb (IJB-B/C folders), --probes with --distractors, '
+                     'or --run_sets (the sets the run verified on)')
   if bool(probes) != bool(distractors):
     raise ValueError('--probes and --distractors go together (a MegaFace-'
                      'style set: probe identities and distractor images)')
@@ -224,16 +243,20 @@ def _open_run(workdir: str, step, flip: bool, batch_size,
 def evaluate_run(workdir: str, *, targets=(), ijb=(), probes=None,
                  distractors=None, step=None, flip=False, batch_size=None,
                  face_scores=False, export_features=False, detect=False,
-                 log=logging.info) -> dict:
-  """Restores the run in workdir, evaluates every set and writes
-  DIR/eval/step_N[_flip]/{results.json, roc_*.png, features/*.npy} and a
-  copy of results.json as DIR/eval/results.json. Returns the results."""
-  _check_inputs(targets, ijb, probes, distractors)
+                 run_sets=False, log=logging.info) -> dict:
+  """Restores the run in workdir, evaluates every set (with
+  ``run_sets``, also those its config verified on while training) and
+  writes DIR/eval/step_N[_flip]/{results.json, roc_*.png, features/*.npy}
+  and a copy of results.json as DIR/eval/results.json. Returns the
+  results."""
+  _check_inputs(targets, ijb, probes, distractors, run_sets)
   run = _open_run(workdir, step, flip, batch_size, export_features, detect)
   results_path = os.path.join(run.out_dir, 'results.json')
   record = {'step': run.step, 'flip': flip,
             'targets': _earlier_targets(results_path)}
   done: dict[str, dict] = {}
+  if run_sets:
+    _run_sets(run, workdir, done, log)
   for path in targets:
     name = _target_name(path, done)
     done[name] = _pairs(run, path, name, log)
@@ -262,7 +285,8 @@ def main(argv):
         f.workdir, targets=split(f.targets), ijb=split(f.ijb),
         probes=f.probes, distractors=f.distractors, step=f.step, flip=f.flip,
         batch_size=f.batch_size, face_scores=f.face_scores,
-        export_features=f.export_features, detect=f.detect)
+        export_features=f.export_features, detect=f.detect,
+        run_sets=f.run_sets)
   except (ValueError, FileNotFoundError, detection.MissingExtra) as e:
     raise app.UsageError(str(e)) from None
   print(f"step {record['step']}{' (flip)' * record['flip']}:")
@@ -280,6 +304,10 @@ def _define_flags():
                       'verification .bin files (LFW, AgeDB-30, CFP-FP, ...).')
   flags.DEFINE_string('ijb', '', 'Comma-separated IJB-B / IJB-C release '
                       'folders (meta/ and loose_crop/ inside).')
+  flags.DEFINE_bool('run_sets', False, 'Also the pair sets the run '
+                    'verified on while training: its config\'s '
+                    'verification_targets and, on synthetic data, its '
+                    'held-out identities.')
   flags.DEFINE_bool('face_scores', False, 'IJB: weight each image by its '
                     'detector face score before pooling.')
   flags.DEFINE_string('probes', None, 'Identification: a folder of aligned '

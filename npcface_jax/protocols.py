@@ -259,6 +259,20 @@ def roc_curve(similarity, issame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return far, tar, thresholds
 
 
+def roc_points(similarity, issame, max_points: int = 256) -> dict:
+  """The ROC as {'far': [...], 'tar': [...]} of at most ``max_points``
+  exact vertices of roc_curve, spread evenly over log FAR (the axis ROC
+  figures use), so that results.json can hold it and runs can be drawn
+  together later."""
+  far, tar, _ = roc_curve(similarity, issame)
+  if len(far) > max_points:
+    levels = np.geomspace(far[far > 0].min(), 1.0, max_points - 2)
+    keep = np.searchsorted(far, levels, side='right') - 1
+    keep = np.unique(np.concatenate([[0], keep, [len(far) - 1]]))
+    far, tar = far[keep], tar[keep]
+  return {'far': far.tolist(), 'tar': tar.tolist()}
+
+
 def auc(similarity, issame) -> float:
   """Area under the ROC: the chance that a random genuine pair scores above
   a random impostor pair, ties counting one half (Mann-Whitney U)."""

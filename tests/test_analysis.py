@@ -175,6 +175,7 @@ def test_records_rewind_after_a_resume_and_survive_a_torn_line(tmp_path):
   assert analysis.read_records(str(tmp_path / 'none.jsonl')) == ([], [])
 
 
+@pytest.mark.slow
 def test_a_class_sharded_run_writes_its_records(tmp_path, monkeypatch):
   """A short run with the classifier over 2 'model' devices: a record every
   4 steps and at the last, covering every sample of its steps; the training

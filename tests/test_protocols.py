@@ -331,6 +331,28 @@ def test_roc_curve_matches_brute_force():
     assert (far[0], tar[0], far[-1], tar[-1]) == (0, 0, 1, 1), msg
 
 
+def test_roc_points_are_vertices_spread_over_log_far():
+  """The stored ROC: exact vertices, both ends, at most max_points, and
+  none of the log-FAR decades left empty."""
+  rng, seed = fresh_rng()
+  same = rng.random(20000) < 0.3
+  sim = rng.normal(0.0, 0.3, 20000) + 0.8 * same
+  far, tar, _ = protocols.roc_curve(sim, same)
+  points = protocols.roc_points(sim, same, max_points=100)
+  got = np.stack([points['far'], points['tar']], 1)
+  assert 50 < len(got) <= 100, f'seed {seed}'
+  vertices = {(f, t) for f, t in zip(far, tar)}
+  assert all((f, t) in vertices for f, t in got), f'seed {seed}'
+  assert tuple(got[0]) == (0, 0) and tuple(got[-1]) == (1, 1)
+  assert np.all(np.diff(got[:, 0]) >= 0) and np.all(np.diff(got[:, 1]) >= 0)
+  decades = np.floor(np.log10(got[got[:, 0] > 0, 0]))
+  assert set(decades) == set(range(int(np.floor(np.log10(far[far > 0].min()))),
+                                   1))
+  small = protocols.roc_points(sim[:30], same[:30])
+  np.testing.assert_array_equal(small['far'], protocols.roc_curve(
+      sim[:30], same[:30])[0])
+
+
 def test_auc_matches_brute_force():
   rng, seed = fresh_rng()
   for trial in range(100):

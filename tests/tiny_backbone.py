@@ -3,8 +3,10 @@ with it.
 
 ``python -m tests.tiny_backbone --workdir=DIR [npcface_jax.main's flags]``
 is ``python -m npcface_jax.main`` with TinyNet in place of the configured
-backbone: the command line, distributed start-up, signals, checkpoints and
-input pipeline are the real ones, only the compile is seconds shorter. It
+backbone (``python -m tests.tiny_backbone sweep ...`` the same for
+``npcface_jax.sweep``): the command line, distributed start-up, signals,
+checkpoints and input pipeline are the real ones, only the compile is
+seconds shorter. It
 imports nothing from the test suite's conftest, so JAX_NUM_CPU_DEVICES in
 its environment decides its device count.
 """
@@ -47,8 +49,13 @@ def create_model(config, *, train_dtype: bool = True):
 
 
 if __name__ == '__main__':
+  import sys
   from absl import app
   # Its XLA:CPU flags take effect: nothing has started a backend yet.
-  from npcface_jax import main
+  from npcface_jax import main, sweep
   factories.create_model = create_model
+  if sys.argv[1:2] == ['sweep']:
+    del sys.argv[1]
+    sweep.define_flags()
+    app.run(sweep.main)
   app.run(main.main)
