@@ -134,19 +134,69 @@ def tensorboard(record: dict) -> tuple[dict, dict]:
   return scalars, values
 
 
-def read_records(file: str) -> tuple[list[dict], list[str]]:
+def _number(value, allow_none: bool = False) -> bool:
+  if value is None:
+    return allow_none
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and np.isfinite(value))
+
+
+def _counts(value) -> bool:
+  return (isinstance(value, list) and len(value) == NUM_BINS
+          and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
+                  for c in value))
+
+
+def check_stats(record: dict) -> str | None:
+  """What makes ``record`` no stats.jsonl record of ours, or None."""
+  if not all(_number(record.get(k)) for k in ('epoch', 'margin')):
+    return '"epoch" and "margin" must be numbers'
+  if not all(_number(record.get(k), allow_none=True) for k in (
+      'pearson', 'overlap', 'misclassified_share',
+      *(f'mean_cos_{h}' for h in HISTOGRAMS))):
+    return 'a statistic is neither a number nor null'
+  hist = record.get('hist')
+  if not isinstance(hist, dict) or not all(_counts(hist.get(k))
+                                           for k in HISTOGRAMS):
+    return f'"hist" must hold {NUM_BINS} counts for each of {HISTOGRAMS}'
+  scatter = record.get('scatter_degrees')
+  if not isinstance(scatter, list) or len(scatter) > SCATTER or not all(
+      isinstance(p, list) and len(p) == 2 and all(map(_number, p))
+      for p in scatter):
+    return f'"scatter_degrees" must be up to {SCATTER} pairs of numbers'
+  return None
+
+
+def check_metrics(record: dict) -> str | None:
+  """What makes ``record`` no metrics.jsonl record of ours, or None."""
+  if not all(_number(record.get(k), allow_none=True)
+             for k in ('epoch', 'loss', 'accuracy')):
+    return '"epoch", "loss" and "accuracy" must be numbers'
+  return None
+
+
+def read_records(file: str, check=None) -> tuple[list[dict], list[str]]:
   """(records of a stats.jsonl or metrics.jsonl in step order, what was left
-  out). A run that resumed from an earlier checkpoint writes steps again:
-  a record whose step is not past the one before it replaces every record
-  from its step on, so the newest timeline wins."""
+  out: damaged lines, and records that ``check`` (check_stats,
+  check_metrics) finds wrong). A run that resumed from an earlier
+  checkpoint writes steps again: a record whose step is not past the one
+  before it replaces every record from its step on, so the newest
+  timeline wins."""
   if not os.path.exists(file):
     return [], []
-  lines, left_out = jsonfile.read_lines(file)
+  try:
+    lines, left_out = jsonfile.read_lines(file)
+  except ValueError as e:  # not text: none of it is read
+    return [], [str(e)]
   kept: list[dict] = []
   for record in lines:
     step = record.get('step')
-    if isinstance(step, bool) or not isinstance(step, int):
-      left_out.append(f'{file}: a record without an integer "step"')
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+      left_out.append(f'{file}: a record without a step number')
+      continue
+    wrong = check(record) if check else None
+    if wrong:
+      left_out.append(f'{file}: the record of step {step} left out: {wrong}')
       continue
     while kept and kept[-1]['step'] >= step:
       kept.pop()

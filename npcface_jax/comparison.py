@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 from typing import Any, NamedTuple
 
@@ -68,9 +69,10 @@ def load_run(workdir: str) -> Run:
   run_dir.load_run(workdir)  # a clear error for a folder that is not a run
   info = jsonfile.read_object(os.path.join(workdir, run_dir.RUN_INFO))
   notes = []
-  metrics, left = analysis.read_records(analysis.path(workdir,
-                                                      analysis.METRICS))
-  stats, left_stats = analysis.read_records(analysis.path(workdir))
+  metrics, left = analysis.read_records(
+      analysis.path(workdir, analysis.METRICS), analysis.check_metrics)
+  stats, left_stats = analysis.read_records(analysis.path(workdir),
+                                            analysis.check_stats)
   notes += left + left_stats
   results_path = os.path.join(workdir, 'eval', 'results.json')
   results = None
@@ -149,21 +151,48 @@ def labels(runs: list[Run]) -> list[str]:
           for label, run in zip(out, runs)]
 
 
+def roc_curves(run: Run) -> dict[str, tuple[list, list]]:
+  """set -> (far, tar) of the ROC points results.json keeps (evaluate.py),
+  where well formed; a malformed one is left out and noted."""
+  found = {}
+  for name, result in ((run.results or {}).get('targets') or {}).items():
+    curve = result.get('roc_curve') if isinstance(result, dict) else None
+    if curve is None:
+      continue
+    far, tar = (curve.get(k) if isinstance(curve, dict) else None
+                for k in ('far', 'tar'))
+    if (isinstance(far, list) and isinstance(tar, list)
+        and 0 < len(far) == len(tar) <= 100_000
+        and all(map(_finite, far + tar))):
+      found[name] = (far, tar)
+    else:
+      run.notes.append(f'eval/results.json: the ROC of {name!r:.80} is not '
+                       'lists of FAR and TAR; left out')
+  return found
+
+
 class Table(NamedTuple):
   columns: list[tuple[str, str]]  # (set, measure)
   rows: list[tuple[str, str, int | None, list[float | None]]]  # label, run,
   # evaluated step, values (fractions, as in results.json)
 
 
+def _finite(value) -> bool:
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
+
+
 def _measures(result: dict) -> dict[str, float]:
   """A set's numbers: accuracy, TAR at each FAR present, rank-1."""
   found = {}
-  if isinstance(result.get('accuracy'), (int, float)):
+  if _finite(result.get('accuracy')):
     found['accuracy'] = result['accuracy']
-  for row in result.get('tar_at_far') or []:
-    if isinstance(row, dict) and isinstance(row.get('tar'), (int, float)):
+  rows = result.get('tar_at_far')
+  for row in rows if isinstance(rows, list) else []:
+    if isinstance(row, dict) and _finite(row.get('tar')) and _finite(
+        row.get('far')):
       found[f"TAR@FAR={row['far']:g}"] = row['tar']
-  if isinstance(result.get('rank1'), (int, float)):
+  if _finite(result.get('rank1')):
     found['rank-1'] = result['rank1']
   return found
 
@@ -198,10 +227,16 @@ def best(values: list[float | None]) -> float | None:
   return max(present) if present else None
 
 
+def cell(text) -> str:
+  """Text for a Markdown table cell: no column bar, no line break."""
+  return ' '.join(str(text).replace('|', '/').split())
+
+
 def markdown(t: Table) -> str:
   """The table in Markdown, percentages to two decimals, the best value of
   each column in bold."""
-  head = ['run', 'label', 'step'] + [f'{s} {m} (%)' for s, m in t.columns]
+  head = ['run', 'label', 'step'] + [cell(f'{s} {m} (%)')
+                                     for s, m in t.columns]
   lines = ['| ' + ' | '.join(head) + ' |',
            '|' + '---|' * 3 + '---:|' * len(t.columns)]
   tops = [best([row[3][i] for row in t.rows]) for i in range(len(t.columns))]
@@ -209,7 +244,7 @@ def markdown(t: Table) -> str:
     cells = ['-' if v is None else (f'**{100 * v:.2f}**' if v == top else
                                     f'{100 * v:.2f}')
              for v, top in zip(values, tops)]
-    lines.append('| ' + ' | '.join([name, label.replace('|', '/'),
+    lines.append('| ' + ' | '.join([cell(name), cell(label),
                                     '-' if step is None else str(step),
                                     *cells]) + ' |')
   return '\n'.join(lines) + '\n'

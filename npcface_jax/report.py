@@ -73,7 +73,8 @@ def _last_records(with_stats) -> list[str]:
            'overlap (Fig. 6) |', '|---|---:|---:|---:|---:|---:|']
   for label, stats in with_stats:
     r = stats[-1]
-    lines.append(f"| {label} | {r.get('epoch', 0):.2f} | {r.get('samples')} "
+    lines.append(f"| {comparison.cell(label)} | {r['epoch']:.2f} | "
+                 f"{r.get('samples')} "
                  f"| {pct(r.get('misclassified_share'))} | "
                  f"{num(r.get('pearson'))} | {num(r.get('overlap'))} |")
   return ['The last record of each run:', '', *lines, '']
@@ -81,10 +82,7 @@ def _last_records(with_stats) -> list[str]:
 
 def _roc_figures(out: str, runs, names) -> list[str]:
   """Fig. 10: one picture per evaluation set every run has a ROC of."""
-  curves = [{name: result['roc_curve'] for name, result in
-             ((run.results or {}).get('targets') or {}).items()
-             if isinstance(result, dict) and isinstance(
-                 result.get('roc_curve'), dict)} for run in runs]
+  curves = [comparison.roc_curves(run) for run in runs]
   shared = sorted(set.intersection(*(set(c) for c in curves)))
   if not shared:
     return ['No evaluation set with a stored ROC is shared by every run '
@@ -94,8 +92,7 @@ def _roc_figures(out: str, runs, names) -> list[str]:
   for name in shared:
     file = f'fig10_roc_{_file_name(name)}.png'
     figures.roc(os.path.join(out, file), name, [
-        (label, c[name]['far'], c[name]['tar'])
-        for label, c in zip(names, curves)])
+        (label, *c[name]) for label, c in zip(names, curves)])
     lines += [f'![ROC on {name}]({file})', '']
   return lines
 
@@ -105,9 +102,9 @@ def _runs_table(runs, names) -> list[str]:
            '|---|---|---|---|---|---:|']
   for label, run in zip(names, runs):
     steps = run.metrics[-1]['step'] if run.metrics else '-'
-    lines.append(f"| {run.name} | {label} | `{run.workdir}` | "
-                 f"{run.setup.get('head', '-')} | "
-                 f"{run.setup.get('model', '-')} | {steps} |")
+    cells = [run.name, label, f'`{run.workdir}`', run.setup.get('head', '-'),
+             run.setup.get('model', '-'), steps]
+    lines.append('| ' + ' | '.join(map(comparison.cell, cells)) + ' |')
   return lines + ['']
 
 

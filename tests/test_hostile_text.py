@@ -7,7 +7,8 @@ Fuzzed (tests/fuzzing.py, a fresh seed each run, in the summary line):
 pairs files and landmark files through ``data_prep pairs``' conversion, the
 three IJB meta files through ``ijb.load_meta`` and the aligned batches,
 run.json through ``run_dir.load_run``, an earlier results.json through
-evaluate's reading of it, and a data_prep output's dataset_info.json and
+evaluate's reading of it, a run's stats.jsonl and results.json through
+what report.py makes of them, and a data_prep output's dataset_info.json and
 features.json through ``input_pipeline.dataset_info``. ``fuzz_cases()`` is
 what benchmarks/fuzz_parsers.py runs with larger counts. Then one
 deterministic test per defect found.
@@ -142,6 +143,34 @@ _JSON = [b'{', b'}', b'[', b']', b'"', b':', b',', b'null', b'true', b'false',
          b'\\ud800', b'[' * 200, b'{"a":' * 60, b'"' + b'x' * 5000 + b'"']
 
 
+def _run_records(rng) -> dict[str, bytes]:
+  """A run folder as report.py reads it: run.json, analysis/stats.jsonl
+  and metrics.jsonl (two records each), eval/results.json with its ROC."""
+  from npcface_jax import analysis, jsonfile, protocols  # noqa: PLC0415
+  stats, metrics = [], []
+  for step in (16, 32):
+    window = analysis.Window(step - 15)
+    c_y = np.tanh(rng.normal(0.5, 0.3, 300))
+    near = np.clip(rng.normal(0.3, 0.2, 300), -1, 1)
+    window.add(c_y, near, near > c_y - 0.2)
+    stats.append(window.record(step, step / 16, 0.4))
+    metrics.append({'step': step, 'epoch': step / 16, 'loss': 3.5,
+                    'accuracy': 0.25})
+  issame = np.arange(200) % 2 == 0
+  scores = rng.normal(0, 0.3, 200) + 0.5 * issame
+  result = protocols.verification_report(scores, issame)
+  result['roc_curve'] = protocols.roc_points(scores, issame, 32)
+  lines = lambda records: ''.join(  # noqa: E731
+      json.dumps(r, separators=(',', ':')) + '\n' for r in records).encode()
+  with tempfile.TemporaryDirectory() as d:
+    jsonfile.write_object(os.path.join(d, 'r.json'), {
+        'step': 32, 'targets': {'lfw': result}})
+    results = pathlib.Path(d, 'r.json').read_bytes()
+  return {'run/run.json': _run_json(), 'run/eval/results.json': results,
+          'run/analysis/stats.jsonl': lines(stats),
+          'run/analysis/metrics.jsonl': lines(metrics)}
+
+
 def fuzz_cases() -> list[dict]:
   """The keyword arguments of fuzzing.fuzz (but workdir, count and seed)
   per fuzzed format, with 'count': the test's default number of inputs."""
@@ -164,6 +193,12 @@ def fuzz_cases() -> list[dict]:
                    expected=['builtins:ValueError',
                              'builtins:FileNotFoundError'],
                    tokens=_JSON + _DIGITS + _HOSTILE, count=200)
+  # report.py on a run whose records are damaged: never an exception
+  report_case = dict(target='tests.test_hostile_text:_report_tables',
+                     files=_run_records(rng), expected=[], count=400,
+                     tokens=_JSON + _DIGITS + _FLOATS + _HOSTILE + [
+                         b'"hist"', b'"step"', b'"epoch"', b'"far"',
+                         b'"tar"', b'"roc_curve"', b'"scatter_degrees"'])
   return [
       dict(pairs_case, name='pairs_lfw', files={'pairs.txt': lfw.encode(),
                                                 **images},
@@ -197,6 +232,10 @@ def fuzz_cases() -> list[dict]:
       dict(data_case, name='dataset_info_json',
            mutate_file='data/dataset_info.json'),
       dict(data_case, name='features_json', mutate_file='data/features.json'),
+      dict(report_case, name='stats_jsonl',
+           mutate_file='run/analysis/stats.jsonl'),
+      dict(report_case, name='report_results_json',
+           mutate_file='run/eval/results.json'),
   ]
 
 
@@ -244,6 +283,19 @@ def _earlier_results(path: str) -> None:
   targets = evaluate._earlier_targets(path)  # noqa: SLF001
   evaluate.format_table(targets)
   jsonfile.write_object(path + '.out', {'targets': targets})
+
+
+def _report_tables(path: str) -> None:
+  """What report.py makes of a run's records, without drawing: labels,
+  the results table (Markdown, CSV), the last records, the ROC points."""
+  from npcface_jax import comparison, report  # noqa: PLC0415
+  runs = [comparison.load_run(os.path.join(path.split('/run/')[0], 'run'))]
+  table = comparison.table(runs)
+  comparison.markdown(table)
+  comparison.csv_text(table)
+  if runs[0].stats:
+    report._last_records([('run', runs[0].stats)])  # noqa: SLF001
+  comparison.roc_curves(runs[0])
 
 
 def _dataset_info(case: str) -> None:

@@ -12,11 +12,13 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from configs import demo
 from npcface_jax import comparison, sweep
 from tests import tiny_backbone
+from tests.helpers import fresh_rng
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PNG = b'\x89PNG\r\n\x1a\n'
@@ -81,6 +83,68 @@ def test_labels_name_what_differs():
   nested = [_run('p', **{'a.t': 1, 'b.t': 1}), _run('q', **{'a.t': 2,
                                                             'b.t': 3})]
   assert comparison.labels(nested) == ['a.t=1, b.t=1', 'a.t=2, b.t=3']
+
+
+# --- Reports from run folders -------------------------------------------------
+
+def fake_run(workdir: pathlib.Path, rng, head='npcface', **fields):
+  """A run folder as training and evaluate leave it (run.json, analysis/,
+  eval/results.json), its numbers drawn at random: no training."""
+  from npcface_jax import analysis, jsonfile, protocols  # noqa: PLC0415
+  config = sweep.configured(demo.get_config(), {'head': head, **fields})
+  (workdir / 'eval').mkdir(parents=True)
+  jsonfile.write_object(workdir / 'run.json', {
+      'config': json.loads(config.to_json_best_effort()),
+      'head_options': {}, 'image_size': 48, 'num_classes': 100})
+  for step in (32, 64):
+    window = analysis.Window(step - 31)
+    c_y = np.tanh(rng.normal(0.5, 0.3, 500))
+    near = np.clip(rng.normal(0.3, 0.2, 500), -1, 1)
+    window.add(c_y, near, near > np.cos(np.arccos(c_y) + 0.4))
+    jsonfile.append_line(analysis.path(str(workdir)),
+                         window.record(step, step / 32, 0.4))
+    jsonfile.append_line(analysis.path(str(workdir), analysis.METRICS), {
+        'step': step, 'epoch': step / 32, 'loss': float(rng.uniform(1, 9)),
+        'accuracy': float(rng.uniform())})
+  same = rng.random(400) < 0.5
+  scores = rng.normal(0, 0.3, 400) + same
+  result = protocols.verification_report(scores, same)
+  result['roc_curve'] = protocols.roc_points(scores, same)
+  jsonfile.write_object(workdir / 'eval' / 'results.json',
+                        {'step': 64, 'targets': {'lfw': result}})
+  return workdir
+
+
+def test_report_leaves_out_damaged_records_and_says_so(tmp_path):
+  """A torn line, a record of the wrong shape and a bad ROC cost only
+  themselves: the report is written, and its "Left out" says what."""
+  from npcface_jax import report  # noqa: PLC0415 (matplotlib)
+  rng, seed = fresh_rng()
+  a = fake_run(tmp_path / 'a', rng, 'npcface')
+  b = fake_run(tmp_path / 'b', rng, 'arcface')
+  with open(a / 'analysis' / 'stats.jsonl', 'a') as f:
+    f.write('{"step": 96, "epoch": 3, "margin": 0.4, "hist": "no"}\n'
+            '{"step": 1')
+  with open(b / 'analysis' / 'metrics.jsonl', 'a') as f:
+    f.write('{"step": 96, "loss": "nan?"}\n')
+  results = json.loads((b / 'eval' / 'results.json').read_text())
+  results['targets']['lfw']['roc_curve']['tar'][0] = 'x'
+  # a row without its FAR (found by fuzzing: it was a KeyError)
+  results['targets']['lfw']['tar_at_far'].append({'tar': 0.5})
+  (b / 'eval' / 'results.json').write_text(json.dumps(results))
+  path = report.write_report([str(a), str(b)], str(tmp_path / 'out'))
+  text = pathlib.Path(path).read_text()
+  left = text.split('## Left out')[1]
+  assert 'the record of step 96 left out: "hist"' in left, f'seed {seed}'
+  assert 'line 4: not a JSON object' in left
+  assert 'the record of step 96 left out: "epoch", "loss"' in left
+  assert "the ROC of 'lfw' is not lists" in left
+  assert 'No evaluation set with a stored ROC' in text
+  _check_pngs(tmp_path / 'out', text)
+  rows = list(csv.DictReader((tmp_path / 'out' / 'table.csv').open()))
+  assert [r['label'] for r in rows] == ['npcface', 'arcface']
+  assert float(rows[1]['lfw accuracy']) == results['targets']['lfw'][
+      'accuracy']
 
 
 # --- Two runs reported; a sweep killed and resumed ---------------------------
