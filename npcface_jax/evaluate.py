@@ -154,7 +154,7 @@ def _run_sets(run: _Run, workdir: str, done: dict, log) -> None:
       config, run.image_size).items():
     name = _target_name(name, done)
     done[name] = _pair_set(run, name, images, np.asarray(issame), log,
-                           {'path': 'config'})
+                           {'source': "the run's config"})
 
 
 def _ijb(run: _Run, root: str, meta, name: str, face_scores: bool,

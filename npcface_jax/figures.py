@@ -112,18 +112,25 @@ def _legend(fig, entries: dict) -> None:
              frameon=False)
 
 
+def _lines(runs, x_key: str, panels) -> dict:
+  """One line per run in each (axes, key) panel, run i in colour i; the
+  legend's entries, runs with nothing drawn left out."""
+  entries = {}
+  for i, (label, records) in enumerate(runs):
+    for ax, key in panels:
+      xs, ys = _series(records, x_key, key)
+      if xs:
+        entries.setdefault(label, _line(ax, xs, ys, _colour(i)))
+  return entries
+
+
 def training_curves(path, runs) -> str:
   """Fig. 8: training loss and top-1 accuracy against step, one line per
   run (the same colour in both panels). runs: [(label, metrics records)]."""
   require()
   fig = _figure(9.0, 3.8)
   loss_ax, acc_ax = fig.subplots(1, 2)
-  entries = {}
-  for i, (label, records) in enumerate(runs):
-    for ax, key in ((loss_ax, 'loss'), (acc_ax, 'accuracy')):
-      xs, ys = _series(records, 'step', key)
-      if xs:
-        entries.setdefault(label, _line(ax, xs, ys, _colour(i)))
+  entries = _lines(runs, 'step', ((loss_ax, 'loss'), (acc_ax, 'accuracy')))
   for ax, name in ((loss_ax, 'training loss'), (acc_ax, 'training accuracy')):
     ax.set_xlabel('step')
     ax.set_ylabel(name)
@@ -197,12 +204,8 @@ def overlap(path, runs) -> str:
   require()
   fig = _figure(9.0, 3.8)
   overlap_ax, share_ax = fig.subplots(1, 2)
-  entries = {}
-  for i, (label, records) in enumerate(runs):
-    for ax, key in ((overlap_ax, 'overlap'), (share_ax, 'misclassified_share')):
-      xs, ys = _series(records, 'epoch', key)
-      if xs:
-        entries.setdefault(label, _line(ax, xs, ys, _colour(i)))
+  entries = _lines(runs, 'epoch', ((overlap_ax, 'overlap'),
+                                   (share_ax, 'misclassified_share')))
   overlap_ax.set_ylim(-0.02, 1.02)
   overlap_ax.set(xlabel='epoch', ylabel='overlap rate',
                  title='overlap of well- and mis-classified')

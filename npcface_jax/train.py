@@ -2,7 +2,9 @@
 starts the state (fresh, or from another run's backbone: finetune.py), feeds
 the step (train_step.py) batches from the data
 (training_data.py), and around it keeps checkpoints, TensorBoard metrics,
-the log, verification (verification.py), SIGTERM and the NaN policy.
+the log, verification (verification.py), SIGTERM and the NaN policy, and
+writes workdir/analysis/: the training curve (metrics.jsonl) and the
+hard-sample statistics (stats.jsonl, analysis.py).
 
 Needs TensorFlow and clu (for the writer); the step itself needs neither.
 """

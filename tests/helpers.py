@@ -64,7 +64,9 @@ def assert_same_step(got, want, msg, loss_rtol=1e-5):
 def _assert_close(a, b, msg):
   a, b = np.asarray(a), np.asarray(b)
   if np.issubdtype(b.dtype, np.floating):
-    np.testing.assert_allclose(a, b, rtol=1e-5, err_msg=msg)
+    # atol: cosines near 0 (cos_target, cos_nearest) come from different
+    # float32 sums on the two paths
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=msg)
   else:  # counts and flags (top1) agree exactly
     np.testing.assert_array_equal(a, b, err_msg=msg)
 
