@@ -152,7 +152,7 @@ def main(argv) -> None:
   print('report:', path)
 
 
-def define_flags() -> None:
+def _define_flags() -> None:
   from absl import flags  # noqa: PLC0415 (the command line only)
   flags.DEFINE_string('out', None, 'The folder for report.md, table.csv and '
                       'the figures.')
@@ -162,5 +162,5 @@ def define_flags() -> None:
 
 if __name__ == '__main__':
   from absl import app
-  define_flags()
+  _define_flags()
   app.run(main)

@@ -198,7 +198,7 @@ def main(argv) -> None:
   print('report:', path)
 
 
-def define_flags() -> None:
+def _define_flags() -> None:
   from absl import flags  # noqa: PLC0415 (the command line only)
   from npcface_jax import main as training  # noqa: PLC0415 (its --config, --workdir, --verbose)
   del training
@@ -215,5 +215,5 @@ def define_flags() -> None:
 
 if __name__ == '__main__':
   from absl import app
-  define_flags()
+  _define_flags()
   app.run(main)

@@ -17,6 +17,7 @@ from PIL import Image
 from configs import demo
 from npcface_jax import (alignment, embedding, evaluate, factories, images,
                          protocols, train)
+from tests import tiny_backbone
 from tests.conftest import NUM_DEVICES
 from tests.helpers import SHARED_DATA
 
@@ -38,18 +39,23 @@ def _demo_config(**overrides):
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
-  """A demo run of 12 steps (checkpoints at steps 1, 6 and 12)."""
-  workdir = tmp_path_factory.mktemp('demo')
-  outcome = train.train_and_evaluate(_demo_config(), str(workdir))
-  return workdir, outcome.state
+  """A demo run of 12 steps (checkpoints at steps 1, 6 and 12) with the
+  tests' small backbone, in this module's tests and its commands (what
+  evaluation does with a checkpoint does not depend on the backbone;
+  test_models covers each one's inference)."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(factories, 'create_model', tiny_backbone.create_model)
+    workdir = tmp_path_factory.mktemp('demo')
+    outcome = train.train_and_evaluate(_demo_config(), str(workdir))
+    yield workdir, outcome.state
 
 
 def _evaluate(*args, devices=NUM_DEVICES):
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              JAX_NUM_CPU_DEVICES=str(devices), TF_CPP_MIN_LOG_LEVEL='2')
-  return subprocess.run([sys.executable, '-m', 'npcface_jax.evaluate', *args],
-                        cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
+  return subprocess.run([sys.executable, '-m', 'tests.tiny_backbone',
+                         'evaluate', *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow

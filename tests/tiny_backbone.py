@@ -3,10 +3,10 @@ with it.
 
 ``python -m tests.tiny_backbone --workdir=DIR [npcface_jax.main's flags]``
 is ``python -m npcface_jax.main`` with TinyNet in place of the configured
-backbone (``python -m tests.tiny_backbone sweep ...`` the same for
-``npcface_jax.sweep``): the command line, distributed start-up, signals,
-checkpoints and input pipeline are the real ones, only the compile is
-seconds shorter. It
+backbone (``python -m tests.tiny_backbone sweep|evaluate ...`` the same
+for ``npcface_jax.sweep`` and ``npcface_jax.evaluate``): the command
+line, distributed start-up, signals, checkpoints and input pipeline are
+the real ones, only the compile is seconds shorter. It
 imports nothing from the test suite's conftest, so JAX_NUM_CPU_DEVICES in
 its environment decides its device count.
 """
@@ -49,13 +49,14 @@ def create_model(config, *, train_dtype: bool = True):
 
 
 if __name__ == '__main__':
+  import importlib
   import sys
   from absl import app
   # Its XLA:CPU flags take effect: nothing has started a backend yet.
-  from npcface_jax import main, sweep
   factories.create_model = create_model
-  if sys.argv[1:2] == ['sweep']:
+  command = sys.argv[1] if sys.argv[1:2] in (['sweep'], ['evaluate']) else ''
+  module = importlib.import_module(f'npcface_jax.{command or "main"}')
+  if command:  # main defines its flags on import, the others when run
     del sys.argv[1]
-    sweep.define_flags()
-    app.run(sweep.main)
-  app.run(main.main)
+    module._define_flags()  # noqa: SLF001 (as their __main__ does)
+  app.run(module.main)
