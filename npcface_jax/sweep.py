@@ -9,7 +9,8 @@ grid's values; ``--config.FIELD=...`` fixes a field for all of them. Each
 run trains in DIR/runs/NAME, NAME made of the values it changes
 ('alpha=0.1,t=1.1'). Resumable at any point: a run already trained and
 evaluated is skipped, a half-trained one resumes from its checkpoint
-(train.py), and DIR/sweep.json records which are done; a rerun with other
+(train.py), and DIR/sweep.json records which are done; every run's config
+is checked (config_checks.py) before the first trains; a rerun with other
 fixed fields is refused, since its runs would not be the same. Runs are
 evaluated with ``evaluate --run_sets`` (the sets the config verifies on:
 its .bin targets, synthetic held-out identities) plus ``--targets``. The
@@ -25,6 +26,7 @@ import json
 import logging
 import os
 import re
+import sys
 
 from npcface_jax import comparison, jsonfile
 
@@ -129,6 +131,23 @@ def configured(base, fields: dict):
   return config
 
 
+def _check_all(base, runs: list[dict]) -> None:
+  """Every run's config through config_checks before the first trains, so
+  that a value run 7 cannot use fails now, not hours from now."""
+  import jax  # noqa: PLC0415 (the device count the runs will have)
+  from npcface_jax import config_checks  # noqa: PLC0415 (with the training)
+  problems = []
+  for fields in runs:
+    try:
+      config_checks.check(configured(base, fields),
+                          num_devices=jax.device_count(),
+                          process_count=jax.process_count())
+    except config_checks.ConfigError as e:
+      problems.append(f'run {run_name(fields)}: {e}')
+  if problems:
+    raise SweepError('\n'.join(problems))
+
+
 def _record(workdir: str, base) -> dict:
   """sweep.json, checked against this invocation: the same fixed fields
   (the base config), else SweepError naming them."""
@@ -158,6 +177,7 @@ def sweep(base, workdir: str, grids: list[str], variants: list[str], *,
   from npcface_jax import evaluate, figures, report, train  # noqa: PLC0415 (TF, clu, matplotlib: not to parse the grid)
   figures.require()  # a missing extra fails before hours of training
   runs = runs_of(base, grids, variants)
+  _check_all(base, runs)
   os.makedirs(workdir, exist_ok=True)
   record = _record(workdir, base)
   folders = []
@@ -183,7 +203,8 @@ def sweep(base, workdir: str, grids: list[str], variants: list[str], *,
 
 def main(argv) -> None:
   from absl import app, flags  # noqa: PLC0415 (the command line only)
-  from npcface_jax import config_checks, figures, run_log  # noqa: PLC0415 (TF)
+  from npcface_jax import (checkpoint, config_checks, figures,  # noqa: PLC0415 (TF)
+                           run_log, train)
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
@@ -195,6 +216,8 @@ def main(argv) -> None:
   except (SweepError, config_checks.ConfigError, FileNotFoundError,
           figures.MissingExtra) as e:
     raise app.UsageError(str(e)) from None
+  except (train.NonFiniteLoss, checkpoint.CheckpointWriteError) as e:
+    sys.exit(f'error: {e}')  # the runs before it are kept; a rerun resumes
   print('report:', path)
 
 

@@ -263,3 +263,15 @@ def test_sweep_killed_midway_resumes_and_reports(tmp_path):
   changed = _command('tests.tiny_backbone', *args, '--config.batch_size=32')
   assert changed.returncode != 0
   assert 'other fixed fields (batch_size)' in changed.stderr
+
+
+def test_a_run_the_checks_refuse_fails_before_any_trains(tmp_path):
+  config = _short_config()
+  with pytest.raises(sweep.SweepError) as e:
+    sweep.sweep(config, str(tmp_path), ['head_options.npcface.t=1.1,0.9'],
+                ['', 'batch_size=7'])
+  message = str(e.value)
+  assert 'run t=0.9: ' in message and 'must be >= 1' in message
+  assert 'run batch_size=7,t=1.1: ' in message and 'batch_size' in message
+  assert 'run t=1.1:' not in message
+  assert not any(tmp_path.iterdir())  # nothing written, nothing trained
