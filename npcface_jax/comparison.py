@@ -44,21 +44,25 @@ def flat(value, prefix: str = '') -> dict[str, Any]:
   return out
 
 
+def _dict(value) -> dict:
+  return value if isinstance(value, dict) else {}
+
+
 def describe(info: dict) -> dict[str, Any]:
   """run.json as flat 'field' -> value: the config without bookkeeping,
   and of the head's and the criterion's options only the chosen one's
   (the head's as trained, its preset filled in), as 'npcface.alpha'."""
   config = dict(info['config'])
-  head, criterion = config.get('head'), config.get('criterion')
-  head_options = info.get('head_options') or (
-      config.get('head_options') or {}).get(head) or {}
-  criterion_options = (config.get('criterion_options') or {}).get(
-      criterion) or {}
+  head, criterion = str(config.get('head')), str(config.get('criterion'))
+  head_options = _dict(info.get('head_options')) or _dict(
+      _dict(config.get('head_options')).get(head))
+  criterion_options = _dict(_dict(config.get('criterion_options')).get(
+      criterion))
   config.pop('head_options', None)
   config.pop('criterion_options', None)
   setup = {k: v for k, v in flat(config).items()
            if k.split('.')[0] not in _BOOKKEEPING}
-  setup.update(flat(head_options, str(head)))
+  setup.update(flat(head_options, head))
   setup.update(flat(criterion_options, f'criterion.{criterion}'))
   return setup
 

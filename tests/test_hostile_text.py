@@ -7,11 +7,12 @@ Fuzzed (tests/fuzzing.py, a fresh seed each run, in the summary line):
 pairs files and landmark files through ``data_prep pairs``' conversion, the
 three IJB meta files through ``ijb.load_meta`` and the aligned batches,
 run.json through ``run_dir.load_run``, an earlier results.json through
-evaluate's reading of it, a run's stats.jsonl and results.json through
-what report.py makes of them, and a data_prep output's dataset_info.json and
-features.json through ``input_pipeline.dataset_info``. ``fuzz_cases()`` is
-what benchmarks/fuzz_parsers.py runs with larger counts. Then one
-deterministic test per defect found.
+evaluate's reading of it, a run's run.json, stats.jsonl and results.json
+through what report.py makes of them, and a data_prep output's
+dataset_info.json and features.json through
+``input_pipeline.dataset_info``. ``fuzz_cases()`` is what
+benchmarks/fuzz_parsers.py runs with larger counts. Then one deterministic
+test per defect found.
 """
 
 from __future__ import annotations
@@ -236,6 +237,8 @@ def fuzz_cases() -> list[dict]:
            mutate_file='run/analysis/stats.jsonl'),
       dict(report_case, name='report_results_json',
            mutate_file='run/eval/results.json'),
+      dict(report_case, name='report_run_json', mutate_file='run/run.json',
+           expected=['builtins:ValueError']),
   ]
 
 
