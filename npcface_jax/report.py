@@ -17,6 +17,7 @@ JAX, no checkpoint; what a run lacks is said in the report.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import time
@@ -119,6 +120,8 @@ def write_report(workdirs: list[str], out: str, title: str | None = None
   runs = [comparison.load_run(w) for w in workdirs]
   names = comparison.labels(runs)
   os.makedirs(out, exist_ok=True)
+  for old in glob.glob(os.path.join(out, 'fig[0-9]*_*.png')):
+    os.remove(old)  # an earlier report's figures (of other runs, maybe)
   results = comparison.table(runs)
   jsonfile.atomic_write(os.path.join(out, 'table.csv'),
                         comparison.csv_text(results).encode())

@@ -132,8 +132,12 @@ def test_report_leaves_out_damaged_records_and_says_so(tmp_path):
   # a row without its FAR (found by fuzzing: it was a KeyError)
   results['targets']['lfw']['tar_at_far'].append({'tar': 0.5})
   (b / 'eval' / 'results.json').write_text(json.dumps(results))
+  stale = tmp_path / 'out' / 'fig5_cosines_7_gone.png'
+  stale.parent.mkdir()
+  stale.write_bytes(PNG)
   path = report.write_report([str(a), str(b)], str(tmp_path / 'out'))
   text = pathlib.Path(path).read_text()
+  assert not stale.exists()  # an earlier report's figure
   left = text.split('## Left out')[1]
   assert 'the record of step 96 left out: "hist"' in left, f'seed {seed}'
   assert 'line 4: not a JSON object' in left
