@@ -94,6 +94,10 @@ def runs_of(config, grids: list[str], variants: list[str]
   chosen = [{f: parse_value(config, f, v) for f, v in (
       _assignment(config, part) for part in _parts(variant))}
             for variant in variants] or [{}]
+  both = sorted(set(fields) & {f for c in chosen for f in c})
+  if both:
+    raise SweepError(f'{", ".join(both)} set by a --variant and a --grid: '
+                     'give each field in one of them')
   runs = [dict(itertools.chain.from_iterable(d.items() for d in combo))
           for combo in itertools.product(chosen, *axes)]
   names = [run_name(r) for r in runs]

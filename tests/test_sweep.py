@@ -29,15 +29,15 @@ def test_grid_and_variants_make_typed_named_runs():
   runs = sweep.runs_of(base, ['head_options.npcface.alpha=0, 0.1',
                               'embedding_dim=64,128'],
                        ['head_options.npcface.m1=0',
-                        'head_options.npcface.t=1,head_options.npcface.alpha'
-                        '=0.0'])
+                        'head_options.npcface.t=1,head_options.npcface.m0'
+                        '=0.5'])
   assert len(runs) == 8
   assert runs[0] == {'head_options.npcface.m1': 0.0,
                      'head_options.npcface.alpha': 0.0, 'embedding_dim': 64}
   assert all(type(r['embedding_dim']) is int for r in runs)
   names = [sweep.run_name(r) for r in runs]
   assert names[0] == 'm1=0,alpha=0,embedding_dim=64'
-  assert names[-1] == 't=1,alpha=0.1,embedding_dim=128'  # the grid wins
+  assert names[-1] == 't=1,m0=0.5,alpha=0.1,embedding_dim=128'
   assert sweep.run_name({}) == 'base'
   config = sweep.configured(base, runs[-1])
   assert (config.head_options.npcface.t, config.embedding_dim) == (1.0, 128)
@@ -57,6 +57,7 @@ def test_grid_and_variants_make_typed_named_runs():
     (['batch_size=8', 'batch_size=16'], [], 'two --grid flags'),
     (['batch_size=8,8'], [], 'the same values'),
     ([], ['flip=maybe'], "flip='maybe': not true or false"),
+    (['flip=true,false'], ['flip=true'], 'flip set by a --variant and a'),
 ])
 def test_bad_grids_name_the_fix(grid, variant, message):
   with pytest.raises(sweep.SweepError, match=message.replace('(', r'\(')):
