@@ -19,8 +19,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from npcface_jax import (detection, embedding, identification, inference,
-                         ijb as ijb_lib, jsonfile, protocols, run_dir,
-                         run_log, verification, verification_bin)
+                         ijb as ijb_lib, jsonfile, protocols, run_log,
+                         verification, verification_bin)
 from npcface_jax.images import ImageBatches, identity_files, image_files
 
 # --- Evaluating a trained run: python -m npcface_jax.evaluate ----------------
@@ -106,6 +106,7 @@ class _Run(NamedTuple):
   out_dir: str
   export_features: bool
   detector: Any  # detection.FaceFinder for folders of photos, or None
+  config: Any  # the run's, from its run.json
 
   def embed(self, images) -> np.ndarray:
     return self.embedder(self.variables, images)
@@ -146,12 +147,11 @@ def _pair_set(run: _Run, name: str, images, issame, log, about) -> dict:
   return result
 
 
-def _run_sets(run: _Run, workdir: str, done: dict, log) -> None:
+def _run_sets(run: _Run, done: dict, log) -> None:
   """The pair sets the run verified on while training (verification.py):
   its config's .bin targets and, on synthetic data, held-out identities."""
-  config, _ = run_dir.load_run(workdir)
   for name, (images, issame) in verification.verification_sets(
-      config, run.image_size).items():
+      run.config, run.image_size).items():
     name = _target_name(name, done)
     done[name] = _pair_set(run, name, images, np.asarray(issame), log,
                            {'source': "the run's config"})
@@ -237,7 +237,7 @@ def _open_run(workdir: str, step, flip: bool, batch_size,
     _ = finder.detector  # a missing extra fails before any work
   return _Run(model.embedder, model.variables, model.image_size,
               model.embedder.batch_size * 8, model.step, out_dir,
-              export_features, finder)
+              export_features, finder, model.config)
 
 
 def evaluate_run(workdir: str, *, targets=(), ijb=(), probes=None,
@@ -256,7 +256,7 @@ def evaluate_run(workdir: str, *, targets=(), ijb=(), probes=None,
             'targets': _earlier_targets(results_path)}
   done: dict[str, dict] = {}
   if run_sets:
-    _run_sets(run, workdir, done, log)
+    _run_sets(run, done, log)
   for path in targets:
     name = _target_name(path, done)
     done[name] = _pairs(run, path, name, log)
