@@ -31,7 +31,7 @@ import time
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from data_prep import preprocess
-from npcface_jax import images
+from npcface_jax.faces import images
 
 ORL = (pathlib.Path(__file__).resolve().parents[1].parent / 'shared'
        / 'data' / 'orl_faces')

@@ -7,15 +7,15 @@ million distractors.
 
 (a) IJB-C 1:1: 23,124 templates x 512, 19,557 genuine + 15,658,489
     impostor pairs (IJB-C's counts over 3,531 subjects):
-      ijb/score_pairs   npcface_jax.ijb.score_pairs, every pair
+      ijb/score_pairs   npcface_jax.evaluation.ijb.score_pairs, every pair
       ijb/tar_at_far    protocols.tar_at_far on those scores
 (b) 1:N: P probe images of 80 identities (MegaFace's FaceScrub set: 3,530
     of 80) against N distractors x 512 float32 (2 GB at 1M), in chunks:
       floor             the chunked float32 matmul alone, nothing kept: the
                         least any scan of the distractors costs
-      identify          identification.identify, gallery = the first image
+      identify          ranking.identify, gallery = the first image
                         of each identity, probes = the rest, ranks 1 and 10
-      megaface          identification.megaface on all P probes
+      megaface          ranking.megaface on all P probes
 Features: unit rows, identity centre plus Gaussian noise of a per-image
 scale (so some images are easy, some hard and rank-1 and TAR lie strictly
 between 0 and 1); distractors are unit rows of no identity.
@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
-from npcface_jax import identification, protocols
+from npcface_jax.evaluation import protocols, ranking
 
 # IJB-C 1:1 (insightface's ijbc_template_pair_label.txt).
 IJBC_TEMPLATES, IJBC_SUBJECTS = 23_124, 3_531
@@ -141,7 +141,7 @@ def floor_scan(probes: np.ndarray, rows: np.ndarray, chunk_size: int):
 
 
 def ijb_cases(args, rng):
-  from npcface_jax import ijb  # noqa: PLC0415 (written alongside this)
+  from npcface_jax.evaluation import ijb  # noqa: PLC0415 (written alongside this)
   templates = faces(rng, np.arange(args.templates) % args.subjects, args.dim)
   index1, index2, issame = ijbc_pairs(rng, args.templates, args.subjects,
                                       args.genuine, args.impostors)
@@ -177,12 +177,12 @@ def megaface_cases(args, rng):
   chunk = args.chunk_size
 
   def identify():
-    return identification.identify(search, search_labels, gallery,
+    return ranking.identify(search, search_labels, gallery,
                                    gallery_labels, distractors,
                                    ranks=(1, 10), chunk_size=chunk)
 
   def megaface():
-    return identification.megaface(probes, labels, distractors,
+    return ranking.megaface(probes, labels, distractors,
                                    fars=args.megaface_fars, chunk_size=chunk)
 
   size = f'{args.probes}x{args.distractors}'
@@ -218,7 +218,7 @@ def main():
   parser.add_argument('--distractors', type=int,
                       default=MEGAFACE_DISTRACTORS)
   parser.add_argument('--chunk-size', type=int,
-                      default=identification.CHUNK_SIZE,
+                      default=ranking.CHUNK_SIZE,
                       help='distractor rows per chunk of the 1:N scan')
   parser.add_argument('--ijb-fars', type=float, nargs='+',
                       default=[1e-6, 1e-5, 1e-4, 1e-3])

@@ -5,7 +5,7 @@ service's latency) and batch 64 (throughput), on the same uint8 faces.
     python benchmarks/export_bench.py [--model mobilefacenet] [--width 1]
         [--reps 5] [--flip]
 
-  jax          embedding.Embedder, the evaluation path (jit, the CPU
+  jax          embedding_step.Embedder, the evaluation path (jit, the CPU
                formulations of layers.py), on this machine's devices
   onnxruntime  model.onnx (onnx_graph.py), CPUExecutionProvider
   savedmodel   saved_model/ (jax2tf, XlaCallModule) in TensorFlow
@@ -35,7 +35,10 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.inference_bench import timed  # noqa: E402
-from npcface_jax import embedding, factories, models, serving  # noqa: E402
+from npcface_jax import models  # noqa: E402
+from npcface_jax.common import arrays  # noqa: E402
+from npcface_jax.evaluation import embedding_step  # noqa: E402
+from npcface_jax.serving import export_formats  # noqa: E402
 from tests.helpers import random_variables  # noqa: E402
 
 
@@ -55,22 +58,22 @@ def main() -> None:
   devices = len(jax.devices())
   runners = {}
   for b in batches:  # the embedder's batch is fixed: one per batch size
-    embedder = embedding.Embedder(model, factories.make_mesh(1),
+    embedder = embedding_step.Embedder(model, arrays.make_mesh(1),
                                   -(-b // devices) * devices, args.flip)
     runners.setdefault('jax', {})[b] = (
         lambda x, e=embedder: e(variables, x))
   reference = runners['jax'][max(batches)](faces)
-  fn = serving.serving_function(model, variables, args.flip)
+  fn = export_formats.serving_function(model, variables, args.flip)
   notes = {}
   with tempfile.TemporaryDirectory() as tmp:
-    for fmt in serving.FORMATS:
-      path = os.path.join(tmp, serving.FILES[fmt])
+    for fmt in export_formats.FORMATS:
+      path = os.path.join(tmp, export_formats.FILES[fmt])
       start = time.perf_counter()
-      serving.write(fmt, fn, size, path)
+      export_formats.write(fmt, fn, size, path)
       seconds = time.perf_counter() - start
       mib = sum(f.stat().st_size for f in pathlib.Path(path).rglob('*')
                 ) if os.path.isdir(path) else os.path.getsize(path)
-      run = serving.load(fmt, path)
+      run = export_formats.load(fmt, path)
       runners[fmt] = {b: run for b in batches}
       cosine = np.sum(np.asarray(run(faces)) * reference, axis=1).min()
       notes[fmt] = (f'written in {seconds:.1f} s, {mib / 2**20:.1f} MiB, '

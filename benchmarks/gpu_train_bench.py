@@ -14,7 +14,7 @@ ResNet-50 training set; --classes 10575 for CASIA-WebFace), softmax
 cross-entropy, SGD momentum 0.9, weight decay 5e-4 on every parameter.
   jax          train_step.make_train_step, the trainer's own jitted step (state
                donated, BatchNorm statistics, metrics), built through
-               factories.make_task / init_state from a plain config object;
+               setup.make_task / init_state from a plain config object;
                bfloat16 is config.dtype='bfloat16' (bf16 images and
                backbone, float32 parameters and loss), as the trainer runs it
   jax shifted  the same with impl='shifted' (layers.py): depthwise convs as
@@ -67,8 +67,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from torch_models import torch_network
-from npcface_jax import (factories, jsonfile, models, train_step,
-                         training_data)
+from npcface_jax.common import arrays
+from npcface_jax import models
+from npcface_jax.common import jsonfile
+from npcface_jax.training import data_source, setup, train_step
 
 EMBEDDING = 512
 IMAGE = 112
@@ -151,12 +153,12 @@ class JaxCase:
   def __init__(self, model, dtype, impl, batch, classes, options, data):
     self.name = 'jax' if impl == 'native' else f'jax {impl}'
     config = jax_config(model, dtype, impl, options)
-    mesh = factories.make_mesh(1, jax.devices()[:1])
-    task = factories.make_task(
-        config, mesh, training_data.Data(classes, IMAGE, 1000, None))
-    self.state = factories.init_state(task)
+    mesh = arrays.make_mesh(1, jax.devices()[:1])
+    task = setup.make_task(
+        config, mesh, data_source.Data(classes, IMAGE, 1000, None))
+    self.state = setup.init_state(task)
     step = train_step.make_train_step(
-        task, factories.state_shardings(task, self.state))
+        task, setup.state_shardings(task, self.state))
     images, labels = data
     self.batch = {'image': jnp.asarray(images, jnp.dtype(dtype)),
                   'label': jnp.asarray(labels, jnp.int32)}

@@ -34,7 +34,9 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from npcface_jax import detection, images, inference, verify  # noqa: E402
+from npcface_jax import verify  # noqa: E402
+from npcface_jax.faces import detection, images  # noqa: E402
+from npcface_jax.serving import trained_run  # noqa: E402
 
 ORL = ROOT.parent / 'shared' / 'data' / 'orl_faces'
 
@@ -74,7 +76,7 @@ def main() -> None:
     workdir = args.workdir or os.path.join(tmp, 'run')
     if not args.workdir:
       make_run(workdir)
-    model = inference.open_model(workdir)
+    model = trained_run.open_model(workdir)
     finder = detection.FaceFinder()
     crops_dir = pathlib.Path(tmp, 'crops')
     crops_dir.mkdir()
@@ -88,12 +90,12 @@ def main() -> None:
     quiet = dict(progress=False)
     rows = [
         ('embedder floor', len(photos), lambda: model.embed(pixels)),
-        ('aligned crops', len(photos), lambda: inference.embed_images(
+        ('aligned crops', len(photos), lambda: trained_run.embed_images(
             model, crops, aligned=True, **quiet)),
-        ('photos', len(photos), lambda: inference.embed_images(
+        ('photos', len(photos), lambda: trained_run.embed_images(
             model, photos, **quiet)),
         ('verify one pair', 2, lambda: verify.verify(
-            model, inference.Threshold(0.3, 'given', False),
+            model, trained_run.Threshold(0.3, 'given', False),
             [(photos[0], photos[1], None)], **quiet)),
     ]
     print(f'{platform.processor() or platform.machine()}, '

@@ -6,7 +6,7 @@ tf.data thread count.
 
 Writes a temporary data_prep-shaped dataset of 112x112 JPEGs (synthetic
 faces, or with --orl the ORL faces from ../shared/data, repeated), then
-reads it with npcface_jax.input_pipeline.train_stream, batch 64, float32,
+reads it with npcface_jax.data.input_pipeline.train_stream, batch 64, float32,
 with tf.data's private thread pool set to each thread count. It times
 numpy batches (next_local), so the figure is the host pipeline alone, not
 the transfer to devices. 'cpu' is process CPU time, steadier than wall
@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from data_prep.shards import serialize
-from npcface_jax import input_pipeline as ip, synthetic
+from npcface_jax.data import input_pipeline as ip, synthetic
 
 SIZE = 112
 ORL = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'

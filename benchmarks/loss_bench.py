@@ -9,7 +9,7 @@ embeddings and the classifier, W normalised inside:
   floor            the three products any such loss needs: x.W^T, g.W, g^T.x
   softmax          autodiff through the full logits of the normalised softmax
   arcface/npcface  the same with ArcFace's / NPCFace's logits
-  */chunked        the chunked fused loss (npcface_jax.chunked_loss)
+  */chunked        the chunked fused loss (npcface_jax.loss.chunked)
 The cases run interleaved, round after round, so that drift in the
 machine's speed hits all alike; each ratio is the median over rounds of the
 per-round ratio. 'cpu' is process CPU time (both cores), steadier than wall
@@ -29,14 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from npcface_jax import heads, losses
-from npcface_jax.chunked_loss import chunked_cross_entropy
-from npcface_jax.classifier import cosine
+from npcface_jax.loss import criteria, heads
+from npcface_jax.loss.chunked import chunked_cross_entropy
+from npcface_jax.loss.classifier import cosine
 
 
 def full_logits_step(head_fn):
   def loss(x, w, labels):
-    return losses.softmax_cross_entropy(head_fn(cosine(x, w), labels), labels)
+    return criteria.softmax_cross_entropy(head_fn(cosine(x, w), labels), labels)
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 

@@ -28,7 +28,7 @@ def _mb(n):
 
 def loss_memory(args, jax, jnp):
   import npcface_jax as nf  # noqa: PLC0415 (after main's JAX flags)
-  from npcface_jax import class_shards, classifier  # noqa: PLC0415 (same)
+  from npcface_jax.loss import class_shards, classifier  # noqa: PLC0415 (same)
 
   mesh = jax.make_mesh((args.devices,), ('model',))
   rows = class_shards.padded_num_classes(args.classes, args.devices)
@@ -66,8 +66,9 @@ def _classifier_bytes(state, device):
 
 def train_memory(args, jax):
   from configs import default  # noqa: PLC0415 (after main's JAX flags)
-  from npcface_jax import (  # noqa: PLC0415 (same)
-      factories, train_step, training_data)
+  from npcface_jax.common import arrays  # noqa: PLC0415
+  from npcface_jax.training import (  # noqa: PLC0415 (same)
+      data_source, setup, train_step)
 
   print(f'\n# trainer step: C={args.classes}, D={args.dim}, batch '
         f'{args.train_batch}, {args.devices} devices, per device (MB)')
@@ -82,17 +83,17 @@ def train_memory(args, jax):
         'embedding_dim': args.dim, 'batch_size': args.train_batch,
         'model_parallel': model_parallel, 'sample_rate': rate,
         'chunk_size': args.chunk_size, 'synthetic.epoch_examples': 10_000})
-    mesh = factories.make_mesh(model_parallel)
-    data = training_data.open_data(c, mesh)
-    task = factories.make_task(c, mesh, data)
-    target = factories.abstract_state(task)
+    mesh = arrays.make_mesh(model_parallel)
+    data = data_source.open_data(c, mesh)
+    task = setup.make_task(c, mesh, data)
+    target = setup.abstract_state(task)
     shardings = jax.tree.map(lambda s: s.sharding, target)
     step = train_step.make_train_step(task, shardings)
     batch = next(data.open(None))
     m = step.lower(target, batch).compile().memory_analysis()
     seconds = float('nan')
     if model_parallel > 1:
-      state = factories.init_state(task)
+      state = setup.init_state(task)
       held, total = _classifier_bytes(state, jax.devices()[0])
       state, metrics = step(state, batch)  # compile and warm up
       jax.block_until_ready(metrics)

@@ -14,7 +14,7 @@ In one run, interleaved round after round:
              embeddings, its gradient and the SGD update of W
   analysis   the full step with the hard-sample statistics on
              (config.analysis_every_steps != 0): the per-sample cosines
-             gathered, fetched and summarised on the host (analysis.Window)
+             gathered, fetched and summarised on the host (hard_samples.Window)
              every step, which the loop does lazily
 The target is full <= 1.15 x (backbone + loss): joining the parts costs
 little beyond them; analysis / full is the statistics' cost. Ratios are
@@ -39,23 +39,24 @@ import numpy as np
 import optax
 
 from configs import casia_mobileface
-from npcface_jax import (analysis, classifier, factories, train_step,
-                         training_data)
+from npcface_jax.common import arrays
+from npcface_jax.loss import classifier
+from npcface_jax.training import data_source, hard_samples, setup, train_step
 
 
 def cases(batch: int, num_classes: int, chunk_size: int) -> dict:
   config = casia_mobileface.get_config()
   config.chunk_size = chunk_size
-  mesh = factories.make_mesh(1, jax.devices()[:1])
-  data = training_data.Data(num_classes, 112, 1000, None)
-  task = factories.make_task(config, mesh, data)
+  mesh = arrays.make_mesh(1, jax.devices()[:1])
+  data = data_source.Data(num_classes, 112, 1000, None)
+  task = setup.make_task(config, mesh, data)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.normal(size=(batch, 112, 112, 3)), jnp.float32)
   labels = jnp.asarray(rng.integers(0, num_classes, batch), jnp.int32)
   batch_ = {'image': images, 'label': labels}
 
-  state = [factories.init_state(task)]
-  full_step = train_step.make_train_step(task, factories.state_shardings(task,
+  state = [setup.init_state(task)]
+  full_step = train_step.make_train_step(task, setup.state_shardings(task,
                                                                 state[0]))
 
   def run_full():
@@ -108,8 +109,8 @@ def cases(batch: int, num_classes: int, chunk_size: int) -> dict:
     loss.block_until_ready()
 
   # The full step with the hard-sample statistics, summarised every step.
-  shardings = factories.state_shardings(task, state[0])
-  analysed = [factories.init_state(task), analysis.Window(1)]
+  shardings = setup.state_shardings(task, state[0])
+  analysed = [setup.init_state(task), hard_samples.Window(1)]
   analysis_step = train_step.make_train_step(task, shardings,
                                              analysis_margin=0.4)
 

@@ -15,7 +15,7 @@ NPCFace's options start from a preset (heads.NPCFACE_PRESETS, default
 import ml_collections
 from ml_collections import config_dict
 
-from npcface_jax import heads, registry
+from npcface_jax.loss import heads, registry
 
 
 def _options(names, get):
@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.embedding_dim = 512
   c.dtype = 'float32'
 
-  # Head and criterion by name, each with its options (registry.py).
+  # Head and criterion by name, each with its options (loss/registry.py).
   c.head = 'npcface'
   c.head_options = _options(registry.head_names(), registry.get_head)
   c.head_options.npcface = _npcface_options()  # e.g. preset='facex_zoo'
@@ -111,7 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 256
   c.eval_flip = True
 
-  # Hard-sample statistics of the training batches (analysis.py, the
+  # Hard-sample statistics of training batches (training/hard_samples.py, the
   # paper's Figs. 3, 5-7), written to workdir/analysis/stats.jsonl and
   # TensorBoard: every N steps, -1 once an epoch, 0 off. A sample is
   # mis-classified when a negative's cosine is above cos(theta_y + margin)

@@ -8,16 +8,17 @@ Two commands (``python -m data_prep --help``):
                   "Preparing data");
   pairs PAIRS IMAGES OUT.bin
                   an LFW-style pairs file into an insightface verification
-                  ``.bin`` (read back with ``npcface_jax.verification_bin``).
+                  ``.bin`` (read back with
+                  ``npcface_jax.evaluation.bin_format``).
 
 Both run every image through the same ``preprocess.prepare_face``, so
 training and verification images match. Modules: ``recordio`` (MXNet
 RecordIO without mxnet), ``sources`` (what SRC holds), ``preprocess`` (read,
 decode, detect (--detect), align or resize through
-``npcface_jax.images.read_face``, then JPEG; in parallel), ``shards``
+``npcface_jax.faces.images.read_face``, then JPEG; in parallel), ``shards``
 (TFRecords and tfds metadata), ``train_set`` and ``pairs`` (the two
 commands). data_prep is the command line on top of npcface_jax: it imports
-``npcface_jax.images``, ``.detection``, ``.alignment``, ``.jsonfile``,
+``npcface_jax.faces.images``, ``.detection``, ``.alignment``, ``.jsonfile``,
 ``.textfile`` and ``.verification_bin``; nothing in npcface_jax imports
 data_prep.
 """

@@ -8,7 +8,7 @@ import os
 import sys
 
 from data_prep import DataPrepError
-from npcface_jax import detection
+from npcface_jax.faces import detection
 
 _TRAIN = """\
 SRC is detected: an image folder root/<identity>/<image>, a folder or file

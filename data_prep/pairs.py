@@ -21,7 +21,9 @@ import sys
 from tqdm import tqdm
 
 from data_prep import DataPrepError, preprocess
-from npcface_jax import alignment, detection, textfile, verification_bin
+from npcface_jax.common import textfile
+from npcface_jax.evaluation import bin_format
+from npcface_jax.faces import alignment, detection
 
 
 # LFW image numbers: ASCII digits only (str.isdigit also takes '²', which
@@ -117,7 +119,7 @@ def convert(pairs_file: str, images: str, out: str, *, image_size: int = 112,
   if not issame:
     raise DataPrepError(_nothing_readable(pairs_file, images, landmarks,
                                           detect, skipped))
-  verification_bin.save_bin(out, bins, issame)
+  bin_format.save_bin(out, bins, issame)
   counts = _counts(issame, skipped, images_by_key)
   if save_landmarks:
     counts['landmarks_saved'] = preprocess.write_landmarks(save_landmarks, {

@@ -1,14 +1,14 @@
 """The one preprocessing both commands apply: each image read, decoded and
-aligned (5-point landmarks, given or found by ``npcface_jax.detection``) or
-fitted to a square by ``npcface_jax.images.read_face``, the image layer
-evaluation reads through too, then encoded as JPEG. Bad inputs come back as
-a ``Skip`` with a reason instead of raising, so one broken file never stops
-a conversion; a photo in which the detector finds no face is one ('no
-face').
+aligned (5-point landmarks, given or found by
+``npcface_jax.faces.detection``) or fitted to a square by
+``npcface_jax.faces.images.read_face``, the image layer evaluation reads
+through too, then encoded as JPEG. Bad inputs come back as a ``Skip`` with a
+reason instead of raising, so one broken file never stops a conversion; a
+photo in which the detector finds no face is one ('no face').
 
 ``prepare_faces`` runs it over many images in worker processes started with
 'spawn': forking a process that already runs TensorFlow or JAX threads is
-unsafe, and the workers need only Pillow and NumPy (``npcface_jax.images``
+unsafe, and the workers need only Pillow and NumPy (``npcface_jax.faces.images``
 imports no JAX), plus TensorFlow through mtcnn when they detect faces.
 """
 
@@ -30,7 +30,7 @@ from typing import NamedTuple
 from PIL import Image
 
 from data_prep import DataPrepError, recordio
-from npcface_jax import alignment, detection, images
+from npcface_jax.faces import alignment, detection, images
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ import struct
 from typing import NamedTuple
 
 from data_prep import DataPrepError, recordio
-from npcface_jax import images
+from npcface_jax.faces import images
 
 
 class Entry(NamedTuple):

@@ -22,7 +22,8 @@ from typing import NamedTuple
 from tqdm import tqdm
 
 from data_prep import DataPrepError, preprocess, shards, sources
-from npcface_jax import alignment, detection, images, jsonfile, textfile
+from npcface_jax.common import jsonfile, textfile
+from npcface_jax.faces import alignment, detection, images
 
 IMAGES_PER_SHARD = 10_000
 JPEG_QUALITY = 95

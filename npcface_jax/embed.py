@@ -16,15 +16,17 @@ import os
 
 import numpy as np
 
-from npcface_jax import alignment, detection, inference, jsonfile, run_log
+from npcface_jax.common import jsonfile, run_log
+from npcface_jax.faces import alignment, detection
+from npcface_jax.serving import trained_run
 
 FILES = ('embeddings.npy', 'embed.json', 'landmarks.txt')
 
 
-def embed(model: inference.Model, sources: list[str], out: str, *,
+def embed(model: trained_run.Model, sources: list[str], out: str, *,
           aligned: bool = False, min_score: float = detection.MIN_SCORE,
           overwrite: bool = False, progress: bool = True) -> dict:
-  """Embeds what ``sources`` name (inference.list_sources) into ``out``;
+  """Embeds what ``sources`` name (trained_run.list_sources) into ``out``;
   returns what embed.json holds."""
   if os.path.exists(out) and not os.path.isdir(out):
     raise ValueError(f'OUT {out} is a file; give a folder to write into')
@@ -32,8 +34,8 @@ def embed(model: inference.Model, sources: list[str], out: str, *,
   if taken and not overwrite:
     raise ValueError(f'{out} already holds {", ".join(taken)}; pass '
                      '--overwrite to replace them, or another OUT')
-  root, names = inference.list_sources(sources)
-  got = inference.embed_images(model, names, aligned=aligned, root=root,
+  root, names = trained_run.list_sources(sources)
+  got = trained_run.embed_images(model, names, aligned=aligned, root=root,
                                min_score=min_score, progress=progress)
   os.makedirs(out, exist_ok=True)
   buffer = io.BytesIO()
@@ -68,7 +70,7 @@ def main(argv):
     raise app.UsageError('give SRC (a folder, a list file or images) and '
                          'OUT (a folder)')
   try:
-    model = inference.open_model(f.workdir, f.step, f.flip, f.batch_size)
+    model = trained_run.open_model(f.workdir, f.step, f.flip, f.batch_size)
     record = embed(model, argv[1:-1], argv[-1], aligned=f.aligned,
                    min_score=f.min_face_score, overwrite=f.overwrite)
   except (ValueError, FileNotFoundError, detection.MissingExtra) as e:
@@ -84,7 +86,7 @@ def main(argv):
 
 def _define_flags():
   from absl import flags  # noqa: PLC0415
-  inference.define_flags(threshold=False)
+  trained_run.define_flags(threshold=False)
   flags.DEFINE_bool('overwrite', False, 'Replace the files of an earlier '
                     'embed in OUT.')
 

@@ -2,9 +2,9 @@
 evaluates a trained run.
 
 Restores the run's backbone (its classifier and optimizer state are never
-read), embeds each benchmark with embedding.Embedder (insightface .bin pair
+read), embeds each benchmark with embedding_step.Embedder (insightface .bin pair
 sets, IJB-B/C release folders, MegaFace-style probe and distractor
-folders), runs the protocols of protocols.py, ijb.py and identification.py,
+folders), runs the protocols of protocols.py, ijb.py and ranking.py,
 prints a table and writes DIR/eval/step_N[_flip]/results.json with ROC
 curves as PNG.
 """
@@ -18,10 +18,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from npcface_jax import (detection, embedding, identification, inference,
-                         ijb as ijb_lib, jsonfile, protocols, run_log,
-                         verification, verification_bin)
-from npcface_jax.images import ImageBatches, identity_files, image_files
+from npcface_jax.common import jsonfile, run_log
+from npcface_jax.evaluation import (bin_format, embedding_step,
+                                    ijb as ijb_lib, protocols, ranking,
+                                    run_sets)
+from npcface_jax.faces import detection
+from npcface_jax.serving import trained_run
+from npcface_jax.faces.images import ImageBatches, identity_files, image_files
 
 # --- Evaluating a trained run: python -m npcface_jax.evaluate ----------------
 
@@ -59,7 +62,7 @@ def _target_name(path: str, taken) -> str:
 
 
 def _roc(out_dir: str, name: str, scores, labels, title: str) -> str:
-  from npcface_jax import roc_plot  # noqa: PLC0415 (Pillow)
+  from npcface_jax.evaluation import roc_plot  # noqa: PLC0415 (Pillow)
   far, tar, _ = protocols.roc_curve(scores, labels)
   roc_plot.save_roc_png(os.path.join(out_dir, f'roc_{name}.png'),
                         {name: (far, tar)}, title)
@@ -98,7 +101,7 @@ def _earlier_targets(results_path: str) -> dict:
 
 class _Run(NamedTuple):
   """What every target of one evaluation shares."""
-  embedder: embedding.Embedder
+  embedder: embedding_step.Embedder
   variables: Any
   image_size: int
   batch: int  # images read per host batch
@@ -112,7 +115,7 @@ class _Run(NamedTuple):
     return self.embedder(self.variables, images)
 
   def embed_batches(self, batches) -> np.ndarray:
-    return embedding.embed_batches(self.embedder, self.variables, batches)
+    return embedding_step.embed_batches(self.embedder, self.variables, batches)
 
   def save_features(self, name: str, **arrays) -> None:
     if self.export_features:
@@ -124,7 +127,7 @@ class _Run(NamedTuple):
 
 def _pairs(run: _Run, path: str, name: str, log) -> dict:
   """An insightface .bin pair set: 10-fold accuracy, ROC, TAR at FAR."""
-  pairs = verification_bin.load_pairs(path, run.image_size)
+  pairs = bin_format.load_pairs(path, run.image_size)
   return _pair_set(run, name, pairs.images, pairs.issame, log, {
       'path': os.path.abspath(path), 'skipped_pairs': pairs.skipped})
 
@@ -148,9 +151,9 @@ def _pair_set(run: _Run, name: str, images, issame, log, about) -> dict:
 
 
 def _run_sets(run: _Run, done: dict, log) -> None:
-  """The pair sets the run verified on while training (verification.py):
+  """The pair sets the run verified on while training (evaluation/run_sets.py):
   its config's .bin targets and, on synthetic data, held-out identities."""
-  for name, (images, issame) in verification.verification_sets(
+  for name, (images, issame) in run_sets.verification_sets(
       run.config, run.image_size).items():
     name = _target_name(name, done)
     done[name] = _pair_set(run, name, images, np.asarray(issame), log,
@@ -194,8 +197,8 @@ def _identification(run: _Run, probes: str, distractors: str, name: str,
   # (1e-1 of 3.5e9 pairs would be 350M) are left out, and said so.
   impostors = len(probe_features) * len(distractor_features)
   fars = [f for f in protocols.FARS if protocols.impostors_accepted(
-      f, impostors) < identification.MAX_KEPT]
-  result = identification.megaface(probe_features, labels,
+      f, impostors) < ranking.MAX_KEPT]
+  result = ranking.megaface(probe_features, labels,
                                    distractor_features, fars=fars)
   result['fars_too_many_to_keep'] = [f for f in protocols.FARS
                                      if f not in fars]
@@ -228,7 +231,7 @@ def _check_inputs(targets, ijb_roots, probes, distractors, run_sets) -> None:
 def _open_run(workdir: str, step, flip: bool, batch_size,
               export_features: bool, detect: bool) -> _Run:
   """The run's backbone restored and its embedder built, over all devices."""
-  model = inference.open_model(workdir, step, flip, batch_size)
+  model = trained_run.open_model(workdir, step, flip, batch_size)
   out_dir = os.path.join(workdir, 'eval',
                          f'step_{model.step}' + '_flip' * flip)
   os.makedirs(out_dir, exist_ok=True)

@@ -4,7 +4,7 @@
         [--formats=savedmodel,onnx,tflite] [--flip] [--images=FACES]
     python -m npcface_jax.export --check=DIR/export
 
-Writes the run's backbone (serving.py: uint8 RGB aligned faces in, L2-
+Writes the run's backbone (export_formats.py: uint8 RGB aligned faces in, L2-
 normalised float32 embeddings out, any batch) in each format, then loads
 every file back in its own runtime and runs it on real faces: the run's
 verification sets (or ``--images``, aligned crops), in batches of 1, 7 and
@@ -32,8 +32,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from npcface_jax import (images, inference, jsonfile, model_card, protocols,
-                         run_log, serving, verification)
+from npcface_jax.common import jsonfile, run_log
+from npcface_jax.evaluation import protocols, run_sets
+from npcface_jax.faces import images
+from npcface_jax.serving import export_formats, model_card, trained_run
 
 PARITY_BATCHES = (1, 7, 64)  # then batches of the last size
 SAMPLE = 'parity_sample.npz'
@@ -67,13 +69,13 @@ def _pixels(faces: np.ndarray) -> np.ndarray:
   return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
 
 
-def parity_faces(model: inference.Model, image_paths: list[str],
+def parity_faces(model: trained_run.Model, image_paths: list[str],
                  max_pairs: int = 0) -> Faces:
   """The run's verification sets (at most max_pairs pairs each), or the
   aligned crops named by image_paths (a folder, a list file or files)."""
   size = model.image_size
   if image_paths:
-    root, names = inference.list_sources(image_paths)
+    root, names = trained_run.list_sources(image_paths)
     batches = images.ImageBatches(names, size, 256, root=root)
     found = [b for b in batches if len(b)]
     if not found:
@@ -82,7 +84,7 @@ def parity_faces(model: inference.Model, image_paths: list[str],
     return Faces(np.concatenate(found), {},
                  f'{sum(map(len, found))} aligned crops from '
                  f'{", ".join(image_paths)}')
-  sets = verification.verification_sets(model.config, size)
+  sets = run_sets.verification_sets(model.config, size)
   if not sets:
     raise ValueError(
         f'the run in {model.workdir} has no verification sets '
@@ -134,15 +136,15 @@ def compare(exported: np.ndarray, reference: np.ndarray, faces: Faces
 def _export_format(fmt: str, fn, model, folder: str, faces: Faces,
                    reference: np.ndarray, log) -> dict:
   """Writes one format, runs it back, compares; errors become results."""
-  path = os.path.join(folder, serving.FILES[fmt])
+  path = os.path.join(folder, export_formats.FILES[fmt])
   started = time.perf_counter()
   try:
-    serving.write(fmt, fn, model.image_size, path,
+    export_formats.write(fmt, fn, model.image_size, path,
                   doc=f'npcface_jax export of {model.workdir}')
     written = time.perf_counter()
-    run = serving.load(fmt, path)
+    run = export_formats.load(fmt, path)
     embedded = run_batched(run, faces.images)
-  except serving.MissingExtra:
+  except export_formats.MissingExtra:
     raise
   except Exception as e:  # noqa: BLE001 (reported in the card, run fails)
     log(f'{fmt}: FAILED: {type(e).__name__}: {e}')
@@ -173,24 +175,24 @@ def _install(folder: str, out: str, passed: bool) -> str:
 
 
 def export_run(workdir: str, *, step: int | None = None,
-               out: str | None = None, formats=serving.FORMATS,
+               out: str | None = None, formats=export_formats.FORMATS,
                flip: bool = False, image_paths=(), max_pairs: int = 0,
                batch_size: int | None = None, log=print) -> dict:
   """Exports, checks parity, writes the card; returns the card. Where the
   export ended up is card['path']; card['parity']['passed'] says whether
   it passed (a failed one is at <out>.failed)."""
-  unknown = sorted(set(formats) - set(serving.FORMATS))
+  unknown = sorted(set(formats) - set(export_formats.FORMATS))
   if unknown or not formats:
     raise ValueError(f'--formats: {", ".join(unknown) or "none given"}; '
-                     f'choose from {", ".join(serving.FORMATS)}')
+                     f'choose from {", ".join(export_formats.FORMATS)}')
   if 'onnx' in formats:
-    serving.require_onnx()  # before any work, not after the other formats
-  model = inference.open_model(workdir, step, flip, batch_size)
+    export_formats.require_onnx()  # before any work, not after the others
+  model = trained_run.open_model(workdir, step, flip, batch_size)
   out = out or os.path.join(workdir, 'export')
   faces = parity_faces(model, list(image_paths), max_pairs)
   log(f'parity faces: {faces.what}')
   reference = model.embed(faces.images)
-  fn = serving.serving_function(model.module, model.variables, flip)
+  fn = export_formats.serving_function(model.module, model.variables, flip)
   folder = out.rstrip(os.sep) + f'.partial-{os.getpid()}'
   shutil.rmtree(folder, ignore_errors=True)
   os.makedirs(folder)
@@ -210,10 +212,10 @@ def export_run(workdir: str, *, step: int | None = None,
       'batches': list(PARITY_BATCHES),
       'min_cosine_required': model_card.MIN_COSINE,
       'accuracy_points': model_card.ACCURACY_POINTS, 'formats': results}
-  card['formats'] = {fmt: serving.FILES[fmt] for fmt in formats
+  card['formats'] = {fmt: export_formats.FILES[fmt] for fmt in formats
                      if 'error' not in results[fmt]}
   card['files'] = model_card.file_records(folder)
-  card['versions'] = serving.versions()
+  card['versions'] = export_formats.versions()
   model_card.write(folder, card)
   card['path'] = _install(folder, out, card['parity']['passed'])
   return card
@@ -250,10 +252,10 @@ def check_export(root: str, log=print) -> list[str]:
   faces = Faces(sample['images'], {}, SAMPLE)
   for fmt, file in (card.get('formats') or {}).items():
     try:
-      embedded = run_batched(serving.load(fmt, os.path.join(root, file)),
+      embedded = run_batched(export_formats.load(fmt, os.path.join(root, file)),
                              faces.images)
       result = compare(embedded, sample['embeddings'], faces)
-    except serving.MissingExtra:
+    except export_formats.MissingExtra:
       raise
     except Exception as e:  # noqa: BLE001 (a damaged file is a finding)
       problems.append(f'{fmt}: does not run: {type(e).__name__}: {e}')
@@ -285,7 +287,7 @@ def main(argv) -> None:
     card = export_run(f.workdir, step=f.step, out=f.out, formats=formats,
                       flip=f.flip, image_paths=f.images or (),
                       max_pairs=f.max_pairs, batch_size=f.batch_size)
-  except (ValueError, FileNotFoundError, serving.MissingExtra) as e:
+  except (ValueError, FileNotFoundError, export_formats.MissingExtra) as e:
     raise SystemExit(f'error: {e}') from None
   passed = card['parity']['passed']
   print(f'{"exported" if passed else "parity FAILED, left"} at '
@@ -302,8 +304,9 @@ def _define_flags() -> None:
   flags.DEFINE_string('out', None, 'The export folder (default: '
                       'WORKDIR/export); an earlier export there is replaced '
                       'once the new one passes.')
-  flags.DEFINE_string('formats', ','.join(serving.FORMATS), 'Comma-separated '
-                      f'formats, from {", ".join(serving.FORMATS)}.')
+  flags.DEFINE_string('formats', ','.join(export_formats.FORMATS),
+                      'Comma-separated formats, from '
+                      f'{", ".join(export_formats.FORMATS)}.')
   flags.DEFINE_bool('flip', False, 'Bake flip test-time augmentation into '
                     'the graph (each face plus its mirror image).')
   flags.DEFINE_list('images', None, 'Check parity on these aligned face '

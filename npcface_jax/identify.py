@@ -1,7 +1,7 @@
 """``python -m npcface_jax.identify --workdir=DIR --gallery=FOLDER p.jpg
 [...]``: who is this? Each probe photo's top-k enrolled people with scores,
 and the answer: the best match, or 'unknown' when its score is not above
-the threshold (inference.find_threshold, as verify).
+the threshold (trained_run.find_threshold, as verify).
 
 The gallery is FOLDER/<person>/<photos, any depth>. A person's template is
 the L2-normalised mean of their photos' embeddings (as IJB templates are
@@ -26,7 +26,9 @@ import sys
 
 import numpy as np
 
-from npcface_jax import detection, images, inference, jsonfile, run_log
+from npcface_jax.common import jsonfile, run_log
+from npcface_jax.faces import detection, images
+from npcface_jax.serving import trained_run
 
 
 def _stamp(path: str) -> tuple[int, int]:
@@ -37,7 +39,7 @@ def _stamp(path: str) -> tuple[int, int]:
   return (info.st_size, info.st_mtime_ns)
 
 
-def cache_path(model: inference.Model, gallery: str, aligned: bool,
+def cache_path(model: trained_run.Model, gallery: str, aligned: bool,
                min_score: float) -> str:
   """Where this gallery's embeddings are cached for this model and
   reading: one file per (folder, step, flip, image reading)."""
@@ -83,7 +85,7 @@ def _save_cache(path: str, entries: dict, dim: int) -> None:
   jsonfile.atomic_write(path, buffer.getvalue())
 
 
-def enroll(model: inference.Model, gallery: str, *, aligned: bool = False,
+def enroll(model: trained_run.Model, gallery: str, *, aligned: bool = False,
            min_score: float = detection.MIN_SCORE,
            progress: bool = True) -> dict:
   """{'names', 'templates' (P, D), 'images' per person, 'skipped',
@@ -96,7 +98,7 @@ def enroll(model: inference.Model, gallery: str, *, aligned: bool = False,
   cached = _load_cache(path)
   todo = [i for i, f in enumerate(rel) if cached.get(f, (None,))[0]
           != stamps[i]]
-  got = inference.embed_images(model, [rel[i] for i in todo], root=root,
+  got = trained_run.embed_images(model, [rel[i] for i in todo], root=root,
                                aligned=aligned, min_score=min_score,
                                progress=progress, what='gallery')
   entries = {f: cached[f] for f in rel if f in cached}
@@ -134,13 +136,13 @@ def _templates(found, rel, entries, listing_skipped, embedded) -> dict:
           'skipped': skipped, 'embedded': embedded}
 
 
-def identify(model: inference.Model, threshold: inference.Threshold,
+def identify(model: trained_run.Model, threshold: trained_run.Threshold,
              gallery: dict, probes: list[str], *, top_k: int = 5,
              aligned: bool = False, min_score: float = detection.MIN_SCORE,
              progress: bool = True) -> dict:
   """Each probe's top_k people and the answer ('unknown' at or below the
   threshold)."""
-  got = inference.embed_images(model, probes, aligned=aligned,
+  got = trained_run.embed_images(model, probes, aligned=aligned,
                                min_score=min_score, progress=progress,
                                what='probes')
   scores = got.embeddings @ gallery['templates'].T
@@ -185,7 +187,7 @@ def main(argv):
       raise ValueError('give one probe photo or more')
     if f.top_k < 1:
       raise ValueError(f'--top_k must be at least 1, got {f.top_k}')
-    model, threshold = inference.model_and_threshold(f)
+    model, threshold = trained_run.model_and_threshold(f)
     gallery = enroll(model, f.gallery, aligned=f.aligned,
                      min_score=f.min_face_score, progress=not f.json)
     result = identify(model, threshold, gallery, argv[1:], top_k=f.top_k,
@@ -200,7 +202,7 @@ def main(argv):
 
 def _define_flags():
   from absl import flags  # noqa: PLC0415
-  inference.define_flags(threshold=True)
+  trained_run.define_flags(threshold=True)
   flags.DEFINE_string('gallery', None, 'A folder of enrolled people: '
                       'FOLDER/<person>/<photos>.')
   flags.DEFINE_integer('top_k', 5, 'How many people to list per probe.')

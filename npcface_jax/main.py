@@ -24,8 +24,9 @@ if os.path.isdir(os.path.join(_ROOT, 'configs')) and _ROOT not in sys.path:
 
 import jax  # noqa: E402
 
-from npcface_jax import (checkpoint, config_checks, run_log, train,  # noqa: E402
-                         xla_flags)
+from npcface_jax.common import (checkpoint, run_log,  # noqa: E402
+                                xla_flags)
+from npcface_jax.training import config_checks, loop  # noqa: E402
 
 xla_flags.use_in_order_cpu_schedule()  # before JAX starts its backend
 
@@ -114,11 +115,11 @@ def main(argv):
                jax.local_device_count(), jax.device_count(),
                jax.devices()[0].platform)
   try:
-    outcome = train.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+    outcome = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir,
                                        defaults=_default_config())
   except config_checks.ConfigError as e:
     raise app.UsageError(str(e)) from None
-  except (train.NonFiniteLoss, checkpoint.CheckpointWriteError) as e:
+  except (loop.NonFiniteLoss, checkpoint.CheckpointWriteError) as e:
     sys.exit(f'error: {e}')
   for name, result in outcome.verification.items():
     print(f'{name}: verification accuracy {100 * result["accuracy"]:.2f}% '

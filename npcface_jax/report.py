@@ -3,7 +3,7 @@ compared as the paper does, in one report.md with its figures (PNG, the
 [report] extra) and the results table (table.csv too):
 
 - the training loss and accuracy of every run on one axis (Fig. 8);
-- the hard-sample statistics recorded while training (analysis.py):
+- the hard-sample statistics recorded while training (hard_samples.py):
   Pearson's r of the mis-classified samples' angles (Fig. 3), the overlap
   rate of the mis- and well-classified cosine distributions (Fig. 6),
   those distributions per run (Fig. 5), the nearest other centre (Fig. 7);
@@ -22,7 +22,8 @@ import os
 import re
 import time
 
-from npcface_jax import comparison, figures, jsonfile
+from npcface_jax.common import jsonfile
+from npcface_jax.study import comparison, figures
 
 _DEFINITIONS = (
     'A training sample is *mis-classified* when some other class\'s cosine '

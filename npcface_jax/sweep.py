@@ -9,7 +9,7 @@ grid's values; ``--config.FIELD=...`` fixes a field for all of them. Each
 run trains in DIR/runs/NAME, NAME made of the values it changes
 ('alpha=0.1,t=1.1'). Resumable at any point: a run already trained and
 evaluated is skipped, a half-trained one resumes from its checkpoint
-(train.py), and DIR/sweep.json records which are done; every run's config
+(loop.py), and DIR/sweep.json records which are done; every run's config
 is checked (config_checks.py) before the first trains; a rerun with other
 fixed fields is refused, since its runs would not be the same. Runs are
 evaluated with ``evaluate --run_sets`` (the sets the config verifies on:
@@ -28,7 +28,8 @@ import os
 import re
 import sys
 
-from npcface_jax import comparison, jsonfile
+from npcface_jax.common import jsonfile
+from npcface_jax.study import comparison
 
 SWEEP = 'sweep.json'
 _KINDS = {bool: 'true or false', int: 'an integer', float: 'a number',
@@ -139,7 +140,7 @@ def _check_all(base, runs: list[dict]) -> None:
   """Every run's config through config_checks before the first trains, so
   that a value run 7 cannot use fails now, not hours from now."""
   import jax  # noqa: PLC0415 (the device count the runs will have)
-  from npcface_jax import config_checks  # noqa: PLC0415 (with the training)
+  from npcface_jax.training import config_checks  # noqa: PLC0415 (with the training)
   problems = []
   for fields in runs:
     try:
@@ -178,7 +179,10 @@ def sweep(base, workdir: str, grids: list[str], variants: list[str], *,
   """Trains, evaluates and reports every run of the grid; returns the
   report's path. Each finished run is recorded in DIR/sweep.json before
   the next starts."""
-  from npcface_jax import evaluate, figures, report, train  # noqa: PLC0415 (TF, clu, matplotlib: not to parse the grid)
+  # TF, clu, matplotlib: imported here, not to parse the grid.
+  from npcface_jax import evaluate, report  # noqa: PLC0415
+  from npcface_jax.study import figures  # noqa: PLC0415
+  from npcface_jax.training import loop  # noqa: PLC0415
   figures.require()  # a missing extra fails before hours of training
   runs = runs_of(base, grids, variants)
   _check_all(base, runs)
@@ -195,7 +199,7 @@ def sweep(base, workdir: str, grids: list[str], variants: list[str], *,
                    len(runs), name)
       continue
     logging.info('run %d/%d %s: %s', k + 1, len(runs), name, fields)
-    outcome = train.train_and_evaluate(configured(base, fields), folder)
+    outcome = loop.train_and_evaluate(configured(base, fields), folder)
     if outcome.preempted:
       raise SystemExit(f'preempted during run {name}; rerun the same '
                        'command to resume')
@@ -207,8 +211,10 @@ def sweep(base, workdir: str, grids: list[str], variants: list[str], *,
 
 def main(argv) -> None:
   from absl import app, flags  # noqa: PLC0415 (the command line only)
-  from npcface_jax import (checkpoint, config_checks, figures,  # noqa: PLC0415 (TF)
-                           run_log, train)
+  # TF: imported here, after the flags are parsed.
+  from npcface_jax.common import checkpoint, run_log  # noqa: PLC0415
+  from npcface_jax.study import figures  # noqa: PLC0415
+  from npcface_jax.training import config_checks, loop  # noqa: PLC0415
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   f = flags.FLAGS
@@ -220,7 +226,7 @@ def main(argv) -> None:
   except (SweepError, config_checks.ConfigError, FileNotFoundError,
           figures.MissingExtra) as e:
     raise app.UsageError(str(e)) from None
-  except (train.NonFiniteLoss, checkpoint.CheckpointWriteError) as e:
+  except (loop.NonFiniteLoss, checkpoint.CheckpointWriteError) as e:
     sys.exit(f'error: {e}')  # the runs before it are kept; a rerun resumes
   print('report:', path)
 

@@ -2,7 +2,7 @@
 are these the same person? The first photo is compared with each of the
 others (or every pair of a ``--pairs`` file): cosine similarity of their
 embeddings and the decision at a threshold from the run's own evaluation
-(inference.find_threshold), saying which. ``--json`` prints one object.
+(trained_run.find_threshold), saying which. ``--json`` prints one object.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import json
 import os
 import sys
 
-from npcface_jax import detection, inference, run_log, textfile
+from npcface_jax.common import run_log, textfile
+from npcface_jax.faces import detection
+from npcface_jax.serving import trained_run
 
 
 def read_pairs(path: str, images: str | None = None
@@ -40,7 +42,7 @@ def read_pairs(path: str, images: str | None = None
       os.path.abspath(path)))
 
 
-def verify(model: inference.Model, threshold: inference.Threshold,
+def verify(model: trained_run.Model, threshold: trained_run.Threshold,
            pairs: list[tuple[str, str, bool | None]], root: str | None = None,
            *, aligned: bool = False, min_score: float = 0.9,
            progress: bool = True) -> dict:
@@ -48,7 +50,7 @@ def verify(model: inference.Model, threshold: inference.Threshold,
   [{name, reason}], 'threshold', 'accuracy' (pairs with a label), ...}. A
   pair with an unreadable photo, or one without a face, is skipped."""
   names = sorted({p for a, b, _ in pairs for p in (a, b)})
-  got = inference.embed_images(model, names, aligned=aligned, root=root,
+  got = trained_run.embed_images(model, names, aligned=aligned, root=root,
                                min_score=min_score, progress=progress,
                                what='verify')
   row = {names[i]: r for r, i in enumerate(got.kept)}
@@ -106,7 +108,7 @@ def main(argv):
     else:
       raise ValueError('give two photos or more (the first is compared with '
                        'each of the others), or --pairs=FILE')
-    model, threshold = inference.model_and_threshold(f)
+    model, threshold = trained_run.model_and_threshold(f)
     result = verify(model, threshold, pairs, root, aligned=f.aligned,
                     min_score=f.min_face_score, progress=not f.json)
   except (ValueError, FileNotFoundError, detection.MissingExtra) as e:
@@ -118,7 +120,7 @@ def main(argv):
 
 def _define_flags():
   from absl import flags  # noqa: PLC0415
-  inference.define_flags(threshold=True)
+  trained_run.define_flags(threshold=True)
   flags.DEFINE_string('pairs', None, 'A file of "path1 path2 [same]" lines '
                       'to score instead of photos (the format data_prep '
                       'pairs reads).')

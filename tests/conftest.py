@@ -19,7 +19,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 
 import jax
 
-from npcface_jax import xla_flags
+from npcface_jax.common import xla_flags
 
 xla_flags.use_in_order_cpu_schedule()  # subprocesses inherit them too
 xla_flags.use_fast_cpu_compile()

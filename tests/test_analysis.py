@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 import npcface_jax as nf
-from npcface_jax import analysis, class_shards, classifier, jsonfile
+from npcface_jax.common import jsonfile
+from npcface_jax.loss import class_shards, classifier
+from npcface_jax.training import hard_samples
 from tests.conftest import NUM_DEVICES
 from tests.helpers import fresh_rng
 
@@ -131,14 +133,14 @@ def test_window_summary_against_numpy():
   near = np.clip(c_y * -0.5 + rng.normal(0.3, 0.1, n), -1, 1)
   mis = near > np.cos(np.arccos(c_y) + 0.4)
   want = _numpy_record(c_y, near, mis)
-  window = analysis.Window(first_step=11)
+  window = hard_samples.Window(first_step=11)
   for part in np.array_split(np.arange(n), 7):
     window.add(np.float32(c_y[part]), np.float32(near[part]), mis[part])
   window.add([np.nan, 0.5], [0.1, -np.inf], [True, False])
   got = window.record(step=17, epoch=2.0, margin=0.4)
   assert (got['samples'], got['dropped'], got['first_step']) == (n, 2, 11)
   assert got['misclassified'] == want['mis'], f'seed {seed}'
-  for key in analysis.HISTOGRAMS:
+  for key in hard_samples.HISTOGRAMS:
     # float32 inputs may cross a bin edge: at most a few samples move
     diff = np.abs(np.array(got['hist'][key]) - want[key]).sum()
     assert diff <= 4 and sum(got['hist'][key]) == want[key].sum(), key
@@ -146,19 +148,19 @@ def test_window_summary_against_numpy():
   np.testing.assert_allclose(got['overlap'], want['overlap'], atol=3e-3)
   np.testing.assert_allclose(got['mean_cos_nearest_misclassified'],
                              want['mean_near'], atol=1e-6)
-  assert len(got['scatter_degrees']) == analysis.SCATTER
+  assert len(got['scatter_degrees']) == hard_samples.SCATTER
   json.dumps(got, allow_nan=False)  # a JSON line as it is
 
 
 def test_summary_edge_cases():
-  assert analysis.overlap_rate([1, 2, 0], [0, 0, 0]) is None
-  assert analysis.overlap_rate([1, 1], [1, 1]) == pytest.approx(1.0)
-  assert analysis.overlap_rate([1, 0], [0, 3]) == 0.0
-  assert analysis.pearson([1, 1, 1, 1, 1, 1]) is None
-  record = analysis.Window(1).record(5, 1.0, 0.4)
+  assert hard_samples.overlap_rate([1, 2, 0], [0, 0, 0]) is None
+  assert hard_samples.overlap_rate([1, 1], [1, 1]) == pytest.approx(1.0)
+  assert hard_samples.overlap_rate([1, 0], [0, 3]) == 0.0
+  assert hard_samples.pearson([1, 1, 1, 1, 1, 1]) is None
+  record = hard_samples.Window(1).record(5, 1.0, 0.4)
   assert record['pearson'] is None and record['overlap'] is None
   assert record['misclassified_share'] is None
-  assert analysis.tensorboard(record) == ({}, {})
+  assert hard_samples.tensorboard(record) == ({}, {})
 
 
 def test_records_rewind_after_a_resume_and_survive_a_torn_line(tmp_path):
@@ -168,11 +170,11 @@ def test_records_rewind_after_a_resume_and_survive_a_torn_line(tmp_path):
     jsonfile.append_line(file, {'step': step, 'line': line})
   with open(file, 'a') as f:
     f.write('{"step": 50, "cut sh')  # a crash while writing
-  records, left_out = analysis.read_records(file)
+  records, left_out = hard_samples.read_records(file)
   assert [r['step'] for r in records] == [10, 20, 30, 40]
   assert [r['line'] for r in records] == [0, 3, 4, 5]
   assert len(left_out) == 1 and 'line 7' in left_out[0]
-  assert analysis.read_records(str(tmp_path / 'none.jsonl')) == ([], [])
+  assert hard_samples.read_records(str(tmp_path / 'none.jsonl')) == ([], [])
 
 
 @pytest.mark.slow
@@ -182,12 +184,13 @@ def test_a_class_sharded_run_writes_its_records(tmp_path, monkeypatch):
   curve beside it; both in TensorBoard."""
   from tests import tiny_backbone  # noqa: PLC0415 (only this test)
   from tests.test_train import _config  # noqa: PLC0415 (only this test)
-  from npcface_jax import factories, train  # noqa: PLC0415 (TF, clu)
-  monkeypatch.setattr(factories, 'create_model', tiny_backbone.create_model)
+  from npcface_jax.training import loop, setup  # noqa: PLC0415 (TF, clu)
+  monkeypatch.setattr(setup, 'create_model', tiny_backbone.create_model)
   config = _config(model_parallel=2, analysis_every_steps=4,
                    analysis_margin=0.3, checkpoint_every_steps=100)
-  train.train_and_evaluate(config, str(tmp_path))
-  records, left_out = analysis.read_records(analysis.path(str(tmp_path)))
+  loop.train_and_evaluate(config, str(tmp_path))
+  records, left_out = hard_samples.read_records(
+      hard_samples.path(str(tmp_path)))
   assert not left_out
   assert [(r['step'], r['first_step'], r['samples'] + r['dropped'])
           for r in records] == [(4, 1, 64), (6, 5, 32)]
@@ -196,8 +199,8 @@ def test_a_class_sharded_run_writes_its_records(tmp_path, monkeypatch):
     assert sum(map(sum, (r['hist']['target_well'],
                          r['hist']['target_misclassified']))) == r['samples']
     assert sum(r['hist']['nearest_misclassified']) == r['misclassified']
-  curve, _ = analysis.read_records(analysis.path(str(tmp_path),
-                                                 analysis.METRICS))
+  curve, _ = hard_samples.read_records(hard_samples.path(str(tmp_path),
+                                                 hard_samples.METRICS))
   assert [m['step'] for m in curve] == [2, 4, 6]
   assert all(np.isfinite(m['loss']) for m in curve)
   tags = _tensorboard_tags(tmp_path)

@@ -1,31 +1,61 @@
 """The structure docs/architecture.md states, checked from the source with
-ast: every module is in its module map, imports only modules listed before
-it (so there is no import cycle and nothing imports upwards), npcface_jax
-never imports data_prep, evaluation never imports the training loop; no
+ast: the package's top level holds only the API and the commands; every
+library module sits in a role folder of the folder table and in its module
+map; a module imports only folders its folder may import and, inside its
+own folder, only modules listed before it (so there is no import cycle,
+nothing upwards or sideways); no library imports a command; evaluation and
+serving never import training; npcface_jax never imports data_prep; no
 function in npcface_jax/ is over 60 lines; nothing points at files outside
 the repository."""
 
 import ast
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOC = (ROOT / 'docs' / 'architecture.md').read_text()
 PACKAGES = ('npcface_jax', 'data_prep')
 MAX_FUNCTION_LINES = 60
 
 
+def _folders() -> dict[str, set[str]]:
+  """Folder -> the folders it may import, from the doc's folder table, in
+  the table's order ('(top level)' is the commands, 'data_prep' its own)."""
+  rows = re.findall(r'^\| `([\w/().\s]+)` \| [^|]+ \| ([^|]*) \|$', DOC,
+                    re.MULTILINE)
+  table = {}
+  for folder, allowed in rows:
+    names = [a.strip(' `/') for a in allowed.split(',') if a.strip(' `/-')]
+    table[folder.strip('/')] = {
+        n if n.startswith('npcface_jax') else f'npcface_jax/{n}'
+        for n in names}
+  return table
+
+
 def _module_map() -> list[str]:
   """The modules of docs/architecture.md's map, in its order."""
-  text = (ROOT / 'docs' / 'architecture.md').read_text()
-  return re.findall(r'^\| `((?:npcface_jax|data_prep)/[\w/]+\.py)` \|', text,
+  return re.findall(r'^\| `((?:npcface_jax|data_prep)/[\w/]+\.py)` \|', DOC,
                     re.MULTILINE)
 
 
 def _source_modules() -> list[str]:
   return sorted(str(p.relative_to(ROOT)) for package in PACKAGES
                 for p in (ROOT / package).rglob('*.py'))
+
+
+def _folder_of(module: str) -> str:
+  """'npcface_jax/loss/heads.py' -> 'npcface_jax/loss'; a module at the
+  package's top level -> 'npcface_jax (top level)'."""
+  parts = module.split('/')
+  if parts[0] == 'data_prep':
+    return 'data_prep'
+  if len(parts) == 2:
+    return 'npcface_jax (top level)'
+  return '/'.join(parts[:2])
 
 
 def _file_of(dotted: str) -> str | None:
@@ -59,6 +89,10 @@ def _imports(module: str) -> set[str]:
   return found
 
 
+def _is_package_init(module: str) -> bool:
+  return module.endswith('/__init__.py') and module.count('/') == 2
+
+
 def test_every_module_is_in_the_map_once():
   listed = _module_map()
   assert len(listed) == len(set(listed)), 'a module is listed twice'
@@ -68,28 +102,70 @@ def test_every_module_is_in_the_map_once():
       f'{sorted(set(listed) - set(_source_modules()))}')
 
 
+def test_folders_are_the_table_and_in_dependency_order():
+  """Every folder of the package is a row of the folder table, and a folder
+  may import only folders listed before it: the folders form no cycle."""
+  table = _folders()
+  on_disk = {'npcface_jax/' + p.name for p in (ROOT / 'npcface_jax').iterdir()
+             if (p / '__init__.py').is_file()}
+  assert on_disk | {'npcface_jax (top level)', 'data_prep'} == set(table)
+  order = list(table)
+  for i, folder in enumerate(order):
+    later = table[folder] & set(order[i:])
+    assert not later, f'{folder} may import {later}, not listed before it'
+
+
+def test_top_level_holds_only_the_api_and_the_commands():
+  top = sorted(p.name for p in (ROOT / 'npcface_jax').glob('*.py'))
+  commands = re.findall(r'^\| `npcface_jax/(\w+)\.py` \| `python -m',
+                        DOC, re.MULTILINE)
+  assert top == sorted(['__init__.py'] + [f'{c}.py' for c in commands])
+  readme = (ROOT / 'README.md').read_text()
+  for command in commands:
+    if command != 'main':
+      assert f'python -m npcface_jax.{command}' in readme, command
+
+
 @pytest.mark.parametrize('module', _module_map())
-def test_imports_go_down_the_map(module):
-  """A module imports only modules listed before it (its own layer's
-  earlier rows or lower layers): no cycle, nothing upwards."""
-  order = {m: i for i, m in enumerate(_module_map())}
-  upwards = sorted(m for m in _imports(module)
-                   if order.get(m, len(order)) >= order[module])
-  assert not upwards, f'{module} imports {upwards}, listed after it'
+def test_imports_follow_the_folders(module):
+  """Across folders a module imports only the folders its folder may
+  import (a folder's __init__ counts as the folder); inside its folder,
+  only modules listed before it."""
+  table, order = _folders(), {m: i for i, m in enumerate(_module_map())}
+  own = _folder_of(module)
+  wrong = []
+  for imported in sorted(_imports(module)):
+    other = _folder_of(imported)
+    if other == own:
+      if order.get(imported, len(order)) >= order[module] and not (
+          _is_package_init(imported)):
+        wrong.append(f'{imported} (listed after it in its folder)')
+    elif other not in table[own]:
+      wrong.append(f'{imported} ({own} may not import {other})')
+  assert not wrong, f'{module} imports {wrong}'
+
+
+def test_no_library_imports_a_command():
+  commands = {m for m in _source_modules()
+              if _folder_of(m) == 'npcface_jax (top level)'
+              and not m.endswith('__init__.py')}
+  for module in _source_modules():
+    if _folder_of(module).startswith('npcface_jax/'):
+      assert not _imports(module) & commands, module
+
+
+def test_evaluation_and_serving_never_import_training():
+  for module in _source_modules():
+    if _folder_of(module) in ('npcface_jax/evaluation', 'npcface_jax/serving'):
+      training = {m for m in _imports(module)
+                  if m.startswith('npcface_jax/training/')}
+      assert not training, f'{module} imports {sorted(training)}'
 
 
 def test_npcface_jax_never_imports_data_prep():
   offenders = {m: sorted(i for i in _imports(m) if i.startswith('data_prep'))
                for m in _source_modules() if m.startswith('npcface_jax/')}
   assert not {m: i for m, i in offenders.items() if i}
-
-
-def test_evaluation_never_imports_the_training_loop():
-  loop = {'npcface_jax/train.py', 'npcface_jax/train_step.py',
-          'npcface_jax/main.py'}
-  for module in ('npcface_jax/evaluate.py', 'npcface_jax/verification.py',
-                 'npcface_jax/embedding.py', 'npcface_jax/run_dir.py'):
-    assert not _imports(module) & loop, module
 
 
 def test_no_function_over_60_lines():
@@ -112,3 +188,33 @@ def test_nothing_points_outside_the_repository():
            if '.git' not in p.parts and 'build' not in p.parts]
   assert not [str(p.relative_to(ROOT)) for p in files
               if outside in p.read_text(errors='replace')]
+
+
+def test_the_flat_layouts_paths_still_import_with_a_warning():
+  """Every module path of release 0.1.0 imports (``import`` and ``from
+  npcface_jax import``) as the module at its new path, the same object,
+  with a DeprecationWarning naming it; the package's API needs no JAX."""
+  code = '''
+import importlib, sys, warnings
+import npcface_jax
+assert 'jax' not in sys.modules
+for old, new in sorted(npcface_jax.MOVED.items()):
+  if old == 'serving':  # a folder now
+    continue
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    module = importlib.import_module('npcface_jax.' + old)
+  assert module is importlib.import_module('npcface_jax.' + new), old
+  assert [w for w in caught if w.category is DeprecationWarning
+          and 'npcface_jax.' + new in str(w.message)], (old, caught)
+  sys.modules.pop('npcface_jax.' + old)
+with warnings.catch_warnings(record=True) as caught:
+  warnings.simplefilter('always')
+  from npcface_jax import chunked_loss
+assert chunked_loss.chunked_cross_entropy, caught
+print('ok', len(npcface_jax.MOVED))
+'''
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                        text=True, cwd=ROOT, check=False)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.split() == ['ok', '37']  # the 0.1.0 library modules

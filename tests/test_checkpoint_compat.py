@@ -11,7 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from npcface_jax import embedding, factories, run_dir
+from npcface_jax import models
+from npcface_jax.common import arrays
+from npcface_jax.evaluation import embedding_step
+from npcface_jax.serving import run_dir
 from tests.test_faults import _restore
 
 FIXTURE = (pathlib.Path(__file__).resolve().parent / 'data'
@@ -46,10 +49,10 @@ def test_the_old_state_restores_leaf_for_leaf(old_run):
 
 def test_evaluation_gets_the_old_embeddings(old_run):
   workdir, config, image_size, expected = old_run
-  mesh = factories.make_mesh(1)
+  mesh = arrays.make_mesh(1)
   variables, step = run_dir.restore_variables(str(workdir), mesh)
-  embedder = embedding.Embedder(
-      factories.create_model(config, train_dtype=False), mesh, 8)
+  embedder = embedding_step.Embedder(
+      models.from_config(config, train_dtype=False), mesh, 8)
   got = embedder(variables, expected['images'])
   assert step == 2 and image_size == 32
   np.testing.assert_allclose(got, expected['embeddings'], rtol=1e-5,

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from npcface_jax import class_shards
+from npcface_jax.loss import class_shards
 from tests.helpers import fresh_rng
 
 B = 12

@@ -19,9 +19,13 @@ import pytest
 from PIL import Image
 
 from configs import demo
-from npcface_jax import (checkpoint, detection, embed as embed_command,
-                         evaluate, factories, identify, images, inference,
-                         jsonfile, run_dir, training_data, verify)
+from npcface_jax import models
+from npcface_jax.common import arrays
+from npcface_jax import embed as embed_command, evaluate, identify, verify
+from npcface_jax.common import checkpoint, jsonfile
+from npcface_jax.faces import detection, images
+from npcface_jax.serving import run_dir, trained_run
+from npcface_jax.training import data_source, setup
 from tests import tiny_backbone
 from tests.conftest import NUM_DEVICES
 from tests.helpers import SHARED_DATA
@@ -46,14 +50,14 @@ def write_run(workdir, calibrate=False, **overrides) -> str:
   c.eval_batch_size = 16
   for key, value in overrides.items():
     setattr(c, key, value)
-  mesh = factories.make_mesh(1)
-  data = training_data.open_data(c, mesh)
-  task = factories.make_task(c, mesh, data)
-  run_dir.write_run_info(str(workdir), c, data)
+  mesh = arrays.make_mesh(1)
+  data = data_source.open_data(c, mesh)
+  task = setup.make_task(c, mesh, data)
+  run_dir.write_run_info(str(workdir), c, data, task.head.options)
   checkpoints = checkpoint.Checkpointer(
       os.path.join(workdir, 'checkpoints'), keep=1, every_steps=1,
       asynchronous=False)
-  state = factories.init_state(task)
+  state = setup.init_state(task)
   if calibrate:
     state = _calibrated(task, state, data)
   checkpoints.save(0, state, data.open(None).state(), force=True)
@@ -84,17 +88,17 @@ def _calibrated(task, state, data):
 @pytest.fixture(scope='module')
 def model(tmp_path_factory):
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(factories, 'create_model', tiny_backbone.create_model)
+    patch.setattr(models, 'from_config', tiny_backbone.create_model)
     workdir = write_run(tmp_path_factory.mktemp('run'))
-    return inference.open_model(workdir)
+    return trained_run.open_model(workdir)
 
 
 @pytest.fixture(scope='module')
 def photos(model):
-  """The ORL photos' embeddings through inference.embed_images, the path
+  """The ORL photos' embeddings through trained_run.embed_images, the path
   of every command."""
   orl = _orl()
-  got = inference.embed_images(model, PHOTOS, root=str(orl), progress=False)
+  got = trained_run.embed_images(model, PHOTOS, root=str(orl), progress=False)
   assert got.kept == list(range(len(PHOTOS))) and not got.skipped
   return got
 
@@ -115,16 +119,16 @@ def _results(workdir, step=0, flip=False, targets=None):
 
 def test_threshold_from_the_runs_own_results(tmp_path):
   _results(tmp_path)
-  t = inference.find_threshold(str(tmp_path), 0)
+  t = trained_run.find_threshold(str(tmp_path), 0)
   assert (t.value, t.flip) == (0.31, False)
   assert '10-fold threshold of lfw' in t.source
-  t = inference.find_threshold(str(tmp_path), 0, far=1e-3)
+  t = trained_run.find_threshold(str(tmp_path), 0, far=1e-3)
   assert t.value == 0.42 and 'FAR 0.001 on lfw: TAR 80.00%' in t.source
   with pytest.raises(ValueError, match='no threshold at FAR 1e-05.*0.001'):
-    inference.find_threshold(str(tmp_path), 0, far=1e-5)
+    trained_run.find_threshold(str(tmp_path), 0, far=1e-5)
   with pytest.raises(ValueError, match='no evaluation results for step 7'
                      '.*npcface_jax.evaluate.*--threshold'):
-    inference.find_threshold(str(tmp_path), 7)
+    trained_run.find_threshold(str(tmp_path), 7)
 
 
 def test_threshold_prefers_the_flip_results_and_names_ambiguity(tmp_path):
@@ -133,28 +137,28 @@ def test_threshold_prefers_the_flip_results_and_names_ambiguity(tmp_path):
   _results(tmp_path, flip=True, targets=two)
   _results(tmp_path)
   with pytest.raises(ValueError, match='2 sets.*agedb, lfw.*--target'):
-    inference.find_threshold(str(tmp_path), 0)
-  t = inference.find_threshold(str(tmp_path), 0, target='agedb')
+    trained_run.find_threshold(str(tmp_path), 0)
+  t = trained_run.find_threshold(str(tmp_path), 0, target='agedb')
   assert (t.value, t.flip) == (0.25, True)
-  assert inference.find_threshold(str(tmp_path), 0, flip=False).value == 0.31
+  assert trained_run.find_threshold(str(tmp_path), 0, flip=False).value == 0.31
   with pytest.raises(ValueError, match="no set 'cfp'"):
-    inference.find_threshold(str(tmp_path), 0, target='cfp')
+    trained_run.find_threshold(str(tmp_path), 0, target='cfp')
 
 
 def test_sources_folder_list_and_paths(tmp_path):
   (tmp_path / 'a' / 'b').mkdir(parents=True)
   for name in ('a/1.jpg', 'a/b/2.png', 'a/notes.txt'):
     (tmp_path / name).write_bytes(b'x')
-  assert inference.list_sources([str(tmp_path / 'a')]) == (
+  assert trained_run.list_sources([str(tmp_path / 'a')]) == (
       str(tmp_path / 'a'), ['1.jpg', os.path.join('b', '2.png')])
   (tmp_path / 'list.txt').write_text('# faces\na/1.jpg\n\n a/b/2.png \n')
-  assert inference.list_sources([str(tmp_path / 'list.txt')]) == (
+  assert trained_run.list_sources([str(tmp_path / 'list.txt')]) == (
       str(tmp_path), ['a/1.jpg', 'a/b/2.png'])
-  assert inference.list_sources(['x.jpg', 'y.jpg']) == (None,
+  assert trained_run.list_sources(['x.jpg', 'y.jpg']) == (None,
                                                          ['x.jpg', 'y.jpg'])
   (tmp_path / 'empty').mkdir()
   with pytest.raises(ValueError, match='holds no image files'):
-    inference.list_sources([str(tmp_path / 'empty')])
+    trained_run.list_sources([str(tmp_path / 'empty')])
 
 
 def test_pairs_file_errors_name_the_line(tmp_path):
@@ -186,7 +190,7 @@ def test_embed_writes_rows_names_skips_and_landmarks(model, photos, tmp_path):
   np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
   # The landmarks file is data_prep's --landmarks format: reading it and
   # aligning on it gives the very pixels detection gave.
-  from npcface_jax import alignment  # noqa: PLC0415
+  from npcface_jax.faces import alignment  # noqa: PLC0415
   points = alignment.read_landmarks(out / 'landmarks.txt')
   assert sorted(points) == PHOTOS
   for i, name in enumerate(PHOTOS):
@@ -204,7 +208,7 @@ def test_embed_writes_rows_names_skips_and_landmarks(model, photos, tmp_path):
 def test_verify_scores_are_the_embeddings_cosines(model, photos):
   pairs = [(PHOTOS[0], p, None) for p in PHOTOS[1:]] + [
       (PHOTOS[0], 'missing.jpg', True)]
-  threshold = inference.Threshold(0.5, 'given', False)
+  threshold = trained_run.Threshold(0.5, 'given', False)
   result = verify.verify(model, threshold, pairs, str(ORL), progress=False)
   e = photos.embeddings
   assert [p['b'] for p in result['pairs']] == PHOTOS[1:]
@@ -219,7 +223,7 @@ def test_verify_scores_are_the_embeddings_cosines(model, photos):
 def test_evaluate_folder_input_with_detect_gives_the_same(
     model, photos, tmp_path, monkeypatch):
   """The evaluation command's probe folder, --detect: the same rows."""
-  monkeypatch.setattr(factories, 'create_model', tiny_backbone.create_model)
+  monkeypatch.setattr(models, 'from_config', tiny_backbone.create_model)
   probes, distractors = tmp_path / 'probes', tmp_path / 'distractors'
   for name in PHOTOS:
     (probes / name).parent.mkdir(parents=True, exist_ok=True)
@@ -257,7 +261,7 @@ def test_identify_caches_the_gallery_until_it_changes(model, tmp_path):
   assert [s['name'] for s in changed['skipped']] == [
       os.path.join('s34', 'bad.png')]
   # A template is the normalised mean of the person's embeddings.
-  crops = inference.embed_images(
+  crops = trained_run.embed_images(
       model, [str(orl / 's31' / f'{i}.pgm') for i in (1, 2)], **read)
   mean = crops.embeddings.mean(0)
   np.testing.assert_allclose(changed['templates'][0],
@@ -265,7 +269,7 @@ def test_identify_caches_the_gallery_until_it_changes(model, tmp_path):
   probes = [str(orl / 's31' / '1.pgm'), str(orl / 's35' / '1.pgm')]
   scores = changed['templates'] @ crops.embeddings[0]
   result = identify.identify(
-      model, inference.Threshold(float(np.max(scores)) - 1e-4, 'given',
+      model, trained_run.Threshold(float(np.max(scores)) - 1e-4, 'given',
                                  False), changed, probes, top_k=2, **read)
   top = result['probes'][0]['top']
   assert [t['name'] for t in top] == [changed['names'][j] for j in
@@ -328,7 +332,7 @@ def test_data_prep_faces_reach_training_and_evaluation_as_one(model, photos):
   very same pixels, so they embed the same."""
   import tensorflow as tf  # noqa: PLC0415 (the input pipeline's decoder)
   from data_prep import preprocess  # noqa: PLC0415 (the test's only use)
-  from npcface_jax import input_pipeline  # noqa: PLC0415 (TensorFlow)
+  from npcface_jax.data import input_pipeline  # noqa: PLC0415 (TensorFlow)
   faces, decoded = [], []
   for i, name in enumerate(PHOTOS):
     face, _ = images.read_face(ORL / name, model.image_size,

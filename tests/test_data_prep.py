@@ -1,5 +1,6 @@
-"""data_prep (train and pairs conversions) and npcface_jax.verification_bin,
-on the real ORL faces in ../shared/data and on broken inputs made here."""
+"""data_prep (train and pairs conversions) and the .bin format
+(npcface_jax.evaluation.bin_format), on the real ORL faces in
+../shared/data and on broken inputs made here."""
 
 import io
 import json
@@ -16,7 +17,8 @@ from data_prep import DataPrepError, recordio, sources
 from data_prep import pairs as pairs_lib
 from data_prep import train_set
 from data_prep.__main__ import main
-from npcface_jax import alignment, verification_bin
+from npcface_jax.evaluation import bin_format
+from npcface_jax.faces import alignment
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / 'shared' / 'data'
@@ -169,16 +171,16 @@ def test_rec_folder_is_detected(data):
 # --- Verification .bin -------------------------------------------------------
 
 def test_fixture_bin_loads(data):
-  bins, issame = verification_bin.load_bin(DATA / 'orl_bin' / 'orl_test.bin')
+  bins, issame = bin_format.load_bin(DATA / 'orl_bin' / 'orl_test.bin')
   # (The data README says 149 + 149; the file holds 142 + 142.)
   assert len(bins) == 2 * len(issame) == 568
   assert issame.dtype == bool and issame.sum() == 142 and (~issame).sum() == 142
-  faces = verification_bin.decode_pairs(bins[:4], 112)
+  faces = bin_format.decode_pairs(bins[:4], 112)
   assert faces.shape == (4, 112, 112, 3) and faces.dtype == np.uint8
 
 
 def test_npcface_jax_does_not_import_tensorflow():
-  code = ('import sys, npcface_jax.verification_bin; '
+  code = ('import sys, npcface_jax.evaluation.bin_format; '
           'sys.exit("tensorflow" in sys.modules)')
   assert subprocess.run([sys.executable, '-c', code]).returncode == 0
 
@@ -193,8 +195,9 @@ def test_data_prep_does_not_import_jax():
                         text=True, cwd=ROOT, check=False)
   assert proc.returncode == 0, proc.stderr
   code = ('from npcface_jax import npcface_logits, get_head; import '
-          'npcface_jax as nf; assert nf.heads.npcface_logits is '
-          'npcface_logits; assert "get_head" in dir(nf)')
+          'npcface_jax as nf; from npcface_jax.loss import heads; '
+          'assert heads.npcface_logits is npcface_logits; '
+          'assert "get_head" in dir(nf)')
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
                         text=True, cwd=ROOT, check=False)
   assert proc.returncode == 0, proc.stderr
@@ -325,9 +328,9 @@ def test_pairs_round_trip(data, tmp_path, capsys):
                '--workers', '1', '--quiet']) == 0
   err = capsys.readouterr().err
   assert 'line 7' in err and 's33/s33_0099.jpg: missing file' in err
-  bins, issame = verification_bin.load_bin(out)
+  bins, issame = bin_format.load_bin(out)
   assert issame.tolist() == [True, True, True, False, False]
-  faces = verification_bin.decode_pairs(bins, 112).astype(np.float64)
+  faces = bin_format.decode_pairs(bins, 112).astype(np.float64)
   sources_ = [('s31', 1), ('s31', 2), ('s32', 3), ('s32', 4), ('s33', 1),
               ('s33', 10), ('s31', 1), ('s32', 2), ('s32', 5), ('s33', 6)]
   for face, (name, i) in zip(faces, sources_):

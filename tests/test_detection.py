@@ -12,8 +12,9 @@ from PIL import Image
 
 from data_prep import preprocess, train_set
 from data_prep.__main__ import main
-from npcface_jax import (alignment, detection, images, jsonfile,
-                         verification_bin)
+from npcface_jax.common import jsonfile
+from npcface_jax.evaluation import bin_format
+from npcface_jax.faces import alignment, detection, images
 from tests.helpers import SHARED_DATA
 
 ORL = SHARED_DATA / 'orl_faces'
@@ -240,7 +241,7 @@ def test_pairs_detect_same_pixels_and_saved_landmarks(finder, tmp_path,
   err = capsys.readouterr().err
   assert 'skipped 1 of 4 (images left out: 1 no face)' in err, err
   assert 's3/blank.png: no face' in err
-  bins, issame = verification_bin.load_bin(out)
+  bins, issame = bin_format.load_bin(out)
   assert issame.tolist() == [True, False, True]
   want = [preprocess.encode_jpeg(
       images.read_face(ORL / k, 112, detector=finder)[0], 95) for k in keys]

@@ -15,8 +15,12 @@ import pytest
 from PIL import Image
 
 from configs import demo
-from npcface_jax import (alignment, embedding, evaluate, factories, images,
-                         protocols, train)
+from npcface_jax import models
+from npcface_jax.common import arrays
+from npcface_jax import evaluate
+from npcface_jax.evaluation import embedding_step, protocols
+from npcface_jax.faces import alignment, images
+from npcface_jax.training import loop, setup
 from tests import tiny_backbone
 from tests.conftest import NUM_DEVICES
 from tests.helpers import SHARED_DATA
@@ -44,9 +48,9 @@ def trained(tmp_path_factory):
   evaluation does with a checkpoint does not depend on the backbone;
   test_models covers each one's inference)."""
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(factories, 'create_model', tiny_backbone.create_model)
+    patch.setattr(models, 'from_config', tiny_backbone.create_model)
     workdir = tmp_path_factory.mktemp('demo')
-    outcome = train.train_and_evaluate(_demo_config(), str(workdir))
+    outcome = loop.train_and_evaluate(_demo_config(), str(workdir))
     yield workdir, outcome.state
 
 
@@ -78,8 +82,8 @@ def test_orl_bin_end_to_end(trained):
   features = np.load(out / 'features' / 'orl_test.npy')
   assert features.shape == (568, 128) and features.dtype == np.float32
   np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1, rtol=1e-5)
-  from npcface_jax import verification_bin  # noqa: PLC0415
-  _, issame = verification_bin.load_bin(ORL_BIN)
+  from npcface_jax.evaluation import bin_format  # noqa: PLC0415
+  _, issame = bin_format.load_bin(ORL_BIN)
   want = protocols.verification_report(
       protocols.pair_similarities(features), issame)
   for key in ('accuracy', 'accuracy_std', 'auc', 'fold_accuracies'):
@@ -88,13 +92,13 @@ def test_orl_bin_end_to_end(trained):
   assert [t['tar'] for t in result['tar_at_far']] == [
       t['tar'] for t in want['tar_at_far']]
   # ...and the features are the trained network's, flip included.
-  images = verification_bin.decode_pairs(verification_bin.load_bin(ORL_BIN)[0],
+  images = bin_format.decode_pairs(bin_format.load_bin(ORL_BIN)[0],
                                          48)
-  embedder = embedding.Embedder(factories.create_model(_demo_config(),
+  embedder = embedding_step.Embedder(models.from_config(_demo_config(),
                                                   train_dtype=False),
-                               factories.make_mesh(1), 64, flip=True)
+                               arrays.make_mesh(1), 64, flip=True)
   np.testing.assert_allclose(
-      embedder(factories.eval_variables(state), images), features, atol=2e-6)
+      embedder(setup.eval_variables(state), images), features, atol=2e-6)
   with Image.open(out / result['roc']) as png:
     assert png.format == 'PNG' and png.size == (720, 540)
 
@@ -190,7 +194,7 @@ def test_ijb_and_identification_sets_end_to_end(trained, tmp_path):
   probe/distractor pair of folders (one corrupt distractor), evaluated from
   the checkpoint; the written numbers recomputed from the exported features
   with the protocols."""
-  from npcface_jax import identification, ijb  # noqa: PLC0415
+  from npcface_jax.evaluation import ijb, ranking  # noqa: PLC0415
   rng, seed = np.random.default_rng(0), 0
   workdir, _ = trained
   root = tmp_path / 'IJBC'
@@ -252,7 +256,7 @@ def test_ijb_and_identification_sets_end_to_end(trained, tmp_path):
   assert mega['skipped_images'][1].endswith(
       'broken.jpg: not an image: Pillow recognises none of '
       + ', '.join(images.FORMATS) + ' in it'), mega['skipped_images']
-  want = identification.megaface(
+  want = ranking.megaface(
       np.load(out / 'features' / 'facescrub_probes.npy'),
       np.load(out / 'features' / 'facescrub_labels.npy'),
       np.load(out / 'features' / 'facescrub_distractors.npy'),
@@ -270,7 +274,7 @@ def test_hostile_and_damaged_bins_through_the_command(trained, tmp_path):
   that pair, which results.json names."""
   if not ORL_BIN.is_file():
     pytest.skip(f'{ORL_BIN} not found (shared test data absent)')
-  from npcface_jax import verification_bin  # noqa: PLC0415
+  from npcface_jax.evaluation import bin_format  # noqa: PLC0415
   from tests.test_verification_bin import forged_dtype_bin  # noqa: PLC0415
   workdir, _ = trained
   forged = tmp_path / 'forged.bin'
@@ -278,10 +282,10 @@ def test_hostile_and_damaged_bins_through_the_command(trained, tmp_path):
   proc = _evaluate(f'--workdir={workdir}', f'--targets={forged}', devices=1)
   assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
   assert f'{forged} is not an insightface verification .bin' in proc.stderr
-  bins, issame = verification_bin.load_bin(ORL_BIN)
+  bins, issame = bin_format.load_bin(ORL_BIN)
   bins[5] = bins[5][:100]  # pair 2's second image, truncated
   damaged = tmp_path / 'damaged.bin'
-  verification_bin.save_bin(damaged, bins, issame)
+  bin_format.save_bin(damaged, bins, issame)
   record = evaluate.evaluate_run(str(workdir), targets=[str(damaged)],
                                  log=lambda *a: None)
   result = record['targets']['damaged']

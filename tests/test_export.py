@@ -16,9 +16,13 @@ import pytest
 from jax import lax
 from PIL import Image
 
-from npcface_jax import (embedding, export, factories, images, inference,
-                         jsonfile, model_card, models, onnx_graph, serving,
-                         verification)
+from npcface_jax.common import arrays
+from npcface_jax import export, models
+from npcface_jax.common import jsonfile
+from npcface_jax.evaluation import embedding_step, run_sets
+from npcface_jax.faces import images
+from npcface_jax.serving import (export_formats, model_card, onnx_graph,
+                                  trained_run)
 from tests import tiny_backbone
 from tests.helpers import fresh_rng, orl_faces, random_variables
 from tests.test_commands import _results, write_run
@@ -92,8 +96,9 @@ def test_weights_are_folded_and_shared():
   the backbone reuses the first pass's weights."""
   model = models.create('mobilefacenet', width=0.25, embedding_dim=16)
   variables = random_variables(model, (1, 48, 48, 3))
-  graphs = [onnx_graph.to_onnx(serving.serving_function(model, variables, f),
-                               (48, 48, 3), jnp.uint8) for f in (False, True)]
+  graphs = [onnx_graph.to_onnx(
+      export_formats.serving_function(model, variables, f), (48, 48, 3),
+      jnp.uint8) for f in (False, True)]
   ops = [n.op_type for n in graphs[0].graph.node]
   kernels = [k for k in jax.tree.leaves(variables['params']) if k.ndim == 4]
   assert ops.count('Conv') == len(kernels) == 49
@@ -123,20 +128,20 @@ def test_every_backbone_exports_to_every_format(name, faces, tmp_path,
   also shows the dynamic batch, 1, 7 and 64 from one file. The SavedModel
   is lowered for CPU only here (two thirds of its export time); the
   command's test lowers for all three platforms."""
-  monkeypatch.setattr(serving, 'SAVEDMODEL_PLATFORMS', ('cpu',))
+  monkeypatch.setattr(export_formats, 'SAVEDMODEL_PLATFORMS', ('cpu',))
   _, seed = fresh_rng()
   model = models.create(name, width=0.25, embedding_dim=64)
   variables = random_variables(model, (1, 112, 112, 3), seed)
   pixels = faces if name == 'mobilefacenet' else faces[:8]
-  embedder = embedding.Embedder(model, factories.make_mesh(1), 8, flip=True)
+  embedder = embedding_step.Embedder(model, arrays.make_mesh(1), 8, flip=True)
   reference = embedder(variables, pixels)
   assert (reference @ reference.T).min() < 0.99  # faces embed apart
-  fn = serving.serving_function(model, variables, flip=True)
-  formats = ['onnx'] if name in DEEPER else serving.FORMATS
+  fn = export_formats.serving_function(model, variables, flip=True)
+  formats = ['onnx'] if name in DEEPER else export_formats.FORMATS
   for fmt in formats:
-    path = str(tmp_path / serving.FILES[fmt])
-    serving.write(fmt, fn, 112, path)
-    run = serving.load(fmt, path)
+    path = str(tmp_path / export_formats.FILES[fmt])
+    export_formats.write(fmt, fn, 112, path)
+    run = export_formats.load(fmt, path)
     if name == 'mobilefacenet' or fmt == 'onnx':
       got = export.run_batched(run, pixels)  # batches of 1, 7 (and 64)
     else:  # one batch: TF compiles the XlaCallModule once per batch size
@@ -153,21 +158,21 @@ def run(tmp_path_factory):
   """A step-0 TinyNet run on synthetic faces, its BatchNorm statistics the
   data's, and evaluation results at its step."""
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(factories, 'create_model', tiny_backbone.create_model)
+    patch.setattr(models, 'from_config', tiny_backbone.create_model)
     workdir = write_run(tmp_path_factory.mktemp('run'), calibrate=True)
-    c = inference.open_model(workdir).config
+    c = trained_run.open_model(workdir).config
   _results(workdir)
   return workdir, c
 
 
 @pytest.fixture
 def tiny(monkeypatch):
-  monkeypatch.setattr(factories, 'create_model', tiny_backbone.create_model)
+  monkeypatch.setattr(models, 'from_config', tiny_backbone.create_model)
 
 
 def _held_out(monkeypatch):
   """The run's config with held-out synthetic pairs to check parity on."""
-  original = verification.verification_sets
+  original = run_sets.verification_sets
 
   def with_pairs(config, image_size):
     config = config.copy_and_resolve_references()
@@ -175,14 +180,14 @@ def _held_out(monkeypatch):
     config.synthetic.heldout_pairs = 60
     return original(config, image_size)
 
-  monkeypatch.setattr(verification, 'verification_sets', with_pairs)
+  monkeypatch.setattr(run_sets, 'verification_sets', with_pairs)
 
 
 @pytest.fixture(scope='module')
 def exported(run, tmp_path_factory):
   workdir, _ = run
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(factories, 'create_model', tiny_backbone.create_model)
+    patch.setattr(models, 'from_config', tiny_backbone.create_model)
     _held_out(patch)
     out = str(tmp_path_factory.mktemp('export') / 'model')
     card = export.export_run(workdir, out=out, log=lambda *_: None)
@@ -196,7 +201,7 @@ def test_export_passes_parity_and_writes_the_card(run, exported):
   parity = card['parity']
   assert parity['images'] == 120 and 'synthetic_heldout (60 pairs)' in (
       parity['faces'])
-  for fmt in serving.FORMATS:
+  for fmt in export_formats.FORMATS:
     r = parity['formats'][fmt]
     assert r['min_cosine'] >= 0.9999 and r['passed'], fmt
     a = r['accuracy']['synthetic_heldout']
@@ -271,7 +276,7 @@ def test_check_runs_every_format_on_the_sample(exported, tmp_path):
   card['files'] = model_card.file_records(copy)
   model_card.write(copy, card)
   problems = export.check_export(copy, log=lambda *_: None)
-  assert [p.split(':')[0] for p in problems] == list(serving.FORMATS)
+  assert [p.split(':')[0] for p in problems] == list(export_formats.FORMATS)
   assert all('below 0.9999' in p for p in problems)
 
 
@@ -317,9 +322,9 @@ def test_missing_extra_and_bad_requests_are_named(run, tiny, monkeypatch):
   with pytest.raises(ValueError, match='no verification sets.*--images'):
     export.export_run(workdir, formats=['onnx'])
   monkeypatch.setitem(sys.modules, 'onnxruntime', None)
-  with pytest.raises(serving.MissingExtra,
+  with pytest.raises(export_formats.MissingExtra,
                      match=r'pip install "npcface_jax\[export\]"'):
     export.export_run(workdir, formats=['savedmodel', 'onnx'])
-  with pytest.raises(serving.MissingExtra):
-    serving.load('onnx', 'model.onnx')
+  with pytest.raises(export_formats.MissingExtra):
+    export_formats.load('onnx', 'model.onnx')
   assert not list(pathlib.Path(workdir).glob('export*'))

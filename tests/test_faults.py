@@ -14,8 +14,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from npcface_jax import (checkpoint, factories, train, train_step,
-                         training_data)
+from npcface_jax import models
+from npcface_jax.common import arrays
+from npcface_jax.common import checkpoint
+from npcface_jax.training import data_source, loop, setup, train_step
 from tests import tiny_backbone
 from tests.test_train import _assert_same_params, _config
 
@@ -24,7 +26,7 @@ from tests.test_train import _assert_same_params, _config
 def small_backbone(monkeypatch):
   """The tests' small backbone in place of MobileFaceNet: the faults are
   the trainer's, and it compiles in a second rather than twenty."""
-  monkeypatch.setattr(factories, 'create_model', tiny_backbone.create_model)
+  monkeypatch.setattr(models, 'from_config', tiny_backbone.create_model)
 
 
 class _Poisoned:
@@ -45,23 +47,23 @@ class _Poisoned:
 
 
 def _poison(monkeypatch, at):
-  real = training_data.open_data
+  real = data_source.open_data
 
   def open_data(config, mesh):
     data = real(config, mesh)
     return data._replace(open=lambda start: _Poisoned(data.open(start), at))
 
-  monkeypatch.setattr(training_data, 'open_data', open_data)
+  monkeypatch.setattr(data_source, 'open_data', open_data)
 
 
 def _restore(workdir, config, step=None):
-  mesh = factories.make_mesh(config.model_parallel)
-  task = factories.make_task(config, mesh,
-                             training_data.open_data(config, mesh))
+  mesh = arrays.make_mesh(config.model_parallel)
+  task = setup.make_task(config, mesh,
+                             data_source.open_data(config, mesh))
   ckpt = checkpoint.Checkpointer(str(workdir / 'checkpoints'), keep=3,
                                  every_steps=100)
   try:
-    return ckpt.restore(factories.abstract_state(task), step), ckpt.all_steps()
+    return ckpt.restore(setup.abstract_state(task), step), ckpt.all_steps()
   finally:
     ckpt.close()
 
@@ -81,14 +83,14 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(
   checkpoint of 4 clean steps."""
   _poison(monkeypatch, at=5)
   c = _config(num_train_steps=6, checkpoint_every_steps=4, log_every_steps=2)
-  with pytest.raises(train.NonFiniteLoss,
+  with pytest.raises(loop.NonFiniteLoss,
                      match=r'step 5: .*newest checkpoint \(step 4\)'):
-    train.train_and_evaluate(c, str(tmp_path / 'stop'))
+    loop.train_and_evaluate(c, str(tmp_path / 'stop'))
   (clean4, _, step), steps = _restore(tmp_path / 'stop', c)
   assert step == 4 and max(steps) == 4 and _finite(clean4)
 
   with caplog.at_level(logging.WARNING):
-    skipped = train.train_and_evaluate(
+    skipped = loop.train_and_evaluate(
         _config(num_train_steps=5, nonfinite='skip'),
         str(tmp_path / 'skip')).state
   assert 'step 5: loss or gradient not finite; the step was skipped' in (
@@ -112,12 +114,12 @@ def test_after_skipped_steps_the_applied_learning_rate_is_the_logged_one():
   to apply the rate of two steps earlier (optax's count stayed behind)."""
   c = _config(momentum=0.0, weight_decay=0.0, learning_rate=0.1,
               warmup_epochs=1.0, nonfinite='skip')  # 4 steps of warm-up
-  mesh = factories.make_mesh(1, jax.devices()[:1])
-  data = training_data.open_data(c, mesh)
-  task = factories.make_task(c, mesh, data)
-  state = factories.init_state(task)
+  mesh = arrays.make_mesh(1, jax.devices()[:1])
+  data = data_source.open_data(c, mesh)
+  task = setup.make_task(c, mesh, data)
+  state = setup.init_state(task)
   step = train_step.make_train_step(
-      task, factories.state_shardings(task, state))
+      task, setup.state_shardings(task, state))
   stream = data.open(None)
   for skip in (True, True, False):
     batch = next(stream)
@@ -142,7 +144,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path,
   5 was cut short: the rerun warns, moves step 4 aside, resumes from step 2
   and ends on the uninterrupted run's parameters."""
   c = _config(num_train_steps=4, checkpoint_every_steps=2)
-  full = train.train_and_evaluate(c, str(tmp_path)).state
+  full = loop.train_and_evaluate(c, str(tmp_path)).state
   step4 = tmp_path / 'checkpoints' / '4'
   data = [os.path.join(d, f) for d, _, files in os.walk(step4 / 'state')
           for f in files if os.sep + 'd' + os.sep in os.path.join(d, f)]
@@ -156,7 +158,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path,
   (half / 'state').mkdir(parents=True)
 
   with caplog.at_level(logging.WARNING):
-    resumed = train.train_and_evaluate(c, str(tmp_path))
+    resumed = loop.train_and_evaluate(c, str(tmp_path))
   assert 'checkpoint' in caplog.text and 'cannot be read' in caplog.text
   assert 'trying the one before it' in caplog.text
   aside = [n for n in os.listdir(tmp_path / 'checkpoints')
@@ -182,6 +184,6 @@ def test_checkpoint_write_error_is_clear_and_keeps_earlier_ones(
                      match=r'step 4\) .* No space left on device\. The '
                            r'checkpoints already there \(\[1, 2\]\) are '
                            r'intact; .*resume from step 2'):
-    train.train_and_evaluate(c, str(tmp_path))
+    loop.train_and_evaluate(c, str(tmp_path))
   (state, _, step), steps = _restore(tmp_path, c)
   assert step == 2 and steps == [1, 2] and _finite(state)

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from npcface_jax import analysis, figures
+from npcface_jax.study import figures
+from npcface_jax.training import hard_samples
 from tests.helpers import fresh_rng
 
 PNG = b'\x89PNG\r\n\x1a\n'
@@ -29,11 +30,11 @@ def metrics_records(rng, steps=40, speed=1.0):
 
 
 def stats_records(rng, epochs=8, shift=0.0, batch=512):
-  """Records as training writes them (analysis.Window), of samples whose
+  """Records as training writes them (hard_samples.Window), of samples whose
   cosines to their centre grow with the epoch (by ``shift`` more)."""
   records = []
   for epoch in range(1, epochs + 1):
-    window = analysis.Window(first_step=(epoch - 1) * 100)
+    window = hard_samples.Window(first_step=(epoch - 1) * 100)
     for _ in range(3):
       c_y = np.clip(rng.normal(0.1 + 0.07 * epoch + shift, 0.2, batch),
                     -1, 1)
@@ -113,7 +114,7 @@ def test_same_data_same_bytes(tmp_path):
 def test_nothing_to_draw_still_writes_a_png(tmp_path):
   empty = {'step': 1, 'epoch': 1.0, 'pearson': None, 'overlap': None,
            'misclassified_share': None, 'scatter_degrees': [],
-           'hist': dict.fromkeys(analysis.HISTOGRAMS, [0] * 200)}
+           'hist': dict.fromkeys(hard_samples.HISTOGRAMS, [0] * 200)}
   paths = [
       figures.training_curves(tmp_path / 'c.png', []),
       figures.training_curves(tmp_path / 'c2.png', [('a', []),

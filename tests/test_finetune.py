@@ -13,8 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from npcface_jax import (checkpoint, config_checks, factories, finetune,
-                         run_dir, train, train_step, training_data)
+from npcface_jax import models
+from npcface_jax.common import arrays
+from npcface_jax.common import checkpoint
+from npcface_jax.serving import run_dir
+from npcface_jax.training import (config_checks, data_source, finetune, loop,
+                                   setup, train_step)
 from tests import tiny_backbone
 from tests.conftest import NUM_DEVICES
 from tests.test_train import _config
@@ -26,8 +30,8 @@ NEW = {'synthetic.num_classes': 45, 'synthetic.epoch_examples': 32, 'seed': 1}
 
 
 def _task(config, mesh):
-  data = training_data.open_data(config, mesh)
-  task = factories.make_task(config, mesh, data)
+  data = data_source.open_data(config, mesh)
+  task = setup.make_task(config, mesh, data)
   return data, dataclasses.replace(
       task, model=TinyNet(config.embedding_dim, task.model.dtype))
 
@@ -45,14 +49,14 @@ def source(tmp_path_factory):
   backbone variables as numpy})."""
   workdir = tmp_path_factory.mktemp('source')
   c = _config()
-  data, task = _task(c, factories.make_mesh(1))
-  state = factories.init_state(task)
+  data, task = _task(c, arrays.make_mesh(1))
+  state = setup.init_state(task)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   rng, saved = np.random.default_rng(0), {}
   ckpt = checkpoint.Checkpointer(str(workdir / 'checkpoints'), keep=3,
                                  every_steps=1)
   for i in (1, 2):
-    moved = _host(factories.eval_variables(state))
+    moved = _host(setup.eval_variables(state))
     moved = jax.tree.map(
         lambda x: np.abs(x + rng.normal(0, 0.1, x.shape).astype(x.dtype)),
         moved)
@@ -62,7 +66,8 @@ def source(tmp_path_factory):
     ckpt.save(i, state, {'step': i})
     saved[i] = moved
   ckpt.close()
-  run_dir.write_run_info(str(workdir), c, data)
+  run_dir.write_run_info(str(workdir), c, data,
+                         setup.create_head(c).options)
   return workdir, saved
 
 
@@ -101,15 +106,15 @@ def test_backbone_restored_and_classifier_at_class_means(
   workdir, saved = source
   spec = str(workdir) if step is None else f'{workdir}:{step}'
   c = _config(**NEW, init_from=spec, model_parallel=model_parallel)
-  data, task = _task(c, factories.make_mesh(model_parallel))
+  data, task = _task(c, arrays.make_mesh(model_parallel))
   caplog.set_level(logging.INFO)
   state = finetune.init_state(task, data, c)
   variables = saved[step or 2]
   assert jax.tree.leaves(variables['batch_stats'])
-  _assert_equal_trees(_host(factories.eval_variables(state)), variables)
+  _assert_equal_trees(_host(setup.eval_variables(state)), variables)
 
   want, counts = _class_means_numpy(task, data, variables)
-  fresh = _host(factories.init_state(task))
+  fresh = _host(setup.init_state(task))
   w = np.asarray(jax.device_get(state.params['classifier']))
   assert w.shape == (task.padded_classes, 32)
   assert task.padded_classes == 45 + (model_parallel - 1)
@@ -119,7 +124,7 @@ def test_backbone_restored_and_classifier_at_class_means(
   np.testing.assert_allclose(w[:45][seen], want[seen], atol=1e-5)
   np.testing.assert_array_equal(w[:45][~seen],
                                 fresh.params['classifier'][:45][~seen])
-  target = factories.abstract_state(task)
+  target = setup.abstract_state(task)
   assert state.params['classifier'].sharding == (
       target.params['classifier'].sharding)
   _assert_equal_trees(_host(state.opt_state), fresh.opt_state)
@@ -137,10 +142,10 @@ def test_frozen_backbone_steps_are_exact():
   classifier moved; the third step moves them all. (The state is a fresh
   one: where the backbone came from is no matter to the step.)"""
   c = _config(**NEW, model_parallel=2, freeze_backbone_steps=2)
-  data, task = _task(c, factories.make_mesh(2))
-  state = factories.init_state(task)
+  data, task = _task(c, arrays.make_mesh(2))
+  state = setup.init_state(task)
   step = train_step.make_train_step(
-      task, factories.state_shardings(task, state), c.freeze_backbone_steps)
+      task, setup.state_shardings(task, state), c.freeze_backbone_steps)
 
   def backbone(s):
     momentum = s.opt_state[-1][0].trace  # add_decayed_weights, then sgd
@@ -223,23 +228,23 @@ def test_init_from_forms(spec, parts):
 
 @pytest.mark.slow
 def test_resumed_run_ignores_init_from(source, tmp_path, monkeypatch, caplog):
-  """Through the loop (train.py): a fine-tuning run (its first step frozen)
-  stopped at step 2 resumes from its own checkpoint, even with its source
-  gone: init_from is never read again. Slow: two runs of the loop, with
+  """Through the loop (training/loop.py): a fine-tuning run (its first step
+  frozen) stopped at step 2 resumes from its own checkpoint, even with its
+  source gone: init_from is never read again. Slow: two runs of the loop, with
   TensorFlow and clu, about 15 s of CPU."""
-  monkeypatch.setattr(factories, 'create_model', tiny_backbone.create_model)
+  monkeypatch.setattr(models, 'from_config', tiny_backbone.create_model)
   origin = tmp_path / 'origin'
   shutil.copytree(source[0], origin)
   c = _config(**NEW, init_from=str(origin), freeze_backbone_steps=1,
               num_train_steps=2, checkpoint_every_steps=2)
   caplog.set_level(logging.INFO)
-  first = train.train_and_evaluate(c, str(tmp_path / 'work'))
+  first = loop.train_and_evaluate(c, str(tmp_path / 'work'))
   assert int(first.state.step) == 2 and 'fine-tuning: backbone' in caplog.text
   caplog.clear()
   shutil.rmtree(origin)
   monkeypatch.setattr(finetune, 'init_state', None)  # a call would fail
   c.num_train_steps = 3
-  resumed = train.train_and_evaluate(c, str(tmp_path / 'work'))
+  resumed = loop.train_and_evaluate(c, str(tmp_path / 'work'))
   assert int(resumed.state.step) == 3
   assert 'resumed from the checkpoint of step 2' in caplog.text
   assert f"config.init_from = '{origin}' ignored" in caplog.text

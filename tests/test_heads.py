@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import npcface_jax as nf
+from npcface_jax.loss import heads
 from tests import np_reference as ref
 from tests.helpers import cosines, fresh_rng
 
@@ -156,7 +157,7 @@ def test_initial_states():
   assert float(nf.curricularface_init_state()['t']) == 0.0
   assert int(nf.sphereface_init_state()['step']) == 0
   np.testing.assert_allclose(ref.sphereface_lambda(0), 1000.0)
-  np.testing.assert_allclose(nf.heads.sphereface_lambda(10 ** 6), 5.0)
+  np.testing.assert_allclose(heads.sphereface_lambda(10 ** 6), 5.0)
   margins = nf.adam_init_margins(jax.random.key(0), 1000)
   assert (margins.shape == (1000,) and 0.3 <= margins.min()
           and margins.max() <= 0.4)

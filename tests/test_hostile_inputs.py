@@ -31,7 +31,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from data_prep import DataPrepError, preprocess, recordio, sources
-from npcface_jax import images
+from npcface_jax.faces import images
 from tests import fuzzing
 from tests.helpers import SHARED_DATA
 
@@ -550,7 +550,7 @@ _BOMB_CHILD = textwrap.dedent('''
     import json, resource, sys, time, warnings
     sys.path.insert(0, sys.argv[1])
     from data_prep import preprocess
-    from npcface_jax import images
+    from npcface_jax.faces import images
     warnings.simplefilter('error')  # a DecompressionBombWarning would fail
     status = open('/proc/self/status').read().split('VmSize:')[1]
     used = int(status.split()[0]) * 1024

@@ -33,7 +33,8 @@ import pytest
 from PIL import Image
 
 from data_prep import DataPrepError, pairs, shards
-from npcface_jax import alignment, textfile
+from npcface_jax.common import textfile
+from npcface_jax.faces import alignment
 from tests import fuzzing
 from tests.helpers import fresh_rng
 
@@ -92,16 +93,17 @@ def _ijb_files(rng) -> dict[str, bytes]:
 def _run_json() -> bytes:
   """run.json as training writes it (run_dir.write_run_info)."""
   from configs import demo  # noqa: PLC0415
-  from npcface_jax import run_dir  # noqa: PLC0415
+  from npcface_jax.serving import run_dir  # noqa: PLC0415
   with tempfile.TemporaryDirectory() as d:
     run_dir.write_run_info(d, demo.get_config(), types.SimpleNamespace(
-        image_size=48, num_classes=40))
+        image_size=48, num_classes=40), {'scale': 32.0})
     return pathlib.Path(d, 'run.json').read_bytes()
 
 
 def _results_json(rng) -> bytes:
   """An eval/step_N/results.json as evaluate_run writes it."""
-  from npcface_jax import jsonfile, protocols  # noqa: PLC0415
+  from npcface_jax.common import jsonfile  # noqa: PLC0415
+  from npcface_jax.evaluation import protocols  # noqa: PLC0415
   issame = np.arange(200) % 2 == 0
   scores = rng.normal(0, 0.3, 200) + 0.5 * issame
   result = protocols.verification_report(scores, issame)
@@ -147,10 +149,12 @@ _JSON = [b'{', b'}', b'[', b']', b'"', b':', b',', b'null', b'true', b'false',
 def _run_records(rng) -> dict[str, bytes]:
   """A run folder as report.py reads it: run.json, analysis/stats.jsonl
   and metrics.jsonl (two records each), eval/results.json with its ROC."""
-  from npcface_jax import analysis, jsonfile, protocols  # noqa: PLC0415
+  from npcface_jax.common import jsonfile  # noqa: PLC0415
+  from npcface_jax.evaluation import protocols  # noqa: PLC0415
+  from npcface_jax.training import hard_samples  # noqa: PLC0415
   stats, metrics = [], []
   for step in (16, 32):
-    window = analysis.Window(step - 15)
+    window = hard_samples.Window(step - 15)
     c_y = np.tanh(rng.normal(0.5, 0.3, 300))
     near = np.clip(rng.normal(0.3, 0.2, 300), -1, 1)
     window.add(c_y, near, near > c_y - 0.2)
@@ -265,7 +269,7 @@ def _pairs_with_landmarks(path: str) -> None:
 
 def _ijb_command(case: str) -> None:
   """evaluate --ijb: the meta files, then the faces aligned on them."""
-  from npcface_jax import ijb  # noqa: PLC0415
+  from npcface_jax.evaluation import ijb  # noqa: PLC0415
   root = os.path.join(case, 'IJBC')
   meta = ijb.load_meta(root)
   batches = ijb.aligned_batches(root, meta, image_size=16, batch_size=4,
@@ -275,14 +279,15 @@ def _ijb_command(case: str) -> None:
 
 
 def _load_run(workdir: str) -> None:
-  from npcface_jax import run_dir  # noqa: PLC0415
+  from npcface_jax.serving import run_dir  # noqa: PLC0415
   run_dir.load_run(workdir)
 
 
 def _earlier_results(path: str) -> None:
   """evaluate_run's reading of an earlier record, then what it does with
   it: the table and the record written back."""
-  from npcface_jax import evaluate, jsonfile  # noqa: PLC0415
+  from npcface_jax import evaluate  # noqa: PLC0415
+  from npcface_jax.common import jsonfile  # noqa: PLC0415
   targets = evaluate._earlier_targets(path)  # noqa: SLF001
   evaluate.format_table(targets)
   jsonfile.write_object(path + '.out', {'targets': targets})
@@ -291,7 +296,8 @@ def _earlier_results(path: str) -> None:
 def _report_tables(path: str) -> None:
   """What report.py makes of a run's records, without drawing: labels,
   the results table (Markdown, CSV), the last records, the ROC points."""
-  from npcface_jax import comparison, report  # noqa: PLC0415
+  from npcface_jax import report  # noqa: PLC0415
+  from npcface_jax.study import comparison  # noqa: PLC0415
   runs = [comparison.load_run(os.path.join(path.split('/run/')[0], 'run'))]
   table = comparison.table(runs)
   comparison.markdown(table)
@@ -302,7 +308,7 @@ def _report_tables(path: str) -> None:
 
 
 def _dataset_info(case: str) -> None:
-  from npcface_jax import input_pipeline  # noqa: PLC0415
+  from npcface_jax.data import input_pipeline  # noqa: PLC0415
   input_pipeline.dataset_info(os.path.join(case, 'data'))
 
 
@@ -508,7 +514,7 @@ def _meta_error(root, good, file, line, text, *, restore=True) -> str:
   for name, data in good.items():
     (meta / name).write_bytes(data)
   (meta / file).write_bytes(_with_line(good[file], line, text))
-  from npcface_jax import ijb  # noqa: PLC0415
+  from npcface_jax.evaluation import ijb  # noqa: PLC0415
   with pytest.raises(ValueError) as e:
     ijb.load_meta(root)
   return str(e.value)
@@ -549,7 +555,7 @@ def test_ijb_meta_duplicate_names_and_text_variants(tmp_path):
   face_tid_mid's order is refused naming both lines (was: the last one
   silently won); a byte order mark and CR line ends are text, with lines
   counted as np.loadtxt counts them."""
-  from npcface_jax import ijb  # noqa: PLC0415
+  from npcface_jax.evaluation import ijb  # noqa: PLC0415
   root, good = _ijb_release(tmp_path)
   five, prs = 'ijbc_name_5pts_score.txt', 'ijbc_template_pair_label.txt'
   lines = good[five].split(b'\n')
@@ -573,7 +579,7 @@ def test_ijb_big_pairs_file_stays_fast(tmp_path):
   less time than Python takes to just read their lines (a reader that
   parses them in Python takes several times that), and a bad last line
   found by its number."""
-  from npcface_jax import ijb  # noqa: PLC0415
+  from npcface_jax.evaluation import ijb  # noqa: PLC0415
   root, good = _ijb_release(tmp_path)
   block = b''.join(b'%d %d %d\n' % (a, b, (a + b) % 2)
                    for a in range(1, 5) for b in range(1, 5)) * 1000
@@ -601,7 +607,7 @@ def test_load_run_refuses_bad_run_json(tmp_path):
   """Was: JSONDecodeError, UnicodeDecodeError or KeyError escaped from
   load_run naming no file, and an image size of true or 112.5 was taken as
   an int."""
-  from npcface_jax import run_dir  # noqa: PLC0415
+  from npcface_jax.serving import run_dir  # noqa: PLC0415
   good = json.loads(_run_json())
   path = tmp_path / 'run.json'
   cases = {
@@ -667,7 +673,7 @@ def test_dataset_info_refuses_damaged_metadata(tmp_path):
   """Was: shard lengths of 3e15 or -30 examples and 10^14 classes were
   accepted; a label that is no ClassLabel raised AttributeError, an image
   shape of None TypeError; corrupt JSON named the directory only."""
-  from npcface_jax import input_pipeline  # noqa: PLC0415
+  from npcface_jax.data import input_pipeline  # noqa: PLC0415
   files = _dataset_files()
   for name, data in files.items():
     _write(tmp_path / name, data)

@@ -17,7 +17,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from npcface_jax import identification, protocols
+from npcface_jax.evaluation import protocols, ranking
 from tests.helpers import fresh_rng
 
 
@@ -133,7 +133,7 @@ def _brute_megaface(probes, labels, distractors, fars):
 
 
 def _check_identify(case, ranks, chunk_size, msg):
-  got = identification.identify(**case, ranks=ranks, chunk_size=chunk_size)
+  got = ranking.identify(**case, ranks=ranks, chunk_size=chunk_size)
   want = _brute_identify(**case, ranks=ranks)
   assert got['num_mated'] == want['mated'], msg
   assert got['num_unmated'] == want['unmated'], msg
@@ -147,7 +147,7 @@ def _check_identify(case, ranks, chunk_size, msg):
 
 
 def _check_megaface(probes, labels, distractors, fars, chunk_size, msg):
-  got = identification.megaface(probes, labels, distractors, fars=fars,
+  got = ranking.megaface(probes, labels, distractors, fars=fars,
                                 chunk_size=chunk_size)
   want = _brute_megaface(probes, labels, distractors, fars)
   for key in ('successes', 'trials', 'tar_at_far', 'unsupported_fars',
@@ -203,7 +203,7 @@ def test_identify_without_distractors():
     msg = _msg(seed, trial, case)
     got = _check_identify(case, (1, 3), 4, msg)
     del case['distractors']
-    no_rows = identification.identify(**case, ranks=(1, 3))
+    no_rows = ranking.identify(**case, ranks=(1, 3))
     assert no_rows['num_distractors'] == 0, msg
     assert no_rows['rank1'] == got['rank1'] / got['mated'], msg
 
@@ -218,15 +218,15 @@ def test_memmap_distractors_read_in_chunks(tmp_path):
   np.save(tmp_path / 'd.npy', case['distractors'].astype(np.float64))
   on_disk = np.load(tmp_path / 'd.npy', mmap_mode='r')
   msg = _msg(seed, 0, case)
-  want = identification.identify(**case, ranks=(1, 3), chunk_size=6)
-  got = identification.identify(**{**case, 'distractors': on_disk},
+  want = ranking.identify(**case, ranks=(1, 3), chunk_size=6)
+  got = ranking.identify(**{**case, 'distractors': on_disk},
                                 ranks=(1, 3), chunk_size=6)
   assert got == want, msg
   labels = case['probe_labels']
   labels[1] = labels[0]
-  want = identification.megaface(case['probes'], labels, case['distractors'],
+  want = ranking.megaface(case['probes'], labels, case['distractors'],
                                  chunk_size=6)
-  got = identification.megaface(case['probes'], labels, on_disk, chunk_size=6)
+  got = ranking.megaface(case['probes'], labels, on_disk, chunk_size=6)
   assert got == want, msg
 
 
@@ -241,7 +241,7 @@ def test_identify_hand_case():
   gallery_labels = [0, 1, 5, 3]
   distractors = np.float32([[a, b]])
   for chunk in (1, 2):
-    got = identification.identify(probes, probe_labels, gallery,
+    got = ranking.identify(probes, probe_labels, gallery,
                                   gallery_labels, distractors,
                                   ranks=(2, 1, 2), chunk_size=chunk)
     assert got == {
@@ -251,7 +251,7 @@ def test_identify_hand_case():
         'num_probes': 4, 'num_mated': 3, 'num_unmated': 1,
         'num_gallery': 4, 'num_distractors': 1}
   # Without the distractor p1 wins outright.
-  got = identification.identify(probes, probe_labels, gallery, gallery_labels)
+  got = ranking.identify(probes, probe_labels, gallery, gallery_labels)
   assert got['rank1'] == 2 / 3 and got['cmc'][0]['hits'] == 2
 
 
@@ -279,7 +279,7 @@ def test_identify_float_features_match_float64():
     pytest.skip(f'seed {seed}: no draw without near-ties')
   want = (mate > other.max(axis=1)).mean()
   rank5 = ((other >= mate[:, None]).sum(axis=1) < 5).mean()
-  got = identification.identify(probes, pl, gallery, gl, distractors,
+  got = ranking.identify(probes, pl, gallery, gl, distractors,
                                 ranks=(1, 5), chunk_size=77)
   msg = f'seed {seed}'
   assert 0 < want < 1, msg
@@ -309,7 +309,7 @@ def test_megaface_matches_brute_force(monkeypatch):
     chunk = int(rng.choice(_chunk_sizes(rng, len(case['distractors']))))
     # Identities packed into blocks of a few rows, or all in one.
     block = int(rng.choice([1, 2, 5, 11, 1024]))
-    monkeypatch.setattr(identification, 'BLOCK_ROWS', block)
+    monkeypatch.setattr(ranking, 'BLOCK_ROWS', block)
     _check_megaface(case['probes'], labels, case['distractors'], fars, chunk,
                     _msg(seed, trial, case, fars=fars, chunk=chunk,
                          block=block))
@@ -349,7 +349,7 @@ def test_megaface_without_distractors():
   labels = rng.integers(0, 3, 12)
   labels[:2] = 0
   probes = _faces(rng, labels, 6, 5, 0.6)
-  got = identification.megaface(probes, labels, np.zeros((0, 6), np.float32))
+  got = ranking.megaface(probes, labels, np.zeros((0, 6), np.float32))
   n = np.bincount(labels)
   msg = f'seed {seed}, labels {labels.tolist()}'
   assert got['trials'] == int(np.sum(n * (n - 1))), msg
@@ -368,7 +368,7 @@ def test_megaface_hand_case():
   probes = np.float32([[1, 0, 0], [b, a, 0], [0, 0, 1], [0, b, a]])
   distractors = np.float32([[a, b, 0], [0, 0, -1]])
   fars = (0.1, 0.125, 0.25, 0.375, 1.0)
-  got = identification.megaface(probes, [7, 7, 3, 3], distractors, fars=fars,
+  got = ranking.megaface(probes, [7, 7, 3, 3], distractors, fars=fars,
                                 chunk_size=1)
   assert (got['successes'], got['trials'], got['rank1']) == (2, 4, 0.5)
   assert got['unsupported_fars'] == [0.1]  # k = 0: not even one may pass
@@ -390,7 +390,7 @@ def test_largest_keeps_the_k_largest_multiset():
   for trial in range(50):
     k = int(rng.integers(1, 40))
     values = np.round(rng.normal(size=int(rng.integers(0, 400))), 1)
-    top = identification._Largest(k)  # noqa: SLF001
+    top = ranking._Largest(k)  # noqa: SLF001
     for piece in np.array_split(values.astype(np.float32),
                                 int(rng.integers(1, 30))):
       top.add(piece[piece > top.floor])
@@ -410,9 +410,9 @@ def test_scan_memory_is_bounded():
   kept = protocols.impostors_accepted(1e-3, num_probes * num_rows) + 1
   tracemalloc.start()
   try:
-    identification.megaface(probes, labels, distractors, fars=(1e-3, 1e-5),
+    ranking.megaface(probes, labels, distractors, fars=(1e-3, 1e-5),
                             chunk_size=chunk)
-    identification.identify(probes, labels, probes, labels, distractors,
+    ranking.identify(probes, labels, probes, labels, distractors,
                             ranks=(1, 5), chunk_size=chunk)
     peak = tracemalloc.get_traced_memory()[1]
   finally:
@@ -432,8 +432,8 @@ def test_errors():
   p = _unit(rng.normal(size=(6, 4))).astype(np.float32)
   labels = np.array([0, 0, 1, 1, 2, 2])
   d = _unit(rng.normal(size=(30, 4))).astype(np.float32)
-  identify = identification.identify
-  megaface = identification.megaface
+  identify = ranking.identify
+  megaface = ranking.megaface
   with pytest.raises(ValueError, match='probes must be a 2-D float array'):
     identify(p[0], labels[:1], p, labels)
   with pytest.raises(ValueError, match='dtype int64'):

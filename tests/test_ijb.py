@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from npcface_jax import alignment, ijb, images, protocols
+from npcface_jax.evaluation import ijb, protocols
+from npcface_jax.faces import alignment, images
 from tests.helpers import fresh_rng
 
 

@@ -1,4 +1,4 @@
-"""npcface_jax.images, the one image layer: normalize, read_image on files
+"""npcface_jax.faces.images, the one image layer: normalize, read_image on files
 and bytes, the listing of image and identity folders, and the batch
 loader's rule for bad images (left out of the batches, reported with their
 index, order kept)."""
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from npcface_jax import alignment, images
+from npcface_jax.faces import alignment, images
 
 
 def test_normalize_values():

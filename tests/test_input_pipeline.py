@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from npcface_jax import images, input_pipeline as ip, synthetic
+from npcface_jax.data import input_pipeline as ip, synthetic
+from npcface_jax.faces import images
 from tests.conftest import NUM_DEVICES
 from tests.helpers import SHARED_DATA, orl_people
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import npcface_jax as nf
-from npcface_jax import losses, registry
+from npcface_jax.loss import criteria, heads, registry
 from tests import np_reference as ref
 from tests.helpers import cosines, fresh_rng
 
@@ -43,7 +43,7 @@ def test_value_and_gradient_match_reference(name):
 def test_cross_entropy_is_stable_for_large_logits():
   z = jnp.array([[1000.0, -1000.0, 999.0], [-5e4, 5e4, 0.0]])
   y = np.array([0, 0])
-  ce = losses.per_sample_cross_entropy(z, y)
+  ce = criteria.per_sample_cross_entropy(z, y)
   np.testing.assert_allclose(ce, ref.cross_entropy(np.asarray(z), y), rtol=1e-6)
 
 
@@ -99,7 +99,7 @@ def test_registry_heads_match_direct_calls(name):
       'adam_softmax': lambda: nf.adam_softmax_logits(c, labels,
                                                      params['margins']),
       'npcface': lambda: nf.npcface_logits(c, labels, return_diagnostics=True),
-  }.get(name, lambda: (getattr(nf.heads, {'am_softmax': 'cosface'}.get(
+  }.get(name, lambda: (getattr(heads, {'am_softmax': 'cosface'}.get(
       name, name) + '_logits')(c, labels), None))()
   # jit may fuse differently from eager: equal to float32 rounding.
   np.testing.assert_allclose(out.logits, direct[0], rtol=1e-5, atol=1e-4,

@@ -30,8 +30,11 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import demo
-from npcface_jax import (checkpoint, factories, input_pipeline, train_step,
-                         training_data)
+from npcface_jax import models
+from npcface_jax.common import arrays
+from npcface_jax.common import checkpoint
+from npcface_jax.data import input_pipeline
+from npcface_jax.training import data_source, setup, train_step
 from tests import tiny_backbone
 from tests.helpers import orl_people
 from tests.test_train import ROOT, TINY, _assert_same_params, _config, _flags
@@ -55,14 +58,14 @@ def _free_port() -> int:
 
 def _reference(config, prep):
   """One process, four devices, the two processes' batches stitched."""
-  mesh = factories.make_mesh(config.model_parallel, jax.devices()[:4])
+  mesh = arrays.make_mesh(config.model_parallel, jax.devices()[:4])
   info = input_pipeline.dataset_info(prep)
-  data = training_data.Data(info.num_classes, info.image_size,
+  data = data_source.Data(info.num_classes, info.image_size,
                     input_pipeline.steps_per_epoch(info, config.batch_size,
                                                    mesh, 2), None)
-  task = factories.make_task(config, mesh, data)
-  target = factories.abstract_state(task)
-  state = factories.init_state(task)
+  task = setup.make_task(config, mesh, data)
+  target = setup.abstract_state(task)
+  state = setup.init_state(task)
   step = train_step.make_train_step(task, jax.tree.map(lambda s: s.sharding,
                                                   target))
   streams = [input_pipeline.train_stream(
@@ -139,7 +142,7 @@ def test_two_processes_train_like_one(tmp_path, monkeypatch):
     assert f'resumed from the checkpoint of step {stopped}' in log, log[-2000:]
     assert f'step {STEPS}/{STEPS}' in log and 'preempted' not in log
 
-  monkeypatch.setattr(factories, 'create_model', tiny_backbone.create_model)
+  monkeypatch.setattr(models, 'from_config', tiny_backbone.create_model)
   want, target, initial = _reference(config, prep)
   ckpt = checkpoint.Checkpointer(str(workdir / 'checkpoints'), keep=3,
                                  every_steps=100)

@@ -10,7 +10,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from npcface_jax import alignment, jsonfile
+from npcface_jax.common import jsonfile
+from npcface_jax.faces import alignment
 from tests.helpers import orl_faces
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from npcface_jax.common import arrays
 import npcface_jax as nf
-from npcface_jax import (class_shards, classifier, config_checks, factories,
-                         training_data)
+from npcface_jax.loss import class_shards, classifier
+from npcface_jax.training import config_checks, data_source, setup
 from tests import np_reference as ref
 from tests.conftest import NUM_DEVICES
 from tests.helpers import away_from, fresh_rng
@@ -161,12 +162,12 @@ def test_sampling_bounds_are_named():
   assert classifier.num_sampled(0.1, 125_000) == 12_500
   with pytest.raises(ValueError, match='sample_rate'):
     classifier.num_sampled(0.0, 100)
-  mesh = factories.make_mesh(8)
+  mesh = arrays.make_mesh(8)
   c = _config(sample_rate=0.05, model_parallel=8)
-  data = training_data.Data(400, 32, 4, None)
+  data = data_source.Data(400, 32, 4, None)
   with pytest.raises(config_checks.ConfigError,
                      match=r'config.sample_rate = 0.05: 3 sampled'):
-    factories.make_task(c, mesh, data)
+    setup.make_task(c, mesh, data)
   with pytest.raises(config_checks.ConfigError, match='config.sample_rate'):
     config_checks.check(_config(sample_rate=1.5), num_devices=NUM_DEVICES)
   head = nf.get_head('npcface')

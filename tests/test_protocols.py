@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from npcface_jax import protocols
+from npcface_jax.evaluation import protocols
 from tests.helpers import fresh_rng
 
 
@@ -387,7 +387,7 @@ def test_roc_png_draws_every_curve(tmp_path):
   and the axis starting a decade below the smallest positive FAR."""
   from PIL import Image  # noqa: PLC0415 (only this test draws)
 
-  from npcface_jax import roc_plot  # noqa: PLC0415
+  from npcface_jax.evaluation import roc_plot  # noqa: PLC0415
   rng, seed = fresh_rng()
   curves = {}
   for name, gap in (('a', 0.5), ('b', 1.0)):

@@ -6,7 +6,8 @@ import logging
 import pytest
 
 from configs import default, demo
-from npcface_jax import registry, run_log
+from npcface_jax.common import run_log
+from npcface_jax.loss import registry
 
 
 def test_config_lines_show_what_differs_and_the_selected_head():
@@ -43,7 +44,7 @@ def test_third_party_info_is_kept_out_unless_verbose(verbose):
   try:
     run_log.quiet_third_party(verbose)
     logging.info('ours')
-    logging.getLogger('npcface_jax.train').info('ours too')
+    logging.getLogger('npcface_jax.training.loop').info('ours too')
     logging.getLogger('absl').info('orbax: saving')
     logging.getLogger('tensorflow').info('TF chatter')
     logging.getLogger('absl').warning('a warning')
@@ -54,5 +55,6 @@ def test_third_party_info_is_kept_out_unless_verbose(verbose):
   if verbose:
     assert len(handler.lines) == 6
   else:
-    assert handler.lines == ['root: ours', 'npcface_jax.train: ours too',
-                             'absl: a warning', 'absl: progress: 1 steps/s']
+    assert handler.lines == [
+        'root: ours', 'npcface_jax.training.loop: ours too',
+        'absl: a warning', 'absl: progress: 1 steps/s']

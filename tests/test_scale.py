@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from npcface_jax import factories, train_step
+from npcface_jax.common import arrays
+from npcface_jax.training import setup, train_step
 from tests.test_train import _config, _task
 
 # A million classes on eight devices: the full suite only.
@@ -36,15 +37,15 @@ def test_a_million_classes_train_a_step():
   checked)."""
   c = _config(**{'synthetic.num_classes': 1_000_000, 'embedding_dim': 512,
                  'model_parallel': 8, 'chunk_size': 16_384})
-  mesh = factories.make_mesh(8)
+  mesh = arrays.make_mesh(8)
   data, task = _task(c, mesh, tiny=True)
-  state = factories.init_state(task)
+  state = setup.init_state(task)
   per_device, total = _classifier_bytes_per_device(state)
   assert total == 2 * 1_000_000 * 512 * 4  # weights + momentum, float32
   assert sorted(per_device.values()) == [total // 8] * 8, per_device
   before = np.asarray(state.params['classifier'][::9973])
   step = train_step.make_train_step(
-      task, factories.state_shardings(task, state))
+      task, setup.state_shardings(task, state))
   state, metrics = step(state, next(data.open(None)))
   metrics = jax.device_get(metrics)
   assert np.isfinite(metrics['loss']) and metrics['nonfinite'] == 0
@@ -61,13 +62,13 @@ def test_partial_fc_step_moves_only_sampled_rows():
   weight decay alone, bit for bit the optimizer's arithmetic."""
   c = _config(**{'synthetic.num_classes': 400, 'model_parallel': 8,
                  'sample_rate': 0.5})
-  mesh = factories.make_mesh(8)
+  mesh = arrays.make_mesh(8)
   data, task = _task(c, mesh, tiny=True)
   assert task.num_sample == 25
-  state = factories.init_state(task)
+  state = setup.init_state(task)
   before = np.asarray(state.params['classifier'])
   step = train_step.make_train_step(
-      task, factories.state_shardings(task, state))
+      task, setup.state_shardings(task, state))
   batch = next(data.open(None))
   labels = np.asarray(batch['label'])
   state, metrics = step(state, batch)

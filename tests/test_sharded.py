@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import npcface_jax as nf
-from npcface_jax import class_shards, classifier, registry
+from npcface_jax.loss import class_shards, classifier, registry
 from tests.conftest import NUM_DEVICES
 from tests.helpers import assert_same_step, fresh_rng
 

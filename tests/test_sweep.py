@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from configs import demo
-from npcface_jax import comparison, sweep
+from npcface_jax import sweep
+from npcface_jax.study import comparison
 from tests import tiny_backbone
 from tests.helpers import fresh_rng
 
@@ -91,20 +92,23 @@ def test_labels_name_what_differs():
 def fake_run(workdir: pathlib.Path, rng, head='npcface', **fields):
   """A run folder as training and evaluate leave it (run.json, analysis/,
   eval/results.json), its numbers drawn at random: no training."""
-  from npcface_jax import analysis, jsonfile, protocols  # noqa: PLC0415
+  from npcface_jax.common import jsonfile  # noqa: PLC0415
+  from npcface_jax.evaluation import protocols  # noqa: PLC0415
+  from npcface_jax.training import hard_samples  # noqa: PLC0415
   config = sweep.configured(demo.get_config(), {'head': head, **fields})
   (workdir / 'eval').mkdir(parents=True)
   jsonfile.write_object(workdir / 'run.json', {
       'config': json.loads(config.to_json_best_effort()),
       'head_options': {}, 'image_size': 48, 'num_classes': 100})
   for step in (32, 64):
-    window = analysis.Window(step - 31)
+    window = hard_samples.Window(step - 31)
     c_y = np.tanh(rng.normal(0.5, 0.3, 500))
     near = np.clip(rng.normal(0.3, 0.2, 500), -1, 1)
     window.add(c_y, near, near > np.cos(np.arccos(c_y) + 0.4))
-    jsonfile.append_line(analysis.path(str(workdir)),
+    jsonfile.append_line(hard_samples.path(str(workdir)),
                          window.record(step, step / 32, 0.4))
-    jsonfile.append_line(analysis.path(str(workdir), analysis.METRICS), {
+    metrics = hard_samples.path(str(workdir), hard_samples.METRICS)
+    jsonfile.append_line(metrics, {
         'step': step, 'epoch': step / 32, 'loss': float(rng.uniform(1, 9)),
         'accuracy': float(rng.uniform())})
   same = rng.random(400) < 0.5
@@ -189,12 +193,13 @@ def test_two_runs_reported(tmp_path, monkeypatch):
   """Two heads (and embedding sizes) trained briefly, evaluated, reported
   by the command line: every figure, a table equal to their results.json,
   labels naming what differs."""
-  from npcface_jax import evaluate, factories, train  # noqa: PLC0415 (TF)
-  monkeypatch.setattr(factories, 'create_model', tiny_backbone.create_model)
+  from npcface_jax import evaluate  # noqa: PLC0415
+  from npcface_jax.training import loop, setup  # noqa: PLC0415 (TF)
+  monkeypatch.setattr(setup, 'create_model', tiny_backbone.create_model)
   runs = {'npc': {'head': 'npcface', 'embedding_dim': 64},
           'arc': {'head': 'arcface', 'embedding_dim': 32}}
   for name, fields in runs.items():
-    train.train_and_evaluate(_short_config(**fields), str(tmp_path / name))
+    loop.train_and_evaluate(_short_config(**fields), str(tmp_path / name))
     evaluate.evaluate_run(str(tmp_path / name), run_sets=True)
   out = tmp_path / 'report'
   done = _command('npcface_jax.report', str(tmp_path / 'npc'),

@@ -17,9 +17,13 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import casia_mobileface, default, demo, ms1m_attention56
-from npcface_jax import (checkpoint, config_checks, factories, heads,
-                         registry, run_dir, train, train_step,
-                         training_data)
+from npcface_jax import models
+from npcface_jax.common import arrays
+from npcface_jax.common import checkpoint
+from npcface_jax.loss import heads, registry
+from npcface_jax.serving import run_dir
+from npcface_jax.training import (config_checks, data_source, loop, setup,
+                                   train_step)
 from tests.conftest import NUM_DEVICES
 from tests.helpers import fresh_rng
 from tests import tiny_backbone
@@ -119,8 +123,8 @@ def _command_line_config(*overrides):
 def _trained_head_options(config):
   """The options of the head the trainer builds (make_task)."""
   config.dataset = 'synthetic'
-  task = factories.make_task(config, factories.make_mesh(1, jax.devices()[:1]),
-                         training_data.Data(100, 32, 10, None))
+  task = setup.make_task(config, arrays.make_mesh(1, jax.devices()[:1]),
+                         data_source.Data(100, 32, 10, None))
   return task.head.options
 
 
@@ -134,7 +138,8 @@ def test_npcface_preset_on_the_command_line(preset, tmp_path):
   assert _trained_head_options(c) == heads.NPCFACE_PRESETS[preset]
   config_checks.check(c, num_devices=NUM_DEVICES)
   run_dir.write_run_info(str(tmp_path), c,
-                         training_data.Data(100, 32, 10, None))
+                         data_source.Data(100, 32, 10, None),
+                         setup.create_head(c).options)
   run = json.loads((tmp_path / run_dir.RUN_INFO).read_text())
   assert run['config']['head_options']['npcface']['preset'] == preset
   assert run['head_options'] == heads.NPCFACE_PRESETS[preset]
@@ -183,12 +188,12 @@ def test_impossible_values_are_named_before_compiling():
     config_checks.check(c, num_devices=NUM_DEVICES)
   with pytest.raises(config_checks.ConfigError,
                      match='config.num_classes = 60 but the dataset'):
-    training_data.open_data(_config(num_classes=60), factories.make_mesh(2))
+    data_source.open_data(_config(num_classes=60), arrays.make_mesh(2))
 
 
 def test_learning_rate_schedule_in_epochs():
   c = _config(learning_rate=0.1, lr_boundaries=(2, 3), warmup_epochs=1.0)
-  schedule = factories.learning_rate_schedule(c, steps_per_epoch=10)
+  schedule = setup.learning_rate_schedule(c, steps_per_epoch=10)
   lrs = [float(schedule(s)) for s in (0, 4, 9, 10, 19, 20, 29, 30)]
   np.testing.assert_allclose(lrs, [0.01, 0.05, 0.1, 0.1, 0.1, 0.01, 0.01,
                                    0.001], rtol=1e-6)
@@ -197,8 +202,8 @@ def test_learning_rate_schedule_in_epochs():
 # --- The step on a mesh ------------------------------------------------------
 
 def _task(config, mesh, tiny):
-  data = training_data.open_data(config, mesh)
-  task = factories.make_task(config, mesh, data)
+  data = data_source.open_data(config, mesh)
+  task = setup.make_task(config, mesh, data)
   if tiny:  # the same compute dtype as the configured backbone
     task = dataclasses.replace(task, model=TinyNet(config.embedding_dim,
                                                    task.model.dtype))
@@ -207,9 +212,9 @@ def _task(config, mesh, tiny):
 
 def _run_steps(config, mesh, steps, tiny=False):
   data, task = _task(config, mesh, tiny)
-  state = factories.init_state(task)
+  state = setup.init_state(task)
   step = train_step.make_train_step(
-      task, factories.state_shardings(task, state))
+      task, setup.state_shardings(task, state))
   stream = data.open(None)
   history = []
   for _ in range(steps):
@@ -231,9 +236,9 @@ def test_sharded_step_equals_one_device(overrides):
   # chaotic enough to amplify float32 summation-order differences 100-fold
   # per step.
   c = _config(learning_rate=0.01, **overrides)
-  one, h1 = _run_steps(c, factories.make_mesh(1, jax.devices()[:1]), 3,
+  one, h1 = _run_steps(c, arrays.make_mesh(1, jax.devices()[:1]), 3,
                        tiny=True)
-  many, h8 = _run_steps(c, factories.make_mesh(c.model_parallel), 3, tiny=True)
+  many, h8 = _run_steps(c, arrays.make_mesh(c.model_parallel), 3, tiny=True)
   _assert_same_params(many, one, 61, rtol=1e-4, atol=2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4),
                jax.device_get(many.head_state), jax.device_get(one.head_state))
@@ -253,10 +258,10 @@ def test_bfloat16_backbone_follows_float32():
   gradient are float32's to bf16 precision (the backbones' own bf16 tests
   are in test_models.py)."""
   c = _config(**RESUMED, dtype='bfloat16')
-  mesh = factories.make_mesh(2)
-  assert factories.create_model(c).dtype == jnp.bfloat16
-  assert factories.create_model(c, train_dtype=False).dtype is None  # eval
-  assert next(training_data.open_data(c, mesh).open(None))['image'].dtype == (
+  mesh = arrays.make_mesh(2)
+  assert models.from_config(c).dtype == jnp.bfloat16
+  assert models.from_config(c, train_dtype=False).dtype is None  # eval
+  assert next(data_source.open_data(c, mesh).open(None))['image'].dtype == (
       jnp.bfloat16)
   f32 = _run_steps(_config(**RESUMED), mesh, 1, tiny=True)
   bf16 = _run_steps(c, mesh, 1, tiny=True)
@@ -273,15 +278,15 @@ def test_checkpoint_restores_onto_other_device_counts(tmp_path):
   (63 rows) and onto 1 (61 rows): the same parameters, padding added or
   dropped."""
   c = _config()
-  mesh8 = factories.make_mesh(2)
+  mesh8 = arrays.make_mesh(2)
   state8, _ = _run_steps(c, mesh8, 1, tiny=True)
   ckpt = checkpoint.Checkpointer(str(tmp_path), keep=2, every_steps=1)
   ckpt.save(1, state8, {'step': 1})
   ckpt.wait()
   for devices, model in ((jax.devices()[:3], 3), (jax.devices()[:1], 1)):
-    mesh = factories.make_mesh(model, devices)
+    mesh = arrays.make_mesh(model, devices)
     _, task = _task(c, mesh, tiny=True)
-    target = factories.abstract_state(task)
+    target = setup.abstract_state(task)
     state, position, step = ckpt.restore(target)
     assert (step, position) == (1, {'step': 1})
     assert state.params['classifier'].shape[0] == task.padded_classes
@@ -339,18 +344,18 @@ def test_sigterm_and_kill9_resume_equal_uninterrupted(tmp_path, monkeypatch):
   checkpoint and ends on the same parameters too. The small backbone
   throughout (its steps take milliseconds, hence 64 of them, so that the
   signals land mid-run)."""
-  monkeypatch.setattr(factories, 'create_model', tiny_backbone.create_model)
+  monkeypatch.setattr(models, 'from_config', tiny_backbone.create_model)
   overrides = {**TINY, **RESUMED, 'num_train_steps': 64,
                'log_every_steps': 1, 'checkpoint_every_steps': 8}
   c = _config(**overrides)
-  full = train.train_and_evaluate(c, str(tmp_path / 'full')).state
+  full = loop.train_and_evaluate(c, str(tmp_path / 'full')).state
 
   workdir = tmp_path / 'stopped'
   status, log = _run_until(workdir, overrides, 3, signal.SIGTERM)
   assert status == 0, log[-3000:]
   assert 'preempted: checkpoint of step' in log, log[-3000:]
   assert 3 <= _latest_step(workdir) < 64, log[-3000:]
-  resumed = train.train_and_evaluate(c, str(workdir))
+  resumed = loop.train_and_evaluate(c, str(workdir))
   assert int(resumed.state.step) == 64 and not resumed.preempted
   _assert_same_params(resumed.state, full, 61)
   np.testing.assert_array_equal(resumed.state.head_state['step'],
@@ -363,7 +368,7 @@ def test_sigterm_and_kill9_resume_equal_uninterrupted(tmp_path, monkeypatch):
   assert status == -signal.SIGKILL, (seed, log[-3000:])
   assert 'preempted' not in log
   assert _latest_step(workdir) < 64, (seed, kill_at)
-  resumed = train.train_and_evaluate(c, str(workdir))
+  resumed = loop.train_and_evaluate(c, str(workdir))
   assert int(resumed.state.step) == 64, (seed, kill_at)
   _assert_same_params(resumed.state, full, 61)
 
@@ -391,7 +396,7 @@ def test_gpu_bench_config_carries_what_make_task_reads(monkeypatch):
   spec.loader.exec_module(bench)
   config = bench.jax_config('mobilefacenet', 'float32', 'native',
                             {'width': 0.125})
-  task = factories.make_task(config, factories.make_mesh(1, jax.devices()[:1]),
-                         training_data.Data(100, 32, 10, None))
+  task = setup.make_task(config, arrays.make_mesh(1, jax.devices()[:1]),
+                         data_source.Data(100, 32, 10, None))
   assert (task.num_classes, task.num_sample, task.chunk_size) == (100, None,
                                                                   None)

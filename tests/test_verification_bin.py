@@ -17,7 +17,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from npcface_jax import verification_bin
+from npcface_jax.evaluation import bin_format
 from tests import fuzzing
 from tests.helpers import SHARED_DATA
 
@@ -31,7 +31,7 @@ def _orl_pairs(pairs=(0, 1, 142, 143)):
   JPEG bytes and labels; all of them for pairs=None."""
   if not ORL_BIN.is_file():
     pytest.skip(f'{ORL_BIN} not found (shared test data absent)')
-  bins, issame = verification_bin.load_bin(ORL_BIN)
+  bins, issame = bin_format.load_bin(ORL_BIN)
   if pairs is None:
     return bins, issame
   return [bins[i] for k in pairs for i in (2 * k, 2 * k + 1)], issame[
@@ -47,7 +47,7 @@ def _load_in_child(paths, mem_mb=2048, timeout=60):
       import os, resource, sys
       sys.path.insert(0, {str(ROOT)!r})
       resource.setrlimit(resource.RLIMIT_AS, ({mem_mb} * 2**20,) * 2)
-      from npcface_jax import verification_bin
+      from npcface_jax.evaluation import bin_format
       def peak():  # kB; VmHWM is this process's own (ru_maxrss can be the
         # parent's high-water mark, carried across fork and exec)
         return int(open('/proc/self/status').read().split('VmHWM:')[1]
@@ -55,7 +55,7 @@ def _load_in_child(paths, mem_mb=2048, timeout=60):
       for path in {[str(p) for p in paths]!r}:
         before = peak()
         try:
-          _, issame = verification_bin.load_bin(path)
+          _, issame = bin_format.load_bin(path)
           result = f'loaded {{len(issame)}}'
         except ValueError as e:
           result = f'refused: {{e}}'
@@ -87,7 +87,7 @@ def test_every_real_layout_loads(tmp_path, protocol, items, labels):
             'bool array': np.array([True, False]), 'ints': [1, 0]}[labels]
   path = tmp_path / 'a.bin'
   path.write_bytes(pickle.dumps((bins, issame), protocol=protocol))
-  got, same = verification_bin.load_bin(path)
+  got, same = bin_format.load_bin(path)
   assert got == IMAGES and same.dtype == bool
   assert same.tolist() == [True, False]
 
@@ -117,7 +117,7 @@ def test_python2_files_load(tmp_path, protocol):
             b'\xff\xd8\r"', b'\xff\xd8']
   path = tmp_path / 'py2.bin'
   path.write_bytes(_py2_pickle(images, [True, False], protocol))
-  bins, issame = verification_bin.load_bin(path)
+  bins, issame = bin_format.load_bin(path)
   assert bins == images and issame.tolist() == [True, False]
   # The same bytes as the standard unpickler reads them.
   want = pickle.loads(path.read_bytes(), encoding='bytes')
@@ -127,10 +127,10 @@ def test_python2_files_load(tmp_path, protocol):
 def test_orl_fixture_and_our_own_files_load(tmp_path):
   bins, issame = _orl_pairs(None)
   assert len(bins) == 568 and issame.sum() == 142 and not issame[142:].any()
-  verification_bin.save_bin(tmp_path / 'ours.bin', bins, issame)
-  again, same = verification_bin.load_bin(tmp_path / 'ours.bin')
+  bin_format.save_bin(tmp_path / 'ours.bin', bins, issame)
+  again, same = bin_format.load_bin(tmp_path / 'ours.bin')
   assert again == bins and (same == issame).all()
-  pairs = verification_bin.load_pairs(tmp_path / 'ours.bin', 112)
+  pairs = bin_format.load_pairs(tmp_path / 'ours.bin', 112)
   assert pairs.images.shape == (568, 112, 112, 3) and not pairs.skipped
 
 
@@ -138,16 +138,16 @@ def test_a_pair_with_a_corrupt_image_is_skipped_and_named(tmp_path):
   bins, issame = _orl_pairs()
   bins[3] = bins[3][:len(bins[3]) // 3]  # truncated JPEG in pair 1
   bins[6] = b''                          # empty image in pair 3
-  verification_bin.save_bin(tmp_path / 'a.bin', bins, issame)
-  pairs = verification_bin.load_pairs(tmp_path / 'a.bin', 112)
+  bin_format.save_bin(tmp_path / 'a.bin', bins, issame)
+  pairs = bin_format.load_pairs(tmp_path / 'a.bin', 112)
   assert pairs.issame.tolist() == [issame[0], issame[2]]
   assert [s.split(':')[0] for s in pairs.skipped] == ['pair 1', 'pair 3']
   assert 'image 3' in pairs.skipped[0] and 'image 6' in pairs.skipped[1]
-  whole = verification_bin.load_pairs(tmp_path / 'a.bin', 112).images
-  clean = verification_bin.decode_pairs([bins[i] for i in (0, 1, 4, 5)], 112)
+  whole = bin_format.load_pairs(tmp_path / 'a.bin', 112).images
+  clean = bin_format.decode_pairs([bins[i] for i in (0, 1, 4, 5)], 112)
   np.testing.assert_array_equal(whole, clean)
   with pytest.raises(ValueError, match=r'image 3 \(pair 1\) does not decode'):
-    verification_bin.decode_pairs(bins, 112)
+    bin_format.decode_pairs(bins, 112)
 
 
 # --- What they never hold is refused, without running or crashing -----------
@@ -222,10 +222,10 @@ def test_code_running_pickles_are_refused(tmp_path):
   code = textwrap.dedent(f'''
       import sys
       sys.path.insert(0, {str(ROOT)!r})
-      from npcface_jax import verification_bin
+      from npcface_jax.evaluation import bin_format
       for name in {sorted(files)!r}:
         try:
-          verification_bin.load_bin({str(tmp_path)!r} + '/' + name + '.bin')
+          bin_format.load_bin({str(tmp_path)!r} + '/' + name + '.bin')
           print(name, 'LOADED')
         except ValueError as e:
           print(name, 'refused:', e)
@@ -274,23 +274,23 @@ def test_refusals_name_the_offset(tmp_path):
   path = tmp_path / 'cut.bin'
   path.write_bytes(pickle.dumps((IMAGES, [True, False]), protocol=4)[:40])
   with pytest.raises(ValueError, match=r'cut\.bin .*(truncated|past the end)'):
-    verification_bin.load_bin(path)
+    bin_format.load_bin(path)
   path.write_bytes(pickle.dumps(({'a': 1}, [True]), protocol=2))
   with pytest.raises(ValueError, match=r'opcode .* \(EMPTY_DICT\) at byte 2'):
-    verification_bin.load_bin(path)
+    bin_format.load_bin(path)
   path.write_bytes(pickle.dumps((IMAGES, [True, 2]), protocol=2))
   with pytest.raises(ValueError, match=r'issame_list\[1\] is 2'):
-    verification_bin.load_bin(path)
+    bin_format.load_bin(path)
   path.write_bytes(pickle.dumps((IMAGES, [True]), protocol=2))
   with pytest.raises(ValueError, match='4 images for 1 pairs'):
-    verification_bin.load_bin(path)
+    bin_format.load_bin(path)
 
 
 # --- Fuzzing -----------------------------------------------------------------
 
 def _load_and_decode(path):
   """What evaluation does with a .bin: load it and decode every pair."""
-  return verification_bin.load_pairs(path, 112)
+  return bin_format.load_pairs(path, 112)
 
 
 def _length_fields(data: bytes) -> list[tuple[int, int]]:
@@ -342,7 +342,8 @@ def test_the_trainer_refuses_a_hostile_verification_target(tmp_path):
   """A config naming the forged .bin stops before training with a config
   error (the command line turns it into a usage error), not a crash."""
   from configs import demo  # noqa: PLC0415
-  from npcface_jax import config_checks, verification  # noqa: PLC0415
+  from npcface_jax.training import (  # noqa: PLC0415
+      config_checks, periodic_eval)
   forged = tmp_path / 'forged.bin'
   forged.write_bytes(forged_dtype_bin())
   config = demo.get_config()
@@ -350,4 +351,4 @@ def test_the_trainer_refuses_a_hostile_verification_target(tmp_path):
   with pytest.raises(config_checks.ConfigError,
                      match=r'config\.verification_targets: .*forged\.bin is '
                            'not an insightface verification'):
-    verification.verification_sets(config, 112)
+    periodic_eval.Verifier(config, str(tmp_path), None, 112, None)

@@ -16,7 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from npcface_jax import factories
+from npcface_jax import models
 from npcface_jax.models import layers
 
 
@@ -39,11 +39,11 @@ class TinyNet(nn.Module):
     return layers.batch_norm(train, self.dtype)(x).astype(jnp.float32)
 
 
-_configured_model = factories.create_model
+_configured_model = models.from_config
 
 
 def create_model(config, *, train_dtype: bool = True):
-  """factories.create_model's signature and dtype rule, returning TinyNet."""
+  """models.from_config's signature and dtype rule, returning TinyNet."""
   return TinyNet(config.embedding_dim, _configured_model(
       config, train_dtype=train_dtype).dtype)
 
@@ -53,7 +53,7 @@ if __name__ == '__main__':
   import sys
   from absl import app
   # Its XLA:CPU flags take effect: nothing has started a backend yet.
-  factories.create_model = create_model
+  models.from_config = create_model
   command = sys.argv[1] if sys.argv[1:2] in (['sweep'], ['evaluate']) else ''
   module = importlib.import_module(f'npcface_jax.{command or "main"}')
   if command:  # main defines its flags on import, the others when run

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Callable
 
 import flax.linen as nn
+import jax.numpy as jnp
 
 from npcface_jax.models import attention, resnet
 from npcface_jax.models.mobilefacenet import MobileFaceNet
@@ -35,6 +36,20 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
 
 def names() -> list[str]:
   return sorted(_MODELS)
+
+
+def from_config(config, *, train_dtype: bool = True) -> nn.Module:
+  """The backbone a run's config names (model, embedding_dim,
+  model_options, dtype); ``train_dtype=False`` computes in float32
+  (evaluation, serving) whatever the training dtype. ValueError naming
+  config.model_options when they do not fit the backbone."""
+  dtype = jnp.bfloat16 if config.dtype == 'bfloat16' and train_dtype else None
+  try:
+    return create(config.model, embedding_dim=config.embedding_dim,
+                  dtype=dtype, **dict(config.model_options))
+  except TypeError as e:
+    raise ValueError(
+        f'config.model_options = {dict(config.model_options)}: {e}') from e
 
 
 def create(name: str, **kwargs) -> nn.Module:

@@ -1,0 +1,298 @@
+"""LFW-style pair verification: cosine similarity per pair, the best
+threshold on a set of pairs, and the k-fold accuracy that LFW, AgeDB-30,
+CFP-FP and the other insightface ``.bin`` sets report.
+
+Pure NumPy on embeddings already computed, so that the protocol is exact,
+testable on its own and free of JAX or TensorFlow. Each fold's threshold is
+chosen exactly among the training similarities (sort and cumulative counts)
+rather than on a grid, so the result does not depend on a grid's spacing.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+
+def pair_similarities(embeddings) -> np.ndarray:
+  """Cosine similarity (N,) float64 of pairs (rows 2k, 2k + 1) of embeddings
+  (2N, D): the order of insightface ``.bin`` files (bin_format.py).
+
+  Rows are normalised first; a zero row has similarity 0 with anything
+  rather than NaN, so a dead embedding counts as a miss, not a crash.
+  """
+  x = np.asarray(embeddings)
+  if x.ndim != 2:
+    raise ValueError(f'embeddings must be 2-D (2N, D), got shape {x.shape}')
+  if x.shape[0] % 2:
+    raise ValueError(f'embeddings must have an even number of rows (pairs '
+                     f'are rows 2k and 2k + 1), got {x.shape[0]}')
+  if not np.issubdtype(x.dtype, np.number) or np.iscomplexobj(x):
+    raise ValueError(f'embeddings must be real numbers, got dtype {x.dtype}')
+  x = x.astype(np.float64)
+  if not np.all(np.isfinite(x)):
+    raise ValueError('embeddings contain NaN or infinity')
+  # Divide by the largest entry first so that the norm cannot overflow.
+  scale = np.max(np.abs(x), axis=1, keepdims=True) if x.shape[1] else (
+      np.zeros((x.shape[0], 1)))
+  x = x / np.where(scale > 0, scale, 1.0)
+  norm = np.linalg.norm(x, axis=1, keepdims=True)
+  x = x / np.where(norm > 0, norm, 1.0)
+  sim = np.sum(x[0::2] * x[1::2], axis=1)
+  return np.clip(sim, -1.0, 1.0)
+
+
+def _as_issame(issame, n: int) -> np.ndarray:
+  """issame as a bool array (n,); accepts bools or numbers that are 0 / 1."""
+  same = np.asarray(issame)
+  if same.ndim != 1:
+    raise ValueError(f'issame must be 1-D, got shape {same.shape}')
+  if same.shape[0] != n:
+    raise ValueError(f'similarity and issame differ in length: {n} pairs '
+                     f'but {same.shape[0]} labels')
+  if same.dtype == bool:
+    return same
+  if (np.issubdtype(same.dtype, np.number) and not np.iscomplexobj(same)
+      and np.all((same == 0) | (same == 1))):
+    return same.astype(bool)
+  raise ValueError('issame must be boolean (or numbers that are all 0 or 1), '
+                   f'got dtype {same.dtype}')
+
+
+def _as_similarity(similarity) -> np.ndarray:
+  """similarity as a finite float64 array (N,), so that sorting is total."""
+  sim = np.asarray(similarity)
+  if sim.ndim != 1:
+    raise ValueError(f'similarity must be 1-D, got shape {sim.shape}')
+  if not np.issubdtype(sim.dtype, np.number) or np.iscomplexobj(sim):
+    raise ValueError(f'similarity must be real numbers, got dtype {sim.dtype}')
+  sim = sim.astype(np.float64)
+  if not np.all(np.isfinite(sim)):
+    raise ValueError('similarity contains NaN or infinity')
+  return sim
+
+
+def _best_threshold(sim: np.ndarray, same: np.ndarray) -> tuple[float, int]:
+  """(threshold, number correct) on validated arrays; see best_threshold."""
+  n = sim.shape[0]
+  order = np.argsort(sim, kind='stable')
+  sorted_sim = sim[order]
+  cum_same = np.cumsum(same[order])              # same pairs among the i + 1
+  cum_diff = np.arange(1, n + 1) - cum_same      # smallest similarities
+  num_same = int(cum_same[-1])
+  # The last index of each run of equal values: threshold = that value
+  # predicts "different" for it and everything below it.
+  last = np.flatnonzero(np.append(sorted_sim[1:] != sorted_sim[:-1], True))
+  correct = np.concatenate(
+      [[num_same], cum_diff[last] + (num_same - cum_same[last])])
+  best = int(np.argmax(correct))  # the first maximum: the smallest candidate
+  threshold = -np.inf if best == 0 else float(sorted_sim[last[best - 1]])
+  return threshold, int(correct[best])
+
+
+def best_threshold(similarity, issame) -> tuple[float, float]:
+  """(threshold, accuracy) maximising the accuracy of "same iff similarity >
+  threshold" on these pairs.
+
+  The candidates are -inf (everything "same") and each distinct similarity:
+  any other threshold classifies like the largest candidate below it. Ties
+  go to the smallest candidate. Exact, O(N log N).
+  """
+  sim = _as_similarity(similarity)
+  same = _as_issame(issame, sim.shape[0])
+  if sim.shape[0] == 0:
+    raise ValueError('best_threshold needs at least one pair')
+  threshold, correct = _best_threshold(sim, same)
+  return threshold, correct / sim.shape[0]
+
+
+def kfold_bounds(num_pairs: int, num_folds: int) -> list[tuple[int, int]]:
+  """[start, stop) of each contiguous, unshuffled fold, sized as sklearn's
+  ``KFold(num_folds, shuffle=False)`` sizes them (the first num_pairs %
+  num_folds folds one larger), as the LFW protocol and insightface use."""
+  num_folds = _check_num_folds(num_folds)
+  if num_pairs < num_folds:
+    raise ValueError(f'{num_folds} folds need at least {num_folds} pairs, '
+                     f'got {num_pairs}')
+  size, extra = divmod(num_pairs, num_folds)
+  bounds, start = [], 0
+  for f in range(num_folds):
+    stop = start + size + (f < extra)
+    bounds.append((start, stop))
+    start = stop
+  return bounds
+
+
+def check_integer(value, name: str, minimum: int) -> int:
+  """value as an int (NumPy integers too; not bools nor floats), at least
+  ``minimum``; else a ValueError naming ``name``."""
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f'{name} must be an integer, got {value!r}')
+  try:
+    value = operator.index(value)
+  except TypeError:
+    raise ValueError(f'{name} must be an integer, got {value!r}') from None
+  if value < minimum:
+    raise ValueError(f'{name} must be at least {minimum}, got {value}')
+  return value
+
+
+def _check_num_folds(num_folds) -> int:
+  return check_integer(num_folds, 'num_folds', 2)
+
+
+def verification_accuracy(similarity, issame, num_folds: int = 10) -> dict:
+  """k-fold verification accuracy: each fold is tested at the best threshold
+  of the other folds (best_threshold), so no pair picks its own threshold.
+
+  Returns a dict with 'accuracy' (mean of the folds' test accuracies),
+  'accuracy_std' (their np.std, ddof=0, as insightface reports it),
+  'fold_accuracies' and 'fold_thresholds' (lists of floats, one per fold)
+  and 'threshold': the mean of the folds' finite thresholds, or -inf when
+  every fold chose -inf (its training pairs were all best called "same").
+  """
+  sim = _as_similarity(similarity)
+  same = _as_issame(issame, sim.shape[0])
+  bounds = kfold_bounds(sim.shape[0], num_folds)
+  accuracies, thresholds = [], []
+  for start, stop in bounds:
+    train = np.ones(sim.shape[0], dtype=bool)
+    train[start:stop] = False
+    threshold, _ = _best_threshold(sim[train], same[train])
+    predicted = sim[start:stop] > threshold
+    accuracies.append(float(np.mean(predicted == same[start:stop])))
+    thresholds.append(threshold)
+  finite = [t for t in thresholds if np.isfinite(t)]
+  return {
+      'accuracy': float(np.mean(accuracies)),
+      'accuracy_std': float(np.std(accuracies)),
+      'threshold': float(np.mean(finite)) if finite else -np.inf,
+      'fold_accuracies': accuracies,
+      'fold_thresholds': thresholds,
+  }
+
+
+# --- ROC, TAR at FAR, AUC ---------------------------------------------------
+
+# The false accept rates the benchmarks report (BLUFR, IJB-B/C, MegaFace).
+FARS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6)
+
+
+def impostors_accepted(far: float, num_impostors: int) -> int:
+  """k = floor(far * num_impostors): how many impostor pairs FAR ``far``
+  lets through (the product nudged up so that 0.1 * 30 counts as 3)."""
+  if not 0.0 < far <= 1.0:
+    raise ValueError(f'a false accept rate must lie in (0, 1], got {far}')
+  return int(np.floor(far * num_impostors * (1 + 1e-12)))
+
+
+def far_threshold(top_impostors, num_impostors: int, far: float):
+  """The threshold of "accept iff similarity > t" that accepts at most
+  ``far`` of ``num_impostors`` impostor pairs and as many genuine pairs as
+  possible: the (k + 1)-th largest impostor similarity, k =
+  impostors_accepted(far, num_impostors); -inf when k is every impostor.
+
+  ``top_impostors`` needs only the k + 1 largest impostor similarities (in
+  any order), so a caller scoring a billion impostors in chunks keeps just
+  those. None when the pair count cannot measure ``far`` (k < 1: not even
+  one impostor may pass, so the rate is not resolved).
+  """
+  k = impostors_accepted(far, num_impostors)
+  if k < 1:
+    return None
+  if k >= num_impostors:
+    return -np.inf
+  top = np.asarray(top_impostors, np.float64).ravel()
+  if top.shape[0] < k + 1:
+    raise ValueError(f'FAR {far:g} of {num_impostors} impostors needs the '
+                     f'{k + 1} largest impostor similarities, got '
+                     f'{top.shape[0]}')
+  return float(-np.partition(-top, k)[k])
+
+
+def tar_at_far(similarity, issame, fars=FARS) -> list[dict]:
+  """TAR at each FAR the pair count supports (at least one impostor may
+  pass): the largest true accept rate of any threshold whose false accept
+  rate is at most ``far``, exactly (no interpolation along a sampled ROC).
+
+  Returns [{'far', 'tar', 'threshold', 'false_accepts'}] in the order of
+  ``fars``, leaving out the unsupported ones.
+  """
+  sim = _as_similarity(similarity)
+  same = _as_issame(issame, sim.shape[0])
+  genuine, impostor = sim[same], sim[~same]
+  if not genuine.size or not impostor.size:
+    raise ValueError(f'TAR at FAR needs genuine and impostor pairs, got '
+                     f'{genuine.size} and {impostor.size}')
+  impostor = np.sort(impostor)[::-1]
+  out = []
+  for far in fars:
+    t = far_threshold(impostor, impostor.size, far)
+    if t is None:
+      continue
+    out.append({'far': float(far), 'tar': float(np.mean(genuine > t)),
+                'threshold': t,
+                'false_accepts': int(np.sum(impostor > t))})
+  return out
+
+
+def roc_curve(similarity, issame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(far, tar, thresholds) at every distinct similarity, from accepting
+  nothing to accepting everything: pair i is accepted at threshold t iff
+  similarity > t. Exact, O(N log N)."""
+  sim = _as_similarity(similarity)
+  same = _as_issame(issame, sim.shape[0])
+  num_same, num_diff = int(same.sum()), int((~same).sum())
+  if not num_same or not num_diff:
+    raise ValueError(f'a ROC needs genuine and impostor pairs, got '
+                     f'{num_same} and {num_diff}')
+  order = np.argsort(-sim, kind='stable')
+  sorted_sim = sim[order]
+  true_acc = np.cumsum(same[order])
+  false_acc = np.arange(1, sim.shape[0] + 1) - true_acc
+  # thresholds[j] accepts exactly the first j runs of equal values.
+  last = np.flatnonzero(np.append(sorted_sim[1:] != sorted_sim[:-1], True))
+  tar = np.append(0, true_acc[last]) / num_same
+  far = np.append(0, false_acc[last]) / num_diff
+  thresholds = np.append(sorted_sim[last], -np.inf)
+  return far, tar, thresholds
+
+
+def roc_points(similarity, issame, max_points: int = 256) -> dict:
+  """The ROC as {'far': [...], 'tar': [...]} of at most ``max_points``
+  exact vertices of roc_curve, spread evenly over log FAR (the axis ROC
+  figures use), so that results.json can hold it and runs can be drawn
+  together later."""
+  far, tar, _ = roc_curve(similarity, issame)
+  if len(far) > max_points:
+    levels = np.geomspace(far[far > 0].min(), 1.0, max_points - 2)
+    keep = np.searchsorted(far, levels, side='right') - 1
+    keep = np.unique(np.concatenate([[0], keep, [len(far) - 1]]))
+    far, tar = far[keep], tar[keep]
+  return {'far': far.tolist(), 'tar': tar.tolist()}
+
+
+def auc(similarity, issame) -> float:
+  """Area under the ROC: the chance that a random genuine pair scores above
+  a random impostor pair, ties counting one half (Mann-Whitney U)."""
+  sim = _as_similarity(similarity)
+  same = _as_issame(issame, sim.shape[0])
+  genuine, impostor = sim[same], np.sort(sim[~same])
+  if not genuine.size or not impostor.size:
+    raise ValueError(f'an AUC needs genuine and impostor pairs, got '
+                     f'{genuine.size} and {impostor.size}')
+  below = np.searchsorted(impostor, genuine, side='left')
+  ties = np.searchsorted(impostor, genuine, side='right') - below
+  return float((below.sum() + 0.5 * ties.sum())
+               / (genuine.size * impostor.size))
+
+
+def verification_report(similarity, issame, num_folds: int = 10,
+                        fars=FARS) -> dict:
+  """Everything results.json records for a labelled pair set: k-fold
+  accuracy (verification_accuracy), TAR at the supported FARs and AUC."""
+  report = verification_accuracy(similarity, issame, num_folds)
+  report['tar_at_far'] = tar_at_far(similarity, issame, fars)
+  report['auc'] = auc(similarity, issame)
+  return report

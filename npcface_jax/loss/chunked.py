@@ -1,0 +1,257 @@
+"""Cross-entropy over a margin head's logits of a normalised classifier,
+computed a block of classes at a time and never holding the logits.
+
+``chunked_cross_entropy`` equals ``per_sample_cross_entropy(head logits of
+cosine(x, W))`` in value and gradient, but its forward keeps only the
+cosines (B, C) and per-sample running sums (an online log-sum-exp, as in
+flash attention), and its hand-written backward turns each block's cosines
+straight into that block's classifier gradient. The normalised classifier is
+never materialised either: each block of W is normalised where it is used.
+Compared with autodiff through the full logits this saves several (B, C)
+buffers of memory and passes over memory (benchmarks/RESULTS.md).
+
+It relies on what every head with ``MarginParts`` guarantees: the logits'
+Jacobian in cos is diagonal, so the backward needs only each logit's own
+derivative. AdaCos (whose scale needs a pass over all logits first) and
+AdaM-softmax (whose margins are parameters) have no parts; use the full
+logits for them.
+
+Class-sharded: inside ``jax.shard_map`` with W's rows split over
+``axis_name`` (which shard holds which classes: class_shards.py), each
+shard loops over its own rows; the target cosine, the head's sums and the
+log-sum-exp are combined with psum/pmax, and the embeddings' gradient is
+psum-ed, so the result equals the unsharded one. ``num_classes`` excludes
+padding rows.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from npcface_jax.loss import class_shards
+from npcface_jax.loss.heads import MarginParts
+
+Array = jax.Array
+
+_FAR_BELOW = -1e30  # the running max before any block: finite, so no inf-inf
+
+
+class Chunked(NamedTuple):
+  """What the chunked loss returns; only ``ce`` has a gradient."""
+
+  ce: Array  # (B,) per-sample cross-entropy
+  row: object  # the head's row constants (parts.row)
+  sums: tuple  # the head's per-sample sums over the negatives, all shards
+  top1: Array  # (B,) bool, the target logit beats every negative logit
+  cos_target: Array  # (B,) cosine to the target's row
+  cos_nearest: Array  # (B,) largest cosine to a negative row (-inf: none)
+
+
+def _normalize_rows(w):
+  inv = lax.rsqrt(jnp.maximum(jnp.sum(w * w, axis=-1, keepdims=True), 1e-24))
+  return w * inv, inv
+
+
+def _normalize_rows_vjp(wn, inv, g):
+  """Cotangent of w from that of wn = w / ||w||."""
+  return inv * (g - jnp.sum(g * wn, axis=-1, keepdims=True) * wn)
+
+
+def _blocks(num_rows: int, chunk_size: int):
+  """How many equal blocks the loop runs, and the static remainder."""
+  full = num_rows // chunk_size
+  return full, num_rows - full * chunk_size
+
+
+class _Shard:
+  """This shard's place among the classes (the whole when unsharded), from
+  class_shards, and the collectives over the class axis."""
+
+  def __init__(self, w, labels, axis_name, num_classes):
+    self.axis_name, self.num_classes = axis_name, num_classes
+    self.labels, self.num_rows = labels, w.shape[0]
+    self.index = class_shards.shard_index(axis_name)
+    self.local_label, self.owned = class_shards.targets(labels, self.index,
+                                                        self.num_rows)
+
+  def is_negative(self, start, width):
+    """Which columns of the block of local rows start.. are negatives."""
+    ids = class_shards.class_ids(self.index, self.num_rows, start, width)
+    return class_shards.negatives(class_shards.target_mask(ids, self.labels),
+                                  class_shards.is_real(ids, self.num_classes))
+
+  def target_rows(self, w):
+    """The normalised target rows held here, with their inverse norms."""
+    return _normalize_rows(w[self.local_label])
+
+  def psum(self, x):
+    return x if self.axis_name is None else lax.psum(x, self.axis_name)
+
+  def varying(self, x, *inputs):
+    """Marks a loop's initial carry as differing over every mesh axis that
+    the inputs differ over (the class axis, and a batch axis if the batch
+    is split too), like the loop's body."""
+    if self.axis_name is None:
+      return x
+    want = frozenset({self.axis_name}).union(*map(_varying_axes, inputs))
+
+    def cast(a):
+      missing = tuple(sorted(want - _varying_axes(a)))
+      return lax.pcast(a, missing, to='varying') if missing else a
+
+    return jax.tree.map(cast, x)
+
+
+def _varying_axes(x) -> frozenset:
+  """The shard_map axes over which x differs (its type's 'vma')."""
+  aval = jax.typeof(x)
+  if hasattr(aval, 'vma'):
+    return frozenset(aval.vma)
+  return frozenset(aval.manual_axis_type.varying)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _chunked(xn, w, labels, state, parts: MarginParts, chunk_size: int,
+             axis_name, num_classes):
+  return _forward(xn, w, labels, state, parts, chunk_size, axis_name,
+                  num_classes)[0]
+
+
+def _forward(xn, w, labels, state, parts, chunk_size, axis_name,
+             num_classes):
+  batch = xn.shape[0]
+  shard = _Shard(w, labels, axis_name, num_classes)
+  wy, inv_y = shard.target_rows(w)
+  c_y = shard.psum(jnp.where(shard.owned, jnp.sum(xn * wy, axis=-1), 0.0))
+  row = parts.row(c_y, state)
+
+  def block(w_block, start, carry):
+    run_max, run_sum, sums, nearest = carry
+    cos = xn @ _normalize_rows(w_block)[0].T
+    is_negative = shard.is_negative(start, cos.shape[1])
+    logits, block_sums = parts.negative(cos, row, is_negative)
+    logits = jnp.where(is_negative, logits, -jnp.inf)
+    new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))
+    run_sum = (run_sum * jnp.exp(run_max - new_max)
+               + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=-1))
+    sums = jax.tree.map(jnp.add, sums, block_sums)
+    nearest = jnp.maximum(nearest, jnp.max(
+        jnp.where(is_negative, cos, -jnp.inf), axis=-1))
+    return cos, (new_max, run_sum, sums, nearest)
+
+  # The per-sample sums' structure comes from the head: trace one tiny block.
+  sums0 = jax.tree.map(
+      jnp.zeros_like,
+      jax.eval_shape(lambda: parts.negative(
+          jnp.zeros((batch, 1)), row, jnp.ones((batch, 1), bool))[1]))
+  carry = (jnp.full((batch,), _FAR_BELOW), jnp.zeros((batch,)), sums0,
+           jnp.full((batch,), -jnp.inf))
+  full, rest = _blocks(w.shape[0], chunk_size)
+
+  def body(k, loop):
+    cos_store, carry = loop
+    start = k * chunk_size
+    cos, carry = block(lax.dynamic_slice_in_dim(w, start, chunk_size), start,
+                       carry)
+    return lax.dynamic_update_slice_in_dim(cos_store, cos[None], k, 0), carry
+
+  cos_store = lax.empty((full, batch, chunk_size), jnp.float32)
+  cos_store, carry = lax.fori_loop(0, full, body,
+                                   shard.varying((cos_store, carry), xn, w))
+  cos_rest = None
+  if rest:
+    cos_rest, carry = block(w[full * chunk_size:], full * chunk_size, carry)
+  run_max, run_sum, sums, nearest = carry
+  sums = shard.psum(sums)
+  if axis_name is not None:  # merge the shards' running log-sum-exps
+    top = lax.pmax(run_max, axis_name)
+    run_sum, run_max = shard.psum(run_sum * jnp.exp(run_max - top)), top
+    nearest = lax.pmax(nearest, axis_name)
+  z_y = parts.positive(c_y, row, sums)
+  lse = jnp.logaddexp(run_max + jnp.log(run_sum), z_y)
+  ce = lse - z_y
+  top1 = z_y >= run_max  # the target beats every negative logit
+  residuals = (xn, w, labels, state, wy, inv_y, c_y, row, sums, lse, z_y,
+               cos_store, cos_rest)
+  return Chunked(ce, row, sums, top1, c_y, nearest), residuals
+
+
+def _backward(parts, chunk_size, axis_name, num_classes, residuals,
+              cotangents):
+  (xn, w, labels, state, wy, inv_y, c_y, row, sums, lse, z_y, cos_store,
+   cos_rest) = residuals
+  g = cotangents[0]  # the rest is for logging and analysis, not for grads
+  shard = _Shard(w, labels, axis_name, num_classes)
+  full, rest = _blocks(w.shape[0], chunk_size)
+
+  def block(w_block, start, cos):
+    wn, inv = _normalize_rows(w_block)
+    is_negative = shard.is_negative(start, cos.shape[1])
+    logits, dlogits = jax.jvp(lambda c: parts.negative(c, row, is_negative)[0],
+                              (cos,), (jnp.ones_like(cos),))
+    prob = jnp.where(is_negative, jnp.exp(logits - lse[:, None]), 0.0)
+    dcos = (g[:, None] * prob) * dlogits
+    dw_block = _normalize_rows_vjp(wn, inv, dcos.T @ xn)
+    return dcos @ wn, dw_block
+
+  def body(k, grads):
+    dxn, dw = grads
+    start = k * chunk_size
+    dx_k, dw_k = block(lax.dynamic_slice_in_dim(w, start, chunk_size), start,
+                       cos_store[k])
+    return dxn + dx_k, lax.dynamic_update_slice_in_dim(dw, dw_k, start, 0)
+
+  grads = (jnp.zeros_like(xn), lax.empty(w.shape, jnp.float32))
+  dxn, dw = lax.fori_loop(0, full, body, shard.varying(grads, xn, w))
+  if rest:
+    dx_r, dw_r = block(w[full * chunk_size:], full * chunk_size, cos_rest)
+    dxn = dxn + dx_r
+    dw = lax.dynamic_update_slice_in_dim(dw, dw_r, full * chunk_size, 0)
+  # The target logits: dCE/dz_y = p_y - 1, through the positive's derivative,
+  # on the shard that holds each target row.
+  dpos = jax.grad(lambda c: jnp.sum(parts.positive(c, row, sums)))(c_y)
+  dc_y = jnp.where(shard.owned, g * (jnp.exp(z_y - lse) - 1.0) * dpos, 0.0)
+  dxn = dxn + dc_y[:, None] * wy
+  dw = dw.at[shard.local_label].add(
+      _normalize_rows_vjp(wy, inv_y, dc_y[:, None] * xn))
+  # A batch split over another axis too: W's gradient sums over its shards.
+  batch_axes = tuple(sorted(_varying_axes(xn) - _varying_axes(w)))
+  if batch_axes:
+    dw = lax.psum(dw, batch_axes)
+  # The state (a batch statistic's history, a step) gets no gradient.
+  return shard.psum(dxn), dw, None, jax.tree.map(jnp.zeros_like, state)
+
+
+_chunked.defvjp(_forward, _backward)
+
+
+def chunked_cross_entropy(embeddings: Array, weights: Array, labels: Array,
+                          parts: MarginParts, state=None, *,
+                          chunk_size: int = 4096, axis_name=None,
+                          num_classes: int | None = None):
+  """``Chunked``: per-sample cross-entropy (B,) over the head's logits of
+  cosine(embeddings, weights), with the head's row constants and sums
+  (for its state and diagnostics), whether each target logit is the
+  largest (top-1, bool), and each sample's cosine to its target and to its
+  nearest negative (hard-sample analysis), ``chunk_size`` classes at a
+  time.
+  ``state`` is the head's state (SphereFace, CurricularFace), passed to the
+  parts' ``row``.
+
+  ``embeddings`` (B, D) and ``weights`` (C, D) need not be normalised; both
+  are, as in ``classifier.cosine``. Arithmetic is float32. With
+  ``axis_name`` (inside shard_map) ``weights`` are this shard's rows and
+  ``num_classes`` the real class count when the rows are padded.
+  """
+  if chunk_size < 1:
+    raise ValueError(f'chunk_size must be positive, got {chunk_size}')
+  chunk_size = min(chunk_size, weights.shape[0])
+  xn, _ = _normalize_rows(embeddings.astype(jnp.float32))
+  w = weights.astype(jnp.float32)
+  return _chunked(xn, w, labels.astype(jnp.int32), state, parts, chunk_size,
+                  axis_name, num_classes)

@@ -1,0 +1,245 @@
+"""The normalised classifier: cosines, head and per-sample loss, optionally
+with the classifier's rows split over a mesh axis (model parallel), or
+computed chunked and fused over the classes on one device.
+
+The unsharded and the sharded path run the same code; the sharded one runs
+it inside ``jax.shard_map`` with ``axis_name`` set, where the head and the
+cross-entropy add their few collectives (psum/pmax over the class axis). The
+class count is padded to a multiple of the shard count with zero rows, which
+the head masks out (logit -inf) through ``num_classes`` (class_shards.py).
+
+Partial FC (An et al., 2021) is optional: with ``num_sample`` each shard
+scores only that many of its rows, every row that is some sample's target
+plus uniformly random others, drawn afresh each step from ``key``. Shapes
+stay static. The head sees the sampled columns as the whole classifier, so
+NPCFace's hard negatives, their mean and count, the softmax and the top-1
+are all taken over the sampled classes, as in insightface's PartialFC,
+whose losses see only the sampled logits. Unsampled rows get a zero
+gradient (the optimizer's momentum and weight decay still move them, as in
+insightface's PartialFC_V2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from npcface_jax.common.arrays import l2_normalize
+from npcface_jax.loss import chunked, class_shards, criteria, heads
+from npcface_jax.loss.registry import Head, HeadOutput
+
+Array = jax.Array
+
+
+def cosine(embeddings: Array, weights: Array) -> Array:
+  """cos (B, C) between embeddings (B, D) and class weights (C, D)."""
+  return l2_normalize(embeddings) @ l2_normalize(weights).T
+
+
+def num_sampled(sample_rate: float, rows_per_shard: int) -> int | None:
+  """Rows each shard scores at Partial FC's ``sample_rate`` (None: all)."""
+  if not 0.0 < sample_rate <= 1.0:
+    raise ValueError(f'sample_rate must be in (0, 1], got {sample_rate}')
+  n = math.ceil(sample_rate * rows_per_shard)
+  return None if n >= rows_per_shard else n
+
+
+def check_sampling(num_classes: int, num_shards: int, num_sample: int,
+                   batch_rows: int) -> None:
+  """Raises ValueError where static-shape sampling could go wrong: a shard
+  with fewer sampled rows than the batch could hold more distinct targets
+  than it keeps, and the last shard must have enough real (not padding)
+  rows to fill its sample."""
+  rows = class_shards.rows_per_shard(num_classes, num_shards)
+  last_real = num_classes - (num_shards - 1) * rows
+  if num_sample < min(batch_rows, rows):
+    raise ValueError(
+        f'{num_sample} sampled classes per shard cannot hold the targets of '
+        f'{batch_rows} samples: raise the sample rate (to at least '
+        f'{min(batch_rows, rows) / rows:.3g}) or lower the batch')
+  if num_sample > last_real:
+    raise ValueError(
+        f'{num_sample} sampled classes per shard, but the last of the '
+        f'{num_shards} shards holds only {last_real} real classes (the rest '
+        f'pad {num_classes} classes to {num_shards} x {rows}): lower the '
+        'sample rate or use a class-count-dividing model_parallel')
+
+
+def sample_classes(key: Array, labels: Array, shard, num_rows: int,
+                   num_sample: int, num_classes: int | None = None) -> Array:
+  """The local rows (num_sample,) that shard ``shard`` of ``num_rows`` rows
+  scores, increasing: every row that is a target of ``labels``, then rows
+  drawn uniformly without replacement (key folded with the shard index),
+  padding rows (classes from ``num_classes`` on) only if nothing else is
+  left."""
+  target = class_shards.targets(labels, shard, num_rows)
+  score = jax.random.uniform(jax.random.fold_in(key, shard), (num_rows,))
+  real = class_shards.is_real(class_shards.class_ids(shard, num_rows)[0],
+                              num_classes)
+  if real is not None:
+    score = jnp.where(real, score, -1.0)
+  score = score.at[jnp.where(target.owned, target.local_label, num_rows)].set(
+      2.0, mode='drop')
+  return jnp.sort(lax.top_k(score, num_sample)[1])
+
+
+def _sampled(key, weights, labels, params, num_sample, axis_name,
+             num_classes):
+  """The sampled rows of the weights (and per-class head parameters), and
+  the labels renumbered to the sampled classes
+  (class_shards.sampled_labels)."""
+  num_rows = weights.shape[0]
+  rows = sample_classes(key, labels, class_shards.shard_index(axis_name),
+                        num_rows, num_sample, num_classes)
+  labels = class_shards.sampled_labels(labels, rows, num_rows, axis_name)
+  params = jax.tree.map(lambda a: a[rows], params)
+  return weights[rows], labels, params
+
+
+def classifier_loss(embeddings: Array, weights: Array, labels: Array,
+                    head: Head, state=None, params=None, *, axis_name=None,
+                    num_classes: int | None = None,
+                    chunk_size: int | None = None,
+                    num_sample: int | None = None,
+                    key: Array | None = None) -> tuple[Array, HeadOutput]:
+  """Per-sample cross-entropy (B,) and the head's output for one shard
+  (or the whole classifier when ``axis_name`` is None); the output's
+  metrics hold the head's diagnostics, ``top1`` (B,) bool, whether the
+  target logit is the largest, and each sample's ``cos_target`` and
+  ``cos_nearest`` (target_and_nearest; over the sampled classes with
+  Partial FC).
+
+  With ``chunk_size`` the loss runs chunked and fused (chunked.py):
+  same values and gradients, far less memory, and the returned HeadOutput
+  has ``logits=None``.
+
+  With ``num_sample`` (Partial FC) only that many rows of ``weights``,
+  drawn with ``key``, are scored (see the module docstring); the caller
+  keeps ``num_sample`` within ``check_sampling``'s bounds, so no padding
+  row is drawn and ``num_classes`` no longer applies.
+  """
+  if num_sample is not None:
+    if key is None:
+      raise ValueError(f'num_sample={num_sample} draws classes at random: '
+                       'pass a key')
+    weights, labels, params = _sampled(key, weights, labels, params,
+                                       num_sample, axis_name, num_classes)
+    num_classes = None
+  if chunk_size is not None:
+    out = chunked.chunked_cross_entropy(
+        embeddings, weights, labels, head.parts(), state, chunk_size=chunk_size,
+        axis_name=axis_name, num_classes=num_classes)
+    new_state, metrics = head.after_parts(state, out.row, out.sums)
+    return out.ce, HeadOutput(None, new_state, jnp.zeros((), jnp.float32), {
+        **metrics, 'top1': out.top1, 'cos_target': out.cos_target,
+        'cos_nearest': out.cos_nearest})
+  cos = cosine(embeddings, weights)
+  out = head(cos, labels, state, params, axis_name=axis_name,
+             num_classes=num_classes)
+  ce, top1 = criteria.cross_entropy_and_top1(out.logits, labels,
+                                           axis_name=axis_name)
+  return ce, out._replace(metrics={
+      **out.metrics, 'top1': top1,
+      **target_and_nearest(cos, labels, axis_name, num_classes)})
+
+
+def target_and_nearest(cos: Array, labels: Array, axis_name=None,
+                       num_classes: int | None = None) -> dict[str, Array]:
+  """Each sample's cosine to its target ('cos_target') and its largest
+  cosine to any negative class ('cos_nearest', -inf when there is none),
+  (B,) float32 without gradient, through the loss's collectives (a psum
+  for the target, a pmax for the maximum) when class-sharded."""
+  c = lax.stop_gradient(cos).astype(jnp.float32)
+  cols = class_shards.columns(labels, c.shape[-1], axis_name, num_classes)
+  nearest = jnp.max(jnp.where(class_shards.negatives(cols.is_target,
+                                                     cols.valid), c, -jnp.inf),
+                    axis=-1)
+  return {'cos_target': class_shards.take_target(c, cols, axis_name),
+          'cos_nearest': (nearest if axis_name is None
+                          else lax.pmax(nearest, axis_name))}
+
+
+def misclassified(cos_target: Array, cos_nearest: Array, margin) -> Array:
+  """(B,) bool: some negative's cosine is above cos(theta_y + margin), the
+  hard-sample test of MV-softmax and of NPCFace's mask (heads.npcface_parts,
+  with margin = its hard_margin); margin 0 is a plain top-1 error."""
+  return cos_nearest > heads.cos_add(cos_target, margin)
+
+
+def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
+                            axis: str = 'model', batch_axis: str | None = None,
+                            return_logits: bool = False,
+                            chunk_size: int | None = None,
+                            num_sample: int | None = None):
+  """``f(embeddings, weights, labels, state, params[, key]) -> (ce,
+  HeadOutput)``
+  with the weights' rows (and AdaM-softmax's margins) split over ``axis``.
+
+  ``weights`` has ``class_shards.padded_num_classes(num_classes,
+  mesh.shape[axis])`` rows.
+  By default embeddings, labels and head state are replicated over the mesh
+  and ``ce`` comes back replicated, ready for any criterion's ``reduce`` in
+  the global view. With ``batch_axis`` (e.g. 'data' of a 2-D mesh) the batch
+  is split over that axis as well, so each device scores only its rows
+  against its classes; ``ce`` and the per-sample metrics come back split
+  the same way. Heads whose state is a batch statistic (``head.
+  batch_statistics``) need the whole batch on every shard and refuse it.
+  Differentiate through f from outside (the global view): the gradient of a
+  replicated input then comes out summed correctly.
+  The logits (sharded on their class axis) come back only with
+  ``return_logits``, since at millions of classes they are the largest array;
+  with ``chunk_size`` each shard runs the chunked loss and no logits exist.
+  With ``num_sample`` each shard scores that many of its rows (Partial FC),
+  drawn from ``key`` (replicated); the logits are then the sampled ones.
+  """
+  _check_sharded_options(head, batch_axis, return_logits, chunk_size)
+
+  def local(embeddings, weights, labels, state, params, key):
+    ce, out = classifier_loss(embeddings, weights, labels, head, state, params,
+                              axis_name=axis, num_classes=num_classes,
+                              chunk_size=chunk_size, num_sample=num_sample,
+                              key=key)
+    if out.logits is None or not return_logits:
+      out = out._replace(logits=jnp.zeros((), jnp.float32))
+    return ce, out
+
+  rows = P(batch_axis)
+  logits_spec = P(batch_axis, axis) if return_logits else P()
+  in_specs = (rows, P(axis), rows, P(), P(axis), P())
+  mapped = jax.shard_map(
+      local, mesh=mesh, in_specs=in_specs,
+      out_specs=(rows, HeadOutput(logits_spec, P(), P(), rows)))
+
+  def loss(embeddings, weights, labels, state, params, key=None):
+    if (key is None) != (num_sample is None):
+      raise ValueError('a key is needed exactly when classes are sampled '
+                       f'(num_sample={num_sample})')
+    args = (embeddings, weights, labels, state, params, key)
+    return mapped(*_laid_out(mesh, args, in_specs))
+
+  return loss
+
+
+def _check_sharded_options(head: Head, batch_axis, return_logits: bool,
+                           chunk_size) -> None:
+  if chunk_size is not None and return_logits:
+    raise ValueError('the chunked loss never forms the logits: '
+                     'return_logits needs chunk_size=None')
+  if batch_axis is not None and head.batch_statistics:
+    raise ValueError(
+        f'head {head.name!r} keeps a statistic of the whole batch in its '
+        'state, so its batch cannot be split over shards: use batch_axis=None')
+
+
+def _laid_out(mesh: Mesh, args, in_specs):
+  """The arguments resharded as ``in_specs`` say where the mesh has
+  Explicit axes (jax.make_mesh's default), which want their inputs laid out
+  before shard_map; an Auto mesh reshards itself."""
+  if AxisType.Explicit not in mesh.axis_types:
+    return args
+  return [jax.tree.map(lambda a, s=spec: jax.reshard(a, NamedSharding(mesh, s)),
+                       arg) for arg, spec in zip(args, in_specs)]

@@ -1,0 +1,73 @@
+"""A run's directory: what training writes there for the commands that
+come after it (run.json: the config and the data's sizes), read back with
+every fault named, and the trained backbone restored from its checkpoints
+without the classifier or the optimizer state."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from npcface_jax.common import checkpoint, jsonfile
+
+RUN_INFO = 'run.json'
+
+
+def write_run_info(workdir: str, config, data, head_options: dict) -> None:
+  """workdir/run.json: the config and the data's sizes (``data``: a
+  training.data_source.Data), so that evaluation rebuilds the model from
+  the workdir, and the head's options as trained (``head.options``:
+  NPCFace's preset filled in)."""
+  info = {'config': json.loads(config.to_json_best_effort()),
+          'head_options': dict(head_options),
+          'image_size': data.image_size, 'num_classes': data.num_classes}
+  jsonfile.write_object(os.path.join(workdir, RUN_INFO), info)
+
+
+def load_run(workdir: str):
+  """(config, image size) the run in workdir was trained with (run.json);
+  ValueError naming the file, what is wrong with it and the fix."""
+  path = os.path.join(workdir, RUN_INFO)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f'{path} not found: --workdir must be a directory that '
+        'python -m npcface_jax.main trained in (it writes run.json)')
+  fix = ('python -m npcface_jax.main writes it when training starts: '
+         'restore the file, or re-run training with this --workdir')
+  try:
+    info = jsonfile.read_object(path)
+  except ValueError as e:
+    raise ValueError(f'{e}; {fix}') from None
+  if not isinstance(info.get('config'), dict):
+    what = 'not an object' if 'config' in info else 'missing'
+    raise ValueError(f'{path}: "config" is {what}; {fix}')
+  size = info.get('image_size')
+  if isinstance(size, bool) or not isinstance(size, int) or not (
+      0 < size <= 65535):
+    raise ValueError(f'{path}: "image_size" is {size!r:.40}, not an image '
+                     f'side in pixels (1 to 65535); {fix}')
+  try:
+    config = ml_collections.ConfigDict(info['config'])
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise ValueError(f'{path}: "config" is not a config ({e}); {fix}') from None
+  return config, size
+
+
+def restore_variables(workdir: str, mesh: Mesh, step: int | None = None):
+  """(backbone variables replicated over the mesh, step) from the newest
+  checkpoint in workdir, or the given step; the classifier and the
+  optimizer state are not read."""
+  checkpoints = checkpoint.Checkpointer(
+      os.path.join(workdir, 'checkpoints'), keep=1, every_steps=1,
+      asynchronous=False, read_only=True)
+  try:
+    state, step = checkpoints.restore_parts(
+        {'params': ['backbone'], 'batch_stats': None},
+        NamedSharding(mesh, P()), step)
+  finally:
+    checkpoints.close()
+  return {'params': state['params']['backbone'],
+          'batch_stats': state['batch_stats']}, step
