@@ -80,9 +80,9 @@ def run(num_classes: int, batch: int, dim: int, reps: int,
       'softmax': (full_logits_step(heads.softmax_logits), (x, w, labels)),
       'arcface': (full_logits_step(heads.arcface_logits), (x, w, labels)),
       'npcface': (full_logits_step(heads.npcface_logits), (x, w, labels)),
-      'arcface/chunked': (chunked_step(heads.arcface_parts(), chunk_size),
+      'arcface/chunked': (chunked_step(heads.ArcFace().parts(), chunk_size),
                           (x, w, labels)),
-      'npcface/chunked': (chunked_step(heads.npcface_parts(), chunk_size),
+      'npcface/chunked': (chunked_step(heads.NPCFace().parts(), chunk_size),
                           (x, w, labels)),
   }
   wall = {k: [] for k in cases}

@@ -26,10 +26,11 @@ _EXPORTS = {
         'arcface_logits', 'arcnegface_logits', 'cosface_logits',
         'curricularface_init_state', 'curricularface_logits',
         'mv_am_softmax_logits', 'mv_arc_softmax_logits', 'npcface_logits',
-        'softmax_logits', 'sphereface_init_state', 'sphereface_logits'),
+        'softmax_logits', 'sphereface_init_state', 'sphereface_logits',
+        'Given', 'Head', 'HeadOutput', 'HEADS'),
     'loss.criteria': ('focal_loss', 'ohem_loss', 'per_sample_cross_entropy',
                       'softmax_cross_entropy'),
-    'loss.registry': ('HeadOutput', 'get_criterion', 'get_head'),
+    'loss.registry': ('get_criterion', 'get_head'),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items()
               for name in names}

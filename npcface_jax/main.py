@@ -14,26 +14,17 @@ import logging
 import os
 import sys
 
+import jax
 from absl import app, flags
-from ml_collections import config_flags
 
-# The configs import `configs.default`: make the project root importable.
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if os.path.isdir(os.path.join(_ROOT, 'configs')) and _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
-
-import jax  # noqa: E402
-
-from npcface_jax.common import (checkpoint, run_log,  # noqa: E402
-                                xla_flags)
-from npcface_jax.training import config_checks, loop  # noqa: E402
+from npcface_jax.common import checkpoint, run_log, xla_flags
+from npcface_jax.training import config_checks, loop, run_flags
 
 xla_flags.use_in_order_cpu_schedule()  # before JAX starts its backend
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Where checkpoints, TensorBoard events, '
-                    'logs and evaluation results go; rerun with the same '
-                    'workdir to resume.')
+run_flags.define('Where checkpoints, TensorBoard events, logs and evaluation '
+                 'results go; rerun with the same workdir to resume.')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0, '
                     'to launch several processes by hand (with '
                     '--num_processes and --process_id).')
@@ -42,12 +33,6 @@ flags.DEFINE_integer('num_processes', None, 'Processes in all (by hand, '
 flags.DEFINE_integer('process_id', None, 'This process, 0 to '
                      '--num_processes - 1 (by hand, with '
                      '--coordinator_address).')
-config_flags.DEFINE_config_file(
-    'config', os.path.join(_ROOT, 'configs', 'demo.py'),
-    'Training configuration file.', lock_config=True)
-flags.DEFINE_bool('verbose', False, 'Also log the INFO lines of TensorFlow, '
-                  'orbax, absl and JAX.')
-flags.mark_flags_as_required(['workdir'])
 
 _CLUSTER_ENV = ('SLURM_NTASKS', 'OMPI_COMM_WORLD_SIZE')
 _BY_HAND = ('coordinator_address', 'num_processes', 'process_id')
@@ -97,12 +82,6 @@ def _initialize_distributed(by_hand):
     jax.distributed.initialize()  # addresses from the cluster's environment
 
 
-def _default_config():
-  """configs/default.py's config, what the log compares the run's with."""
-  from configs import default  # noqa: PLC0415 (found through _ROOT)
-  return default.get_config()
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -116,7 +95,7 @@ def main(argv):
                jax.devices()[0].platform)
   try:
     outcome = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                                       defaults=_default_config())
+                                       defaults=run_flags.default_config())
   except config_checks.ConfigError as e:
     raise app.UsageError(str(e)) from None
   except (loop.NonFiniteLoss, checkpoint.CheckpointWriteError) as e:

@@ -212,11 +212,13 @@ def sweep(base, workdir: str, grids: list[str], variants: list[str], *,
 def main(argv) -> None:
   from absl import app, flags  # noqa: PLC0415 (the command line only)
   # TF: imported here, after the flags are parsed.
-  from npcface_jax.common import checkpoint, run_log  # noqa: PLC0415
+  from npcface_jax.common import (  # noqa: PLC0415
+      checkpoint, run_log, xla_flags)
   from npcface_jax.study import figures  # noqa: PLC0415
   from npcface_jax.training import config_checks, loop  # noqa: PLC0415
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  xla_flags.use_in_order_cpu_schedule()  # before JAX starts its backend
   f = flags.FLAGS
   run_log.quiet_third_party(f.verbose)
   try:
@@ -233,8 +235,9 @@ def main(argv) -> None:
 
 def _define_flags() -> None:
   from absl import flags  # noqa: PLC0415 (the command line only)
-  from npcface_jax import main as training  # noqa: PLC0415 (its --config, --workdir, --verbose)
-  del training
+  from npcface_jax.training import run_flags  # noqa: PLC0415
+  run_flags.define('The sweep: DIR/runs/<name> per run, DIR/sweep.json, '
+                   'DIR/report; rerun with the same DIR to resume.')
   flags.DEFINE_multi_string('grid', None, "FIELD=V1,V2,...: the field's "
                             'values to train with; several --grid flags '
                             'make a product.')

@@ -184,8 +184,9 @@ def test_a_class_sharded_run_writes_its_records(tmp_path, monkeypatch):
   curve beside it; both in TensorBoard."""
   from tests import tiny_backbone  # noqa: PLC0415 (only this test)
   from tests.test_train import _config  # noqa: PLC0415 (only this test)
-  from npcface_jax.training import loop, setup  # noqa: PLC0415 (TF, clu)
-  monkeypatch.setattr(setup, 'create_model', tiny_backbone.create_model)
+  from npcface_jax import models  # noqa: PLC0415
+  from npcface_jax.training import loop  # noqa: PLC0415 (TF, clu)
+  monkeypatch.setattr(models, 'from_config', tiny_backbone.create_model)
   config = _config(model_parallel=2, analysis_every_steps=4,
                    analysis_margin=0.3, checkpoint_every_steps=100)
   loop.train_and_evaluate(config, str(tmp_path))

@@ -69,7 +69,7 @@ def test_npcface_against_float64_reference():
   wn = np.asarray(w, np.float64)
   wn /= np.linalg.norm(wn, axis=1, keepdims=True)
   logits, frozen, counts = ref.npcface(xn @ wn.T, y)
-  out = chunked_cross_entropy(x, w, y, heads.npcface_parts(),
+  out = chunked_cross_entropy(x, w, y, heads.NPCFace().parts(),
                               chunk_size=16)
   np.testing.assert_allclose(out.ce, ref.cross_entropy(logits, y), rtol=1e-5,
                              atol=1e-4, err_msg=f'seed {seed}')
@@ -80,7 +80,7 @@ def test_npcface_against_float64_reference():
 def test_bfloat16_embeddings():
   rng, seed = fresh_rng()
   x, w, y = _problem(rng, 64)
-  parts = heads.npcface_parts()
+  parts = heads.NPCFace().parts()
   g16 = jax.grad(lambda x: jnp.mean(chunked_cross_entropy(
       x, w, y, parts, chunk_size=16)[0]))(x.astype(jnp.bfloat16))
   g32 = jax.grad(lambda x: jnp.mean(chunked_cross_entropy(
@@ -100,4 +100,4 @@ def test_heads_without_parts_say_so():
                                chunk_size=2)
   with pytest.raises(ValueError, match='chunk_size must be positive'):
     chunked_cross_entropy(jnp.ones((2, 4)), jnp.ones((5, 4)), np.array([0, 1]),
-                          heads.arcface_parts(), chunk_size=0)
+                          heads.ArcFace().parts(), chunk_size=0)

@@ -136,7 +136,7 @@ def test_registry_options_and_presets():
 def test_heads_say_what_the_trainer_must_do_with_them():
   """The trainer names no head: AdaM-softmax's projection and per-class
   margins, NPCFace's diagnostics and a stateful head's scalar state all
-  come from registry.Head."""
+  come from the head object (heads.Head)."""
   rng, seed = fresh_rng()
   cos, labels = cosines(rng, batch=12, num_classes=20)
   cos, labels = jnp.asarray(cos, jnp.float32), jnp.asarray(labels)

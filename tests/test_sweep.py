@@ -194,8 +194,9 @@ def test_two_runs_reported(tmp_path, monkeypatch):
   by the command line: every figure, a table equal to their results.json,
   labels naming what differs."""
   from npcface_jax import evaluate  # noqa: PLC0415
-  from npcface_jax.training import loop, setup  # noqa: PLC0415 (TF)
-  monkeypatch.setattr(setup, 'create_model', tiny_backbone.create_model)
+  from npcface_jax import models  # noqa: PLC0415
+  from npcface_jax.training import loop  # noqa: PLC0415 (TF)
+  monkeypatch.setattr(models, 'from_config', tiny_backbone.create_model)
   runs = {'npc': {'head': 'npcface', 'embedding_dim': 64},
           'arc': {'head': 'arcface', 'embedding_dim': 32}}
   for name, fields in runs.items():

@@ -1,5 +1,5 @@
 """XLA flags this package needs, set in one place before JAX starts its
-backend (main.py, tests/conftest.py)."""
+backend (main.py, sweep.py, tests/conftest.py)."""
 
 import os
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from npcface_jax.loss import class_shards
-from npcface_jax.loss.heads import MarginParts
+from npcface_jax.loss.heads import Given, MarginParts
 
 Array = jax.Array
 
@@ -116,19 +116,20 @@ def _varying_axes(x) -> frozenset:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _chunked(xn, w, labels, state, parts: MarginParts, chunk_size: int,
+def _chunked(xn, w, labels, context, parts: MarginParts, chunk_size: int,
              axis_name, num_classes):
-  return _forward(xn, w, labels, state, parts, chunk_size, axis_name,
+  return _forward(xn, w, labels, context, parts, chunk_size, axis_name,
                   num_classes)[0]
 
 
-def _forward(xn, w, labels, state, parts, chunk_size, axis_name,
+def _forward(xn, w, labels, context, parts, chunk_size, axis_name,
              num_classes):
+  """``context``: the head's (state, Given), which get no gradient."""
   batch = xn.shape[0]
   shard = _Shard(w, labels, axis_name, num_classes)
   wy, inv_y = shard.target_rows(w)
   c_y = shard.psum(jnp.where(shard.owned, jnp.sum(xn * wy, axis=-1), 0.0))
-  row = parts.row(c_y, state)
+  row = parts.row(c_y, *context)
 
   def block(w_block, start, carry):
     run_max, run_sum, sums, nearest = carry
@@ -176,14 +177,14 @@ def _forward(xn, w, labels, state, parts, chunk_size, axis_name,
   lse = jnp.logaddexp(run_max + jnp.log(run_sum), z_y)
   ce = lse - z_y
   top1 = z_y >= run_max  # the target beats every negative logit
-  residuals = (xn, w, labels, state, wy, inv_y, c_y, row, sums, lse, z_y,
+  residuals = (xn, w, labels, wy, inv_y, c_y, row, sums, lse, z_y,
                cos_store, cos_rest)
   return Chunked(ce, row, sums, top1, c_y, nearest), residuals
 
 
 def _backward(parts, chunk_size, axis_name, num_classes, residuals,
               cotangents):
-  (xn, w, labels, state, wy, inv_y, c_y, row, sums, lse, z_y, cos_store,
+  (xn, w, labels, wy, inv_y, c_y, row, sums, lse, z_y, cos_store,
    cos_rest) = residuals
   g = cotangents[0]  # the rest is for logging and analysis, not for grads
   shard = _Shard(w, labels, axis_name, num_classes)
@@ -223,8 +224,9 @@ def _backward(parts, chunk_size, axis_name, num_classes, residuals,
   batch_axes = tuple(sorted(_varying_axes(xn) - _varying_axes(w)))
   if batch_axes:
     dw = lax.psum(dw, batch_axes)
-  # The state (a batch statistic's history, a step) gets no gradient.
-  return shard.psum(dxn), dw, None, jax.tree.map(jnp.zeros_like, state)
+  # The head's state (a batch statistic's history, a step) and what it is
+  # given (norms, a key) get no gradient.
+  return shard.psum(dxn), dw, None, None
 
 
 _chunked.defvjp(_forward, _backward)
@@ -232,16 +234,17 @@ _chunked.defvjp(_forward, _backward)
 
 def chunked_cross_entropy(embeddings: Array, weights: Array, labels: Array,
                           parts: MarginParts, state=None, *,
-                          chunk_size: int = 4096, axis_name=None,
-                          num_classes: int | None = None):
+                          given: Given = Given(), chunk_size: int = 4096,
+                          axis_name=None, num_classes: int | None = None):
   """``Chunked``: per-sample cross-entropy (B,) over the head's logits of
   cosine(embeddings, weights), with the head's row constants and sums
   (for its state and diagnostics), whether each target logit is the
   largest (top-1, bool), and each sample's cosine to its target and to its
   nearest negative (hard-sample analysis), ``chunk_size`` classes at a
   time.
-  ``state`` is the head's state (SphereFace, CurricularFace), passed to the
-  parts' ``row``.
+  ``state`` is the head's state (SphereFace, CurricularFace) and ``given``
+  what it needs besides cosines (heads.Given), both passed to the parts'
+  ``row``, neither differentiated.
 
   ``embeddings`` (B, D) and ``weights`` (C, D) need not be normalised; both
   are, as in ``classifier.cosine``. Arithmetic is float32. With
@@ -253,5 +256,5 @@ def chunked_cross_entropy(embeddings: Array, weights: Array, labels: Array,
   chunk_size = min(chunk_size, weights.shape[0])
   xn, _ = _normalize_rows(embeddings.astype(jnp.float32))
   w = weights.astype(jnp.float32)
-  return _chunked(xn, w, labels.astype(jnp.int32), state, parts, chunk_size,
-                  axis_name, num_classes)
+  return _chunked(xn, w, labels.astype(jnp.int32), (state, given), parts,
+                  chunk_size, axis_name, num_classes)

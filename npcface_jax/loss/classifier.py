@@ -30,7 +30,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from npcface_jax.common.arrays import l2_normalize
 from npcface_jax.loss import chunked, class_shards, criteria, heads
-from npcface_jax.loss.registry import Head, HeadOutput
+from npcface_jax.loss.heads import Given, Head, HeadOutput
 
 Array = jax.Array
 
@@ -100,12 +100,27 @@ def _sampled(key, weights, labels, params, num_sample, axis_name,
   return weights[rows], labels, params
 
 
+def given(head: Head, embeddings: Array, key: Array | None) -> Given:
+  """What the head needs besides cosines (``head.needs``), from the
+  embeddings (each sample's norm, without gradient) and the step's key for
+  the head; ValueError when it needs a key and none was passed."""
+  norms = None
+  if 'norms' in head.needs:
+    norms = lax.stop_gradient(jnp.linalg.norm(
+        embeddings.astype(jnp.float32), axis=-1))
+  if 'key' in head.needs and key is None:
+    raise ValueError(f'head {head.name!r} draws at random: pass head_key')
+  return Given(norms, key if 'key' in head.needs else None)
+
+
 def classifier_loss(embeddings: Array, weights: Array, labels: Array,
                     head: Head, state=None, params=None, *, axis_name=None,
                     num_classes: int | None = None,
                     chunk_size: int | None = None,
                     num_sample: int | None = None,
-                    key: Array | None = None) -> tuple[Array, HeadOutput]:
+                    key: Array | None = None,
+                    head_key: Array | None = None
+                    ) -> tuple[Array, HeadOutput]:
   """Per-sample cross-entropy (B,) and the head's output for one shard
   (or the whole classifier when ``axis_name`` is None); the output's
   metrics hold the head's diagnostics, ``top1`` (B,) bool, whether the
@@ -121,7 +136,11 @@ def classifier_loss(embeddings: Array, weights: Array, labels: Array,
   drawn with ``key``, are scored (see the module docstring); the caller
   keeps ``num_sample`` within ``check_sampling``'s bounds, so no padding
   row is drawn and ``num_classes`` no longer applies.
+
+  ``head_key`` is the step's key for a head that draws at random
+  (``head.needs``); a head that needs norms gets them from ``embeddings``.
   """
+  extra = given(head, embeddings, head_key)
   if num_sample is not None:
     if key is None:
       raise ValueError(f'num_sample={num_sample} draws classes at random: '
@@ -131,14 +150,14 @@ def classifier_loss(embeddings: Array, weights: Array, labels: Array,
     num_classes = None
   if chunk_size is not None:
     out = chunked.chunked_cross_entropy(
-        embeddings, weights, labels, head.parts(), state, chunk_size=chunk_size,
-        axis_name=axis_name, num_classes=num_classes)
-    new_state, metrics = head.after_parts(state, out.row, out.sums)
+        embeddings, weights, labels, head.parts(), state, given=extra,
+        chunk_size=chunk_size, axis_name=axis_name, num_classes=num_classes)
+    new_state, metrics = head.after(state, out.row, out.sums)
     return out.ce, HeadOutput(None, new_state, jnp.zeros((), jnp.float32), {
         **metrics, 'top1': out.top1, 'cos_target': out.cos_target,
         'cos_nearest': out.cos_nearest})
   cos = cosine(embeddings, weights)
-  out = head(cos, labels, state, params, axis_name=axis_name,
+  out = head(cos, labels, state, params, given=extra, axis_name=axis_name,
              num_classes=num_classes)
   ce, top1 = criteria.cross_entropy_and_top1(out.logits, labels,
                                            axis_name=axis_name)
@@ -165,7 +184,7 @@ def target_and_nearest(cos: Array, labels: Array, axis_name=None,
 
 def misclassified(cos_target: Array, cos_nearest: Array, margin) -> Array:
   """(B,) bool: some negative's cosine is above cos(theta_y + margin), the
-  hard-sample test of MV-softmax and of NPCFace's mask (heads.npcface_parts,
+  hard-sample test of MV-softmax and of NPCFace's mask (heads.NPCFace,
   with margin = its hard_margin); margin 0 is a plain top-1 error."""
   return cos_nearest > heads.cos_add(cos_target, margin)
 
@@ -175,8 +194,8 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
                             return_logits: bool = False,
                             chunk_size: int | None = None,
                             num_sample: int | None = None):
-  """``f(embeddings, weights, labels, state, params[, key]) -> (ce,
-  HeadOutput)``
+  """``f(embeddings, weights, labels, state, params[, key, head_key]) ->
+  (ce, HeadOutput)``
   with the weights' rows (and AdaM-softmax's margins) split over ``axis``.
 
   ``weights`` has ``class_shards.padded_num_classes(num_classes,
@@ -195,33 +214,48 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
   with ``chunk_size`` each shard runs the chunked loss and no logits exist.
   With ``num_sample`` each shard scores that many of its rows (Partial FC),
   drawn from ``key`` (replicated); the logits are then the sampled ones.
+  ``head_key`` (replicated) goes to a head that draws at random; a head's
+  norms come from each shard's rows of the batch.
   """
   _check_sharded_options(head, batch_axis, return_logits, chunk_size)
 
-  def local(embeddings, weights, labels, state, params, key):
+  def local(embeddings, weights, labels, state, params, key, head_key):
     ce, out = classifier_loss(embeddings, weights, labels, head, state, params,
                               axis_name=axis, num_classes=num_classes,
                               chunk_size=chunk_size, num_sample=num_sample,
-                              key=key)
+                              key=key, head_key=head_key)
     if out.logits is None or not return_logits:
       out = out._replace(logits=jnp.zeros((), jnp.float32))
     return ce, out
 
   rows = P(batch_axis)
   logits_spec = P(batch_axis, axis) if return_logits else P()
-  in_specs = (rows, P(axis), rows, P(), P(axis), P())
+  in_specs = (rows, P(axis), rows, P(), P(axis), P(), P())
   mapped = jax.shard_map(
       local, mesh=mesh, in_specs=in_specs,
       out_specs=(rows, HeadOutput(logits_spec, P(), P(), rows)))
 
-  def loss(embeddings, weights, labels, state, params, key=None):
+  def loss(embeddings, weights, labels, state, params, key=None,
+           head_key=None):
     if (key is None) != (num_sample is None):
       raise ValueError('a key is needed exactly when classes are sampled '
                        f'(num_sample={num_sample})')
-    args = (embeddings, weights, labels, state, params, key)
+    args = (embeddings, weights, labels, state, params, key, head_key)
     return mapped(*_laid_out(mesh, args, in_specs))
 
   return loss
+
+
+def split_batch_axis(head: Head, mesh: Mesh,
+                     axis: str = 'model') -> str | None:
+  """The mesh axis a class-sharded loss splits the batch over: 'data' when
+  the classes are sharded and the head keeps no statistic of the whole
+  batch; None when every shard (or the one classifier) scores the whole
+  batch. The rule in one place: the trainer asks it, and
+  sharded_classifier_loss refuses a split it forbids."""
+  if mesh.shape[axis] == 1 or head.batch_statistics:
+    return None
+  return 'data'
 
 
 def _check_sharded_options(head: Head, batch_axis, return_logits: bool,

@@ -186,15 +186,18 @@ def class_mean_rows(sums: Array, counts: Array, random_rows: Array) -> Array:
                    random_rows)
 
 
-def init_state(task: setup.Task, data, config) -> setup.TrainState:
+def init_state(task: setup.Task, data, config,
+               target: setup.TrainState | None = None) -> setup.TrainState:
   """A fresh state whose backbone is config.init_from's and whose
   classifier rows are the class means of one epoch of ``data``'s stream
   (data.open(None), steps_per_epoch batches, its random flips included)
-  embedded by that backbone in inference mode."""
+  embedded by that backbone in inference mode (``target``: the task's
+  abstract_state, when the caller has it)."""
   source = check_source(config, data.image_size)
-  target = setup.abstract_state(task)
+  if target is None:
+    target = setup.abstract_state(task)
   variables = restore_backbone(source, target)
-  fresh = setup.init_state(task)
+  fresh = setup.init_state(task, target)
   w_sharding = target.params['classifier'].sharding
   sums, counts = class_sums(task, variables, data.open(None),
                             data.steps_per_epoch, w_sharding)

@@ -165,7 +165,7 @@ class _Run:
     self.checkpoints = checkpoint.Checkpointer(
         os.path.join(workdir, 'checkpoints'), keep=config.keep_checkpoints,
         every_steps=config.checkpoint_every_steps)
-    target = setup.abstract_state(self.task)
+    target = setup.abstract_state(self.task)  # once per start
     self._start(target, defaults)
     self.analysis = None
     if config.analysis_every_steps:
@@ -184,7 +184,7 @@ class _Run:
     restored = self.checkpoints.restore(target)
     c, data = self.config, self.data
     if restored is None:
-      self.state, position, self.step = self._fresh_state(), None, 0
+      self.state, position, self.step = self._fresh_state(target), None, 0
       logging.info('starting: %d steps of %d (%d per epoch), %d classes, '
                    '%s devices as %s', self.num_steps, c.batch_size,
                    data.steps_per_epoch, data.num_classes, jax.device_count(),
@@ -202,12 +202,13 @@ class _Run:
           run_log.config_lines(c, defaults, self.task.head.options)))
     self.stream = data.open(position)
 
-  def _fresh_state(self) -> setup.TrainState:
-    """A new state: from the seed, or with config.init_from's backbone and
-    class-mean classifier rows (finetune.py)."""
+  def _fresh_state(self, target) -> setup.TrainState:
+    """A new state laid out as ``target``: from the seed, or with
+    config.init_from's backbone and class-mean classifier rows
+    (finetune.py)."""
     if self.config.init_from:
-      return finetune.init_state(self.task, self.data, self.config)
-    return setup.init_state(self.task)
+      return finetune.init_state(self.task, self.data, self.config, target)
+    return setup.init_state(self.task, target)
 
   def log(self, pending: list) -> None:
     """Writes and logs the mean of the metrics since the last log."""

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from npcface_jax import models
 from npcface_jax.common.arrays import l2_normalize
-from npcface_jax.loss import class_shards, classifier, registry
+from npcface_jax.loss import class_shards, classifier, heads, registry
 from npcface_jax.training import config_checks
 
 Array = jax.Array
@@ -42,7 +42,7 @@ class TrainState(flax.struct.PyTreeNode):
 class Task:
   """What the state and the step are built from, besides arrays."""
   model: Any  # flax module
-  head: registry.Head
+  head: heads.Head
   criterion: registry.Criterion
   tx: optax.GradientTransformation
   schedule: Callable[[Array], Array]
@@ -97,20 +97,11 @@ def _model(config):
     raise config_checks.ConfigError(str(e)) from e
 
 
-def create_head(config) -> registry.Head:
+def create_head(config) -> heads.Head:
   return registry.get_head(config.head, **config_checks.head_options(config))
 
 
-def batch_axis(head: registry.Head, mesh: Mesh):
-  """The mesh axis the classifier's batch is split over: 'data' when the
-  classes are sharded and the head keeps no statistic of the whole batch;
-  None when every shard (or the one classifier) scores the whole batch."""
-  if mesh.shape['model'] == 1 or head.batch_statistics:
-    return None
-  return 'data'
-
-
-def _num_sample(config, mesh: Mesh, head: registry.Head, num_classes: int):
+def _num_sample(config, mesh: Mesh, head: heads.Head, num_classes: int):
   """Partial FC's rows scored per shard (None: all), checked against the
   batch each shard sees."""
   shards = mesh.shape['model']
@@ -118,7 +109,7 @@ def _num_sample(config, mesh: Mesh, head: registry.Head, num_classes: int):
       config.sample_rate,
       class_shards.rows_per_shard(num_classes, shards))
   if num_sample is not None:
-    split = batch_axis(head, mesh) is not None
+    split = classifier.split_batch_axis(head, mesh) is not None
     try:
       classifier.check_sampling(
           num_classes, shards, num_sample,
@@ -192,9 +183,11 @@ def abstract_state(task: Task) -> TrainState:
       shapes, shardings)
 
 
-def init_state(task: Task) -> TrainState:
-  """A fresh state from the task's seed, laid out over the mesh."""
-  target = abstract_state(task)
+def init_state(task: Task, target: TrainState | None = None) -> TrainState:
+  """A fresh state from the task's seed, laid out over the mesh
+  (``target``: the task's abstract_state, when the caller has it)."""
+  if target is None:
+    target = abstract_state(task)
   init = jax.jit(functools.partial(_init_state, task),
                  out_shardings=jax.tree.map(lambda s: s.sharding, target))
   return init(jax.random.fold_in(jax.random.key(task.seed), _INIT_RNG))

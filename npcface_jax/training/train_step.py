@@ -21,22 +21,28 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from npcface_jax.loss import classifier
-from npcface_jax.training.setup import Task, TrainState, batch_axis
+from npcface_jax.training.setup import Task, TrainState
 
 Array = jax.Array
-_STEP_RNG, _SAMPLE_RNG = 1, 3  # the seed's streams (setup.py: 2)
+# The seed's streams (setup.py: 2): the step's dropout, Partial FC's
+# classes, and a head that draws at random (heads.Given).
+_STEP_RNG, _SAMPLE_RNG, _HEAD_RNG = 1, 3, 4
 
 
 def _classify_fn(task: Task):
-  """(embeddings, W, labels, head state, head params, key) -> (ce,
-  HeadOutput); the key draws Partial FC's classes."""
+  """(embeddings, W, labels, head state, head params, key, head key) ->
+  (ce, HeadOutput); the key draws Partial FC's classes, the head key what
+  the head draws."""
   if task.mesh.shape['model'] == 1:
-    return lambda x, w, y, state, params, key: classifier.classifier_loss(
-        x, w, y, task.head, state, params, num_classes=task.num_classes,
-        chunk_size=task.chunk_size, num_sample=task.num_sample, key=key)
+    return lambda x, w, y, state, params, key, head_key: (
+        classifier.classifier_loss(
+            x, w, y, task.head, state, params, num_classes=task.num_classes,
+            chunk_size=task.chunk_size, num_sample=task.num_sample, key=key,
+            head_key=head_key))
   return classifier.sharded_classifier_loss(
       task.mesh, task.head, task.num_classes, chunk_size=task.chunk_size,
-      batch_axis=batch_axis(task.head, task.mesh), num_sample=task.num_sample)
+      batch_axis=classifier.split_batch_axis(task.head, task.mesh),
+      num_sample=task.num_sample)
 
 
 def _metrics(task: Task, loss, ce, out, grads, lr) -> dict[str, Array]:
@@ -56,13 +62,13 @@ def _at_step(opt_state, step: Array):
 
 
 def _loss_fn(task: Task, classify, state: TrainState, images, labels, rng,
-             sample_key):
+             keys):
   def loss_fn(params):
     embeddings, mutated = task.model.apply(
         {'params': params['backbone'], 'batch_stats': state.batch_stats},
         images, train=True, mutable=['batch_stats'], rngs={'dropout': rng})
     ce, out = classify(embeddings.astype(jnp.float32), params['classifier'],
-                       labels, state.head_state, params['head'], sample_key)
+                       labels, state.head_state, params['head'], *keys)
     loss = task.criterion.reduce(ce) + out.aux_loss
     return loss, (mutated['batch_stats'], out, ce)
   return loss_fn
@@ -115,10 +121,13 @@ def make_train_step(task: Task, shardings: TrainState,
   def step(state: TrainState, batch):
     rng = jax.random.fold_in(base_key, state.step)
     images = lax.with_sharding_constraint(batch['image'], all_devices)
-    sample_key = (None if task.num_sample is None
-                  else jax.random.fold_in(rng, _SAMPLE_RNG))
+    # Drawn from the seed and the step alone: a resumed run draws the same.
+    keys = (None if task.num_sample is None
+            else jax.random.fold_in(rng, _SAMPLE_RNG),
+            jax.random.fold_in(rng, _HEAD_RNG) if 'key' in task.head.needs
+            else None)
     loss_fn = _loss_fn(task, classify, state, images, batch['label'], rng,
-                       sample_key)
+                       keys)
     (loss, (batch_stats, out, ce)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     # The optimizer's schedule runs on state.step, the batches consumed (what
