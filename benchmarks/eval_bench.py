@@ -178,12 +178,12 @@ def megaface_cases(args, rng):
 
   def identify():
     return ranking.identify(search, search_labels, gallery,
-                                   gallery_labels, distractors,
-                                   ranks=(1, 10), chunk_size=chunk)
+                            gallery_labels, distractors,
+                            ranks=(1, 10), chunk_size=chunk)
 
   def megaface():
     return ranking.megaface(probes, labels, distractors,
-                                   fars=args.megaface_fars, chunk_size=chunk)
+                            fars=args.megaface_fars, chunk_size=chunk)
 
   size = f'{args.probes}x{args.distractors}'
   return [

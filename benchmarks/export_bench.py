@@ -59,7 +59,7 @@ def main() -> None:
   runners = {}
   for b in batches:  # the embedder's batch is fixed: one per batch size
     embedder = embedding_step.Embedder(model, arrays.make_mesh(1),
-                                  -(-b // devices) * devices, args.flip)
+                                       -(-b // devices) * devices, args.flip)
     runners.setdefault('jax', {})[b] = (
         lambda x, e=embedder: e(variables, x))
   reference = runners['jax'][max(batches)](faces)

@@ -57,7 +57,7 @@ def cases(batch: int, num_classes: int, chunk_size: int) -> dict:
 
   state = [setup.init_state(task)]
   full_step = train_step.make_train_step(task, setup.state_shardings(task,
-                                                                state[0]))
+                                                                     state[0]))
 
   def run_full():
     state[0], metrics = full_step(state[0], batch_)

@@ -36,7 +36,7 @@ def embed(model: trained_run.Model, sources: list[str], out: str, *,
                      '--overwrite to replace them, or another OUT')
   root, names = trained_run.list_sources(sources)
   got = trained_run.embed_images(model, names, aligned=aligned, root=root,
-                               min_score=min_score, progress=progress)
+                                 min_score=min_score, progress=progress)
   os.makedirs(out, exist_ok=True)
   buffer = io.BytesIO()
   np.save(buffer, got.embeddings)

@@ -1,10 +1,11 @@
 """``python -m npcface_jax.evaluate --workdir=DIR --targets=a.bin,...``:
 evaluates a trained run.
 
-Restores the run's backbone (its classifier and optimizer state are never
-read), embeds each benchmark with embedding_step.Embedder (insightface .bin pair
-sets, IJB-B/C release folders, MegaFace-style probe and distractor
-folders), runs the protocols of protocols.py, ijb.py and ranking.py,
+Opens the run as the serving side does (serving/trained_run.py: the
+backbone restored, its classifier and optimizer state never read), embeds
+each benchmark (insightface .bin pair sets, IJB-B/C release folders,
+MegaFace-style probe and distractor folders, the run's own pair sets),
+runs the protocols of evaluation/ (protocols.py, ijb.py, ranking.py),
 prints a table and writes DIR/eval/step_N[_flip]/results.json with ROC
 curves as PNG.
 """
@@ -100,22 +101,21 @@ def _earlier_targets(results_path: str) -> dict:
 
 
 class _Run(NamedTuple):
-  """What every target of one evaluation shares."""
-  embedder: embedding_step.Embedder
-  variables: Any
-  image_size: int
-  batch: int  # images read per host batch
-  step: int
+  """What every target of one evaluation shares: the serving side's model
+  as it is, and where this evaluation writes."""
+  model: trained_run.Model
   out_dir: str
   export_features: bool
   detector: Any  # detection.FaceFinder for folders of photos, or None
-  config: Any  # the run's, from its run.json
 
-  def embed(self, images) -> np.ndarray:
-    return self.embedder(self.variables, images)
+  @property
+  def batch(self) -> int:
+    """Images read per host batch."""
+    return self.model.embedder.batch_size * 8
 
   def embed_batches(self, batches) -> np.ndarray:
-    return embedding_step.embed_batches(self.embedder, self.variables, batches)
+    return embedding_step.embed_batches(self.model.embedder,
+                                        self.model.variables, batches)
 
   def save_features(self, name: str, **arrays) -> None:
     if self.export_features:
@@ -127,7 +127,7 @@ class _Run(NamedTuple):
 
 def _pairs(run: _Run, path: str, name: str, log) -> dict:
   """An insightface .bin pair set: 10-fold accuracy, ROC, TAR at FAR."""
-  pairs = bin_format.load_pairs(path, run.image_size)
+  pairs = bin_format.load_pairs(path, run.model.image_size)
   return _pair_set(run, name, pairs.images, pairs.issame, log, {
       'path': os.path.abspath(path), 'skipped_pairs': pairs.skipped})
 
@@ -135,12 +135,12 @@ def _pairs(run: _Run, path: str, name: str, log) -> dict:
 def _pair_set(run: _Run, name: str, images, issame, log, about) -> dict:
   """Pairs of images (rows 2k, 2k + 1): 10-fold accuracy, ROC (drawn and
   kept as points for later comparison), TAR at FAR."""
-  features = run.embed(images)
+  features = run.model.embed(images)
   scores = protocols.pair_similarities(features)
   result = protocols.verification_report(scores, issame)
   result.update(kind='pairs', num_pairs=len(issame), **about)
   result['roc'] = _roc(run.out_dir, name, scores, issame,
-                       f'{name}: ROC, step {run.step}')
+                       f'{name}: ROC, step {run.model.step}')
   result['roc_curve'] = protocols.roc_points(scores, issame)
   run.save_features(name, **{'': features})
   skipped = about.get('skipped_pairs', ())
@@ -154,7 +154,7 @@ def _run_sets(run: _Run, done: dict, log) -> None:
   """The pair sets the run verified on while training (evaluation/run_sets.py):
   its config's .bin targets and, on synthetic data, held-out identities."""
   for name, (images, issame) in run_sets.verification_sets(
-      run.config, run.image_size).items():
+      run.model.config, run.model.image_size).items():
     name = _target_name(name, done)
     done[name] = _pair_set(run, name, images, np.asarray(issame), log,
                            {'source': "the run's config"})
@@ -163,16 +163,16 @@ def _run_sets(run: _Run, done: dict, log) -> None:
 def _ijb(run: _Run, root: str, meta, name: str, face_scores: bool,
          log) -> dict:
   """An IJB-B/C release: template-to-template 1:1 verification."""
-  images = ijb_lib.aligned_batches(root, meta, run.image_size, run.batch)
+  images = ijb_lib.aligned_batches(root, meta, run.model.image_size, run.batch)
   features = run.embed_batches(images)
   result = ijb_lib.evaluate(features, meta, use_face_scores=face_scores,
-                        skipped=images.skipped)
+                            skipped=images.skipped)
   scores, labels = result.pop('scores'), result.pop('labels')
   result.update(kind='ijb', path=os.path.abspath(root),
                 face_scores=face_scores, skipped_images=[
                     f'{s.name}: {s.reason}' for s in images.skipped])
   result['roc'] = _roc(run.out_dir, name, scores, labels,
-                       f'{name} 1:1: ROC, step {run.step}')
+                       f'{name} 1:1: ROC, step {run.model.step}')
   result['roc_curve'] = protocols.roc_points(scores, labels)
   # One row per readable image; _rows says which image (meta row) each is.
   run.save_features(name, **{'': features, '_rows': np.asarray(images.kept)})
@@ -186,12 +186,13 @@ def _identification(run: _Run, probes: str, distractors: str, name: str,
   """MegaFace-style identification: probe identities among distractors."""
   found, listing_skipped = identity_files(probes)
   names = sorted({identity for _, identity in found})
-  probe_images = ImageBatches([p for p, _ in found], run.image_size,
+  probe_images = ImageBatches([p for p, _ in found], run.model.image_size,
                               run.batch, detector=run.detector)
   probe_features = run.embed_batches(probe_images)
   labels = np.array([names.index(found[i][1]) for i in probe_images.kept])
-  distractor_images = ImageBatches(image_files(distractors), run.image_size,
-                                   run.batch, detector=run.detector)
+  distractor_images = ImageBatches(image_files(distractors),
+                                   run.model.image_size, run.batch,
+                                   detector=run.detector)
   distractor_features = run.embed_batches(distractor_images)
   # FARs whose threshold needs more impostor scores kept than MAX_KEPT
   # (1e-1 of 3.5e9 pairs would be 350M) are left out, and said so.
@@ -199,7 +200,7 @@ def _identification(run: _Run, probes: str, distractors: str, name: str,
   fars = [f for f in protocols.FARS if protocols.impostors_accepted(
       f, impostors) < ranking.MAX_KEPT]
   result = ranking.megaface(probe_features, labels,
-                                   distractor_features, fars=fars)
+                            distractor_features, fars=fars)
   result['fars_too_many_to_keep'] = [f for f in protocols.FARS
                                      if f not in fars]
   result.update(kind='identification', path=os.path.abspath(probes),
@@ -238,9 +239,7 @@ def _open_run(workdir: str, step, flip: bool, batch_size,
   finder = detection.FaceFinder() if detect else None
   if finder is not None:
     _ = finder.detector  # a missing extra fails before any work
-  return _Run(model.embedder, model.variables, model.image_size,
-              model.embedder.batch_size * 8, model.step, out_dir,
-              export_features, finder, model.config)
+  return _Run(model, out_dir, export_features, finder)
 
 
 def evaluate_run(workdir: str, *, targets=(), ijb=(), probes=None,
@@ -255,7 +254,7 @@ def evaluate_run(workdir: str, *, targets=(), ijb=(), probes=None,
   _check_inputs(targets, ijb, probes, distractors, run_sets)
   run = _open_run(workdir, step, flip, batch_size, export_features, detect)
   results_path = os.path.join(run.out_dir, 'results.json')
-  record = {'step': run.step, 'flip': flip,
+  record = {'step': run.model.step, 'flip': flip,
             'targets': _earlier_targets(results_path)}
   done: dict[str, dict] = {}
   if run_sets:

@@ -140,7 +140,7 @@ def _export_format(fmt: str, fn, model, folder: str, faces: Faces,
   started = time.perf_counter()
   try:
     export_formats.write(fmt, fn, model.image_size, path,
-                  doc=f'npcface_jax export of {model.workdir}')
+                         doc=f'npcface_jax export of {model.workdir}')
     written = time.perf_counter()
     run = export_formats.load(fmt, path)
     embedded = run_batched(run, faces.images)

@@ -99,8 +99,8 @@ def enroll(model: trained_run.Model, gallery: str, *, aligned: bool = False,
   todo = [i for i, f in enumerate(rel) if cached.get(f, (None,))[0]
           != stamps[i]]
   got = trained_run.embed_images(model, [rel[i] for i in todo], root=root,
-                               aligned=aligned, min_score=min_score,
-                               progress=progress, what='gallery')
+                                 aligned=aligned, min_score=min_score,
+                                 progress=progress, what='gallery')
   entries = {f: cached[f] for f in rel if f in cached}
   for r, j in enumerate(got.kept):
     entries[rel[todo[j]]] = (stamps[todo[j]], got.embeddings[r])
@@ -143,8 +143,8 @@ def identify(model: trained_run.Model, threshold: trained_run.Threshold,
   """Each probe's top_k people and the answer ('unknown' at or below the
   threshold)."""
   got = trained_run.embed_images(model, probes, aligned=aligned,
-                               min_score=min_score, progress=progress,
-                               what='probes')
+                                 min_score=min_score, progress=progress,
+                                 what='probes')
   scores = got.embeddings @ gallery['templates'].T
   k = min(top_k, len(gallery['names']))
   answers = []

@@ -95,7 +95,7 @@ def main(argv):
                jax.devices()[0].platform)
   try:
     outcome = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir,
-                                       defaults=run_flags.default_config())
+                                      defaults=run_flags.default_config())
   except config_checks.ConfigError as e:
     raise app.UsageError(str(e)) from None
   except (loop.NonFiniteLoss, checkpoint.CheckpointWriteError) as e:

@@ -51,8 +51,8 @@ def verify(model: trained_run.Model, threshold: trained_run.Threshold,
   pair with an unreadable photo, or one without a face, is skipped."""
   names = sorted({p for a, b, _ in pairs for p in (a, b)})
   got = trained_run.embed_images(model, names, aligned=aligned, root=root,
-                               min_score=min_score, progress=progress,
-                               what='verify')
+                                 min_score=min_score, progress=progress,
+                                 what='verify')
   row = {names[i]: r for r, i in enumerate(got.kept)}
   scored, labelled = [], []
   for a, b, label in pairs:

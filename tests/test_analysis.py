@@ -201,7 +201,7 @@ def test_a_class_sharded_run_writes_its_records(tmp_path, monkeypatch):
                          r['hist']['target_misclassified']))) == r['samples']
     assert sum(r['hist']['nearest_misclassified']) == r['misclassified']
   curve, _ = hard_samples.read_records(hard_samples.path(str(tmp_path),
-                                                 hard_samples.METRICS))
+                                                         hard_samples.METRICS))
   assert [m['step'] for m in curve] == [2, 4, 6]
   assert all(np.isfinite(m['loss']) for m in curve)
   tags = _tensorboard_tags(tmp_path)

@@ -155,7 +155,7 @@ def test_sources_folder_list_and_paths(tmp_path):
   assert trained_run.list_sources([str(tmp_path / 'list.txt')]) == (
       str(tmp_path), ['a/1.jpg', 'a/b/2.png'])
   assert trained_run.list_sources(['x.jpg', 'y.jpg']) == (None,
-                                                         ['x.jpg', 'y.jpg'])
+                                                          ['x.jpg', 'y.jpg'])
   (tmp_path / 'empty').mkdir()
   with pytest.raises(ValueError, match='holds no image files'):
     trained_run.list_sources([str(tmp_path / 'empty')])
@@ -270,7 +270,7 @@ def test_identify_caches_the_gallery_until_it_changes(model, tmp_path):
   scores = changed['templates'] @ crops.embeddings[0]
   result = identify.identify(
       model, trained_run.Threshold(float(np.max(scores)) - 1e-4, 'given',
-                                 False), changed, probes, top_k=2, **read)
+                                   False), changed, probes, top_k=2, **read)
   top = result['probes'][0]['top']
   assert [t['name'] for t in top] == [changed['names'][j] for j in
                                       np.argsort(-scores)[:2]]

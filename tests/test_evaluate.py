@@ -93,10 +93,10 @@ def test_orl_bin_end_to_end(trained):
       t['tar'] for t in want['tar_at_far']]
   # ...and the features are the trained network's, flip included.
   images = bin_format.decode_pairs(bin_format.load_bin(ORL_BIN)[0],
-                                         48)
+                                   48)
   embedder = embedding_step.Embedder(models.from_config(_demo_config(),
-                                                  train_dtype=False),
-                               arrays.make_mesh(1), 64, flip=True)
+                                                        train_dtype=False),
+                                     arrays.make_mesh(1), 64, flip=True)
   np.testing.assert_allclose(
       embedder(setup.eval_variables(state), images), features, atol=2e-6)
   with Image.open(out / result['roc']) as png:

@@ -22,7 +22,7 @@ from npcface_jax.common import jsonfile
 from npcface_jax.evaluation import embedding_step, run_sets
 from npcface_jax.faces import images
 from npcface_jax.serving import (export_formats, model_card, onnx_graph,
-                                  trained_run)
+                                 trained_run)
 from tests import tiny_backbone
 from tests.helpers import fresh_rng, orl_faces, random_variables
 from tests.test_commands import _results, write_run
@@ -272,7 +272,7 @@ def test_check_runs_every_format_on_the_sample(exported, tmp_path):
   np.savez(os.path.join(copy, export.SAMPLE), **sample)
   assert (sample['embeddings'] @ sample['embeddings'].T).min() < 0.99
   card = jsonfile.read_object(os.path.join(copy,
-                                                      model_card.CARD_JSON))
+                                           model_card.CARD_JSON))
   card['files'] = model_card.file_records(copy)
   model_card.write(copy, card)
   problems = export.check_export(copy, log=lambda *_: None)

@@ -59,7 +59,7 @@ def _poison(monkeypatch, at):
 def _restore(workdir, config, step=None):
   mesh = arrays.make_mesh(config.model_parallel)
   task = setup.make_task(config, mesh,
-                             data_source.open_data(config, mesh))
+                         data_source.open_data(config, mesh))
   ckpt = checkpoint.Checkpointer(str(workdir / 'checkpoints'), keep=3,
                                  every_steps=100)
   try:

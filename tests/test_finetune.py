@@ -18,7 +18,7 @@ from npcface_jax.common import arrays
 from npcface_jax.common import checkpoint
 from npcface_jax.serving import run_dir
 from npcface_jax.training import (config_checks, data_source, finetune, loop,
-                                   setup, train_step)
+                                  setup, train_step)
 from tests import tiny_backbone
 from tests.conftest import NUM_DEVICES
 from tests.test_train import _config

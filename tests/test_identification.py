@@ -148,7 +148,7 @@ def _check_identify(case, ranks, chunk_size, msg):
 
 def _check_megaface(probes, labels, distractors, fars, chunk_size, msg):
   got = ranking.megaface(probes, labels, distractors, fars=fars,
-                                chunk_size=chunk_size)
+                         chunk_size=chunk_size)
   want = _brute_megaface(probes, labels, distractors, fars)
   for key in ('successes', 'trials', 'tar_at_far', 'unsupported_fars',
               'num_genuine', 'num_impostors'):
@@ -220,12 +220,12 @@ def test_memmap_distractors_read_in_chunks(tmp_path):
   msg = _msg(seed, 0, case)
   want = ranking.identify(**case, ranks=(1, 3), chunk_size=6)
   got = ranking.identify(**{**case, 'distractors': on_disk},
-                                ranks=(1, 3), chunk_size=6)
+                         ranks=(1, 3), chunk_size=6)
   assert got == want, msg
   labels = case['probe_labels']
   labels[1] = labels[0]
   want = ranking.megaface(case['probes'], labels, case['distractors'],
-                                 chunk_size=6)
+                          chunk_size=6)
   got = ranking.megaface(case['probes'], labels, on_disk, chunk_size=6)
   assert got == want, msg
 
@@ -242,8 +242,8 @@ def test_identify_hand_case():
   distractors = np.float32([[a, b]])
   for chunk in (1, 2):
     got = ranking.identify(probes, probe_labels, gallery,
-                                  gallery_labels, distractors,
-                                  ranks=(2, 1, 2), chunk_size=chunk)
+                           gallery_labels, distractors,
+                           ranks=(2, 1, 2), chunk_size=chunk)
     assert got == {
         'rank1': 1 / 3,
         'cmc': [{'rank': 1, 'hits': 1, 'rate': 1 / 3},
@@ -280,7 +280,7 @@ def test_identify_float_features_match_float64():
   want = (mate > other.max(axis=1)).mean()
   rank5 = ((other >= mate[:, None]).sum(axis=1) < 5).mean()
   got = ranking.identify(probes, pl, gallery, gl, distractors,
-                                ranks=(1, 5), chunk_size=77)
+                         ranks=(1, 5), chunk_size=77)
   msg = f'seed {seed}'
   assert 0 < want < 1, msg
   assert got['rank1'] == want, msg
@@ -369,7 +369,7 @@ def test_megaface_hand_case():
   distractors = np.float32([[a, b, 0], [0, 0, -1]])
   fars = (0.1, 0.125, 0.25, 0.375, 1.0)
   got = ranking.megaface(probes, [7, 7, 3, 3], distractors, fars=fars,
-                                chunk_size=1)
+                         chunk_size=1)
   assert (got['successes'], got['trials'], got['rank1']) == (2, 4, 0.5)
   assert got['unsupported_fars'] == [0.1]  # k = 0: not even one may pass
   assert got['num_genuine'] == 2 and got['num_impostors'] == 8
@@ -411,9 +411,9 @@ def test_scan_memory_is_bounded():
   tracemalloc.start()
   try:
     ranking.megaface(probes, labels, distractors, fars=(1e-3, 1e-5),
-                            chunk_size=chunk)
+                     chunk_size=chunk)
     ranking.identify(probes, labels, probes, labels, distractors,
-                            ranks=(1, 5), chunk_size=chunk)
+                     ranks=(1, 5), chunk_size=chunk)
     peak = tracemalloc.get_traced_memory()[1]
   finally:
     tracemalloc.stop()

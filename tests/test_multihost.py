@@ -60,14 +60,14 @@ def _reference(config, prep):
   """One process, four devices, the two processes' batches stitched."""
   mesh = arrays.make_mesh(config.model_parallel, jax.devices()[:4])
   info = input_pipeline.dataset_info(prep)
-  data = data_source.Data(info.num_classes, info.image_size,
-                    input_pipeline.steps_per_epoch(info, config.batch_size,
-                                                   mesh, 2), None)
+  data = data_source.Data(
+      info.num_classes, info.image_size,
+      input_pipeline.steps_per_epoch(info, config.batch_size, mesh, 2), None)
   task = setup.make_task(config, mesh, data)
   target = setup.abstract_state(task)
   state = setup.init_state(task)
   step = train_step.make_train_step(task, jax.tree.map(lambda s: s.sharding,
-                                                  target))
+                                                       target))
   streams = [input_pipeline.train_stream(
       prep, config.batch_size, mesh, seed=config.seed, flip=config.flip,
       shuffle_buffer=config.shuffle_buffer, process_index=i, process_count=2)

@@ -23,7 +23,7 @@ from npcface_jax.common import checkpoint
 from npcface_jax.loss import heads, registry
 from npcface_jax.serving import run_dir
 from npcface_jax.training import (config_checks, data_source, loop, setup,
-                                   train_step)
+                                  train_step)
 from tests.conftest import NUM_DEVICES
 from tests.helpers import fresh_rng
 from tests import tiny_backbone

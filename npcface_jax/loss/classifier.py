@@ -69,6 +69,21 @@ def check_sampling(num_classes: int, num_shards: int, num_sample: int,
         'sample rate or use a class-count-dividing model_parallel')
 
 
+def rows_to_sample(sample_rate: float, num_classes: int, head: Head,
+                   mesh: Mesh, batch_size: int) -> int | None:
+  """Partial FC's rows scored per class shard of ``mesh`` at
+  ``sample_rate`` (None: all of them), checked against the batch each shard
+  sees (split_batch_axis); ValueError naming the fix."""
+  shards = mesh.shape['model']
+  num_sample = num_sampled(sample_rate,
+                           class_shards.rows_per_shard(num_classes, shards))
+  if num_sample is not None:
+    split = split_batch_axis(head, mesh) is not None
+    check_sampling(num_classes, shards, num_sample,
+                   batch_size // (mesh.shape['data'] if split else 1))
+  return num_sample
+
+
 def sample_classes(key: Array, labels: Array, shard, num_rows: int,
                    num_sample: int, num_classes: int | None = None) -> Array:
   """The local rows (num_sample,) that shard ``shard`` of ``num_rows`` rows
@@ -160,7 +175,7 @@ def classifier_loss(embeddings: Array, weights: Array, labels: Array,
   out = head(cos, labels, state, params, given=extra, axis_name=axis_name,
              num_classes=num_classes)
   ce, top1 = criteria.cross_entropy_and_top1(out.logits, labels,
-                                           axis_name=axis_name)
+                                             axis_name=axis_name)
   return ce, out._replace(metrics={
       **out.metrics, 'top1': top1,
       **target_and_nearest(cos, labels, axis_name, num_classes)})

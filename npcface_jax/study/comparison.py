@@ -79,7 +79,7 @@ def load_run(workdir: str) -> Run:
       hard_samples.path(workdir, hard_samples.METRICS),
       hard_samples.check_metrics)
   stats, left_stats = hard_samples.read_records(hard_samples.path(workdir),
-                                            hard_samples.check_stats)
+                                                hard_samples.check_stats)
   notes += left + left_stats
   results_path = os.path.join(workdir, 'eval', 'results.json')
   results = None

@@ -24,8 +24,8 @@ from npcface_jax.common import arrays
 from npcface_jax.common import checkpoint, jsonfile, run_log
 from npcface_jax.serving import run_dir
 from npcface_jax.training import (config_checks, data_source, finetune,
-                                   hard_samples, periodic_eval, setup,
-                                   train_step)
+                                  hard_samples, periodic_eval, setup,
+                                  train_step)
 
 Array = jax.Array
 
@@ -178,7 +178,7 @@ class _Run:
     self.metrics_file = (hard_samples.path(workdir, hard_samples.METRICS)
                          if lead else None)
     self.verifier = periodic_eval.Verifier(config, workdir, self.mesh,
-                                          self.data.image_size, self.writer)
+                                           self.data.image_size, self.writer)
 
   def _start(self, target, defaults) -> None:
     restored = self.checkpoints.restore(target)

@@ -102,22 +102,13 @@ def create_head(config) -> heads.Head:
 
 
 def _num_sample(config, mesh: Mesh, head: heads.Head, num_classes: int):
-  """Partial FC's rows scored per shard (None: all), checked against the
-  batch each shard sees."""
-  shards = mesh.shape['model']
-  num_sample = classifier.num_sampled(
-      config.sample_rate,
-      class_shards.rows_per_shard(num_classes, shards))
-  if num_sample is not None:
-    split = classifier.split_batch_axis(head, mesh) is not None
-    try:
-      classifier.check_sampling(
-          num_classes, shards, num_sample,
-          config.batch_size // (mesh.shape['data'] if split else 1))
-    except ValueError as e:
-      raise config_checks.ConfigError(
-          f'config.sample_rate = {config.sample_rate}: {e}') from e
-  return num_sample
+  """Partial FC's rows scored per shard (None: all)."""
+  try:
+    return classifier.rows_to_sample(config.sample_rate, num_classes, head,
+                                     mesh, config.batch_size)
+  except ValueError as e:
+    raise config_checks.ConfigError(
+        f'config.sample_rate = {config.sample_rate}: {e}') from e
 
 
 def make_task(config, mesh: Mesh, data) -> Task:
