@@ -25,6 +25,7 @@ from npcface_jax import (checkpoint, detection, embed as embed_command,
 from tests import tiny_backbone
 from tests.conftest import NUM_DEVICES
 from tests.helpers import SHARED_DATA
+from tests.test_run_log import bare_env, startup_lines
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ORL = SHARED_DATA / 'orl_faces'
@@ -279,8 +280,9 @@ def test_identify_caches_the_gallery_until_it_changes(model, tmp_path):
 # --- The command lines -------------------------------------------------------
 
 def _command(name, *args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             JAX_NUM_CPU_DEVICES=str(NUM_DEVICES), TF_CPP_MIN_LOG_LEVEL='2')
+  """The command as typed: TensorFlow kept quiet by its own settings only
+  (tests/test_run_log.py)."""
+  env = bare_env(JAX_NUM_CPU_DEVICES=str(NUM_DEVICES))
   return subprocess.run([sys.executable, '-m', f'npcface_jax.{name}', *args],
                         cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=600)
@@ -297,6 +299,7 @@ def test_embed_and_identify_command_lines(tmp_path):
   a, b = (str(orl / p) for p in PHOTOS[:2])
   proc = _command('embed', f'--workdir={workdir}', a, b, str(tmp_path / 'e'))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not startup_lines(proc.stderr), proc.stderr[-3000:]  # MTCNN's TF
   e = np.load(tmp_path / 'e' / 'embeddings.npy')
   gallery = tmp_path / 'gallery'
   (gallery / 's31').mkdir(parents=True)
@@ -304,6 +307,7 @@ def test_embed_and_identify_command_lines(tmp_path):
   proc = _command('identify', f'--workdir={workdir}',
                   f'--gallery={gallery}', b, '--far=1e-3')
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not startup_lines(proc.stderr), proc.stderr[-3000:]
   assert 'threshold 0.4200: FAR 0.001 on lfw' in proc.stdout
   expected = 's31' if e[0] @ e[1] > 0.42 else 'unknown'
   assert f'{b}: {expected}  (s31 {e[0] @ e[1]:.3f})' in proc.stdout
