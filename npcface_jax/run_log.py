@@ -29,19 +29,23 @@ class _OwnLines(logging.Filter):
 def quiet_tensorflow_startup(verbose: bool = False) -> None:
   """TensorFlow's C++ start-up lines (absl's 'All log messages before
   absl::InitializeLog()', 'oneDNN custom operations are on', 'To enable the
-  following instructions: AVX2 ...') kept off unless ``verbose``.
+  following instructions: AVX2 ...') and its C++ warnings (the TFLite
+  converter's 'Ignored output_format') kept off unless ``verbose``.
 
-  They are printed as TensorFlow loads, before Python's logging is set: only
-  the environment, set before its first import, reaches them, and worker
-  processes inherit it. TF_CPP_MIN_LOG_LEVEL=2 silences all but oneDNN's
-  notice, which only TF_ENABLE_ONEDNN_OPTS=0 removes; that is set whatever
-  ``verbose`` says, so that --verbose does not change any result. Our
-  TensorFlow work (tf.data, MTCNN, the exports' run-back) loses nothing by
-  it: MTCNN's landmarks moved by 1.5e-5 px, its time not at all (40 ORL
-  photos). A value the user set is kept."""
+  They are printed by TensorFlow's C++, before or beside Python's logging:
+  only the environment reaches them, set before TensorFlow loads (worker
+  processes inherit it). TF_CPP_MIN_LOG_LEVEL=2 keeps errors only (XLA's
+  C++ reads it too); importing JAX has set it to 1 if it was unset, so a
+  level below 2 is raised, one of 2 or more kept; --verbose leaves it as
+  it is. oneDNN's notice ignores the level: only TF_ENABLE_ONEDNN_OPTS=0
+  removes it, set whatever ``verbose`` says (unless the user set it) so
+  that --verbose changes no result. Our TensorFlow work (tf.data, MTCNN,
+  the exports' run-back) loses nothing by it: MTCNN's landmarks moved by
+  1.5e-5 px on 40 ORL photos, its time not at all."""
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
-  if not verbose:
-    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  level = os.environ.get('TF_CPP_MIN_LOG_LEVEL', '').strip()
+  if not verbose and not (level.isdigit() and int(level) >= 2):
+    os.environ['TF_CPP_MIN_LOG_LEVEL'] = '2'
 
 
 def quiet_third_party(verbose: bool = False) -> None:

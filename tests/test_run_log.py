@@ -98,18 +98,53 @@ def _run(*args, **env):
 
 @pytest.mark.parametrize('verbose', [False, True])
 def test_tensorflow_startup_environment(monkeypatch, verbose):
-  """oneDNN off whatever --verbose says (results do not depend on it); the
-  C++ log level only when quiet; a value the user set is kept."""
-  for key in ('TF_CPP_MIN_LOG_LEVEL', 'TF_ENABLE_ONEDNN_OPTS'):
-    monkeypatch.delenv(key, raising=False)
-  run_log.quiet_tensorflow_startup(verbose)
-  assert os.environ['TF_ENABLE_ONEDNN_OPTS'] == '0'
-  assert os.environ.get('TF_CPP_MIN_LOG_LEVEL') == (None if verbose else '2')
+  """oneDNN off whatever --verbose says (results do not depend on it)
+  unless the user set it; quiet, the C++ log level at least 2 (JAX's
+  import sets 1 where it is unset); --verbose leaves it as it is."""
+  for level, quiet in ((None, '2'), ('1', '2'), ('0', '2'), ('2', '2'),
+                       ('3', '3'), ('x', '2')):
+    monkeypatch.delenv('TF_ENABLE_ONEDNN_OPTS', raising=False)
+    if level is None:
+      monkeypatch.delenv('TF_CPP_MIN_LOG_LEVEL', raising=False)
+    else:
+      monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', level)
+    run_log.quiet_tensorflow_startup(verbose)
+    assert os.environ['TF_ENABLE_ONEDNN_OPTS'] == '0'
+    assert os.environ.get('TF_CPP_MIN_LOG_LEVEL') == (
+        level if verbose else quiet), level
   monkeypatch.setenv('TF_ENABLE_ONEDNN_OPTS', '1')
-  monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', '0')
   run_log.quiet_third_party(verbose)
-  assert (os.environ['TF_ENABLE_ONEDNN_OPTS'],
-          os.environ['TF_CPP_MIN_LOG_LEVEL']) == ('1', '0')
+  assert os.environ['TF_ENABLE_ONEDNN_OPTS'] == '1'
+
+
+_CONVERT = """
+import sys
+import jax  # sets TF_CPP_MIN_LOG_LEVEL=1 where it is unset
+from npcface_jax import run_log
+run_log.quiet_third_party(sys.argv[1] == 'verbose')
+jax.numpy.ones(1).block_until_ready()
+import tensorflow as tf
+f = tf.function(lambda x: tf.nn.relu(x) * 2.0,
+                input_signature=[tf.TensorSpec([1, 4], tf.float32)])
+tf.lite.TFLiteConverter.from_concrete_functions(
+    [f.get_concrete_function()], f).convert()
+print('converted')
+"""
+
+
+@pytest.mark.slow
+def test_tensorflow_cxx_warnings_are_off_after_jax_unless_verbose():
+  """As in a command (export's TFLite conversion): JAX imported first, then
+  TensorFlow, whose converter warns in C++ ('Ignored output_format'),
+  after absl's 'before InitializeLog' line. Quiet, neither shows;
+  --verbose brings them back."""
+  for mode in ('quiet', 'verbose'):
+    proc = _run('-c', _CONVERT, mode)
+    assert 'converted' in proc.stdout, proc.stderr[-3000:]
+    lines = startup_lines(proc.stderr) + [
+        line for line in proc.stderr.splitlines() if 'Ignored output_format'
+        in line]
+    assert bool(lines) == (mode == 'verbose'), (mode, proc.stderr[-3000:])
 
 
 def test_no_command_loads_tensorflow_before_it_runs():
