@@ -4,10 +4,10 @@ and calls ``train_set.convert`` or ``pairs.convert``."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from data_prep import DataPrepError
+from npcface_jax.common import run_log
 from npcface_jax.faces import detection
 
 _TRAIN = """\
@@ -61,6 +61,8 @@ def _add_preprocessing(p: argparse.ArgumentParser) -> None:
   p.add_argument('--overwrite', action='store_true',
                  help='replace an earlier output')
   p.add_argument('--quiet', action='store_true', help='no progress bar')
+  p.add_argument('--verbose', action='store_true',
+                 help="also TensorFlow's start-up lines (its workers' too)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -96,9 +98,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TensorFlow's start-up
   p = parser()
   args = p.parse_args(argv)
+  # Before TensorFlow loads here or in a worker (they inherit it).
+  run_log.quiet_tensorflow_startup(getattr(args, 'verbose', False))
   if args.command is None:
     p.print_help(sys.stderr)
     return 2

@@ -1,13 +1,21 @@
 """``python -m npcface_jax.identify --workdir=DIR --gallery=FOLDER p.jpg
 [...]``: who is this? Each probe photo's top-k enrolled people with scores,
 and the answer: the best match, or 'unknown' when its score is not above
-the threshold (trained_run.find_threshold, as verify).
+the threshold.
 
 The gallery is FOLDER/<person>/<photos, any depth>. A person's template is
 the L2-normalised mean of their photos' embeddings (as IJB templates are
-pooled); a probe scores the cosine to each template. The threshold was
-measured on image pairs; a template, the mean of several photos, is less
-noisy than one photo, so it is a conservative bar for the gallery's people.
+pooled); a probe scores the cosine to each template.
+
+The threshold is the open-set one for the gallery's size (--fpir): a probe
+of someone not enrolled is named when any of the N templates clears it, so
+the 1:1 pairs threshold names strangers about N times as often as it
+accepts an impostor pair. It is read off the ROC of the run's evaluation
+(eval/step_N/results.json) at pair FAR = FPIR / N
+(trained_run.gallery_threshold). --threshold, or --far (a pair FAR, as
+verify takes it, not scaled), set it instead. The ROC was measured on image
+pairs; a template, the mean of several photos, is less noisy than one
+photo, so it is a conservative bar for the gallery's people.
 
 Gallery embeddings are cached in DIR/galleries/ per gallery folder, step
 and reading settings, each photo keyed by its path, size and modification
@@ -99,8 +107,8 @@ def enroll(model: trained_run.Model, gallery: str, *, aligned: bool = False,
   todo = [i for i, f in enumerate(rel) if cached.get(f, (None,))[0]
           != stamps[i]]
   got = trained_run.embed_images(model, [rel[i] for i in todo], root=root,
-                                 aligned=aligned, min_score=min_score,
-                                 progress=progress, what='gallery')
+                               aligned=aligned, min_score=min_score,
+                               progress=progress, what='gallery')
   entries = {f: cached[f] for f in rel if f in cached}
   for r, j in enumerate(got.kept):
     entries[rel[todo[j]]] = (stamps[todo[j]], got.embeddings[r])
@@ -143,25 +151,36 @@ def identify(model: trained_run.Model, threshold: trained_run.Threshold,
   """Each probe's top_k people and the answer ('unknown' at or below the
   threshold)."""
   got = trained_run.embed_images(model, probes, aligned=aligned,
-                                 min_score=min_score, progress=progress,
-                                 what='probes')
-  scores = got.embeddings @ gallery['templates'].T
-  k = min(top_k, len(gallery['names']))
-  answers = []
-  for r, i in enumerate(got.kept):
-    order = np.argsort(-scores[r], kind='stable')[:k]
-    top = [{'name': gallery['names'][j], 'score': float(scores[r, j])}
-           for j in order]
-    best = top[0]
-    answers.append({'probe': probes[i], 'top': top, 'answer': (
-        best['name'] if best['score'] > threshold.value else 'unknown')})
+                               min_score=min_score, progress=progress,
+                               what='probes')
+  found = answers(got.embeddings @ gallery['templates'].T, gallery['names'],
+                  threshold.value, top_k)
   return {'workdir': os.path.abspath(model.workdir), 'step': model.step,
           'flip': model.flip, 'threshold': threshold.value,
-          'threshold_source': threshold.source, 'probes': answers,
+          'threshold_source': threshold.source,
+          'threshold_warning': threshold.warning,
+          'calibration': threshold.calibration,
+          'probes': [{'probe': probes[i], **a}
+                     for i, a in zip(got.kept, found)],
           'skipped': [{'name': s.name, 'reason': s.reason}
                       for s in got.skipped],
           'gallery': {k: gallery[k] for k in ('names', 'images', 'skipped',
                                               'embedded')}}
+
+
+def answers(scores: np.ndarray, names: list[str], threshold: float,
+            top_k: int = 5) -> list[dict]:
+  """Per row of scores (probes x templates): its top_k people and the
+  answer, the best one if its score is above the threshold, else
+  'unknown'."""
+  k = min(top_k, len(names))
+  out = []
+  for row in scores:
+    order = np.argsort(-row, kind='stable')[:k]
+    top = [{'name': names[j], 'score': float(row[j])} for j in order]
+    out.append({'top': top, 'answer': top[0]['name'] if top[0]['score']
+                > threshold else 'unknown'})
+  return out
 
 
 def format_result(result: dict) -> str:
@@ -171,6 +190,8 @@ def format_result(result: dict) -> str:
            f"now, the rest cached), {len(g['skipped'])} skipped",
            f"threshold {result['threshold']:.4f}: "
            f"{result['threshold_source']}"]
+  if result.get('threshold_warning'):
+    lines.append(f"warning: {result['threshold_warning']}")
   for p in result['probes']:
     top = ', '.join(f"{t['name']} {t['score']:.3f}" for t in p['top'])
     lines.append(f"{p['probe']}: {p['answer']}  ({top})")
@@ -187,9 +208,14 @@ def main(argv):
       raise ValueError('give one probe photo or more')
     if f.top_k < 1:
       raise ValueError(f'--top_k must be at least 1, got {f.top_k}')
-    model, threshold = trained_run.model_and_threshold(f)
+    model, threshold, roc = _model_and_threshold(f)
     gallery = enroll(model, f.gallery, aligned=f.aligned,
                      min_score=f.min_face_score, progress=not f.json)
+    if roc is not None:
+      threshold = trained_run.gallery_threshold(roc, f.fpir,
+                                              len(gallery['names']))
+    if threshold.warning and f.json:  # else among the printed lines
+      logging.warning('%s', threshold.warning)
     result = identify(model, threshold, gallery, argv[1:], top_k=f.top_k,
                       aligned=f.aligned, min_score=f.min_face_score,
                       progress=not f.json)
@@ -200,9 +226,32 @@ def main(argv):
     sys.exit(1)
 
 
+def _model_and_threshold(f):
+  """(model, threshold, None) when --threshold or --far sets it, as for
+  verify; else (model, None, the ROC the threshold is read from once the
+  gallery's size is known), the model embedding as that ROC's results
+  did unless --flip says otherwise."""
+  if not 0 < f.fpir < 1:
+    raise ValueError(f'--fpir must lie in (0, 1), got {f.fpir}')
+  if f.threshold is not None or f.far is not None:
+    if f['fpir'].present:
+      raise ValueError('--fpir sets the threshold for the gallery; give it '
+                       'or --threshold or --far, not both')
+    return (*trained_run.model_and_threshold(f), None)
+  model = trained_run.open_model(f.workdir, f.step, bool(f.flip), f.batch_size)
+  roc = trained_run.stored_roc(f.workdir, model.step, target=f.target,
+                             flip=f.flip)
+  return model.with_flip(roc.flip), None, roc
+
+
 def _define_flags():
   from absl import flags  # noqa: PLC0415
   trained_run.define_flags(threshold=True)
+  flags.DEFINE_float('fpir', 0.01, 'The false-positive identification rate '
+                     'to allow: the share of probes of people not enrolled '
+                     'that may be given a name. The threshold is the ROC\'s '
+                     'at pair FAR = FPIR / (people enrolled), from the run\'s '
+                     'evaluation (--target names the set).')
   flags.DEFINE_string('gallery', None, 'A folder of enrolled people: '
                       'FOLDER/<person>/<photos>.')
   flags.DEFINE_integer('top_k', 5, 'How many people to list per probe.')

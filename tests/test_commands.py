@@ -8,10 +8,12 @@ thing, which needs no training. In-process tests use the tests' TinyNet
 (it compiles in a second); the command lines run the demo's
 MobileFaceNet."""
 
+import json
 import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -19,16 +21,17 @@ import pytest
 from PIL import Image
 
 from configs import demo
-from npcface_jax import models
-from npcface_jax.common import arrays
-from npcface_jax import embed as embed_command, evaluate, identify, verify
-from npcface_jax.common import checkpoint, jsonfile
+from npcface_jax import (embed as embed_command, evaluate, identify, models,
+                         verify)
+from npcface_jax.common import arrays, checkpoint, jsonfile
+from npcface_jax.evaluation import protocols
 from npcface_jax.faces import detection, images
 from npcface_jax.serving import run_dir, trained_run
 from npcface_jax.training import data_source, setup
 from tests import tiny_backbone
 from tests.conftest import NUM_DEVICES
-from tests.helpers import SHARED_DATA
+from tests.helpers import SHARED_DATA, fresh_rng
+from tests.test_run_log import bare_env, startup_lines
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ORL = SHARED_DATA / 'orl_faces'
@@ -145,6 +148,136 @@ def test_threshold_prefers_the_flip_results_and_names_ambiguity(tmp_path):
     trained_run.find_threshold(str(tmp_path), 0, target='cfp')
 
 
+# --- The open-set threshold of a gallery ------------------------------------
+
+def _people(rng, count, photos, dim=64):
+  """Synthetic embeddings (count, photos, dim): unit rows around each
+  person's random direction (same-person cosine about 0.5, impostors
+  about N(0, 1/8))."""
+  centres = rng.normal(size=(count, 1, dim))
+  centres /= np.linalg.norm(centres, axis=-1, keepdims=True)
+  x = centres + rng.normal(size=(count, photos, dim)) / np.sqrt(dim)
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _roc_results(workdir, rng, people=300, photos=4, name='synthetic'):
+  """results.json as evaluate writes it for every pair among ``people`` x
+  ``photos`` synthetic faces (about 720,000 impostor pairs by default);
+  returns the impostor similarities, sorted from the highest."""
+  x = _people(rng, people, photos).reshape(people * photos, -1)
+  label = np.repeat(np.arange(people), photos)
+  i, j = np.triu_indices(len(x), 1)
+  sim, same = (x @ x.T)[i, j].astype(np.float64), label[i] == label[j]
+  _results(workdir, targets={name: {
+      'kind': 'pairs', 'tar_at_far': protocols.tar_at_far(sim, same),
+      'roc_curve': protocols.roc_points(sim, same)}})
+  return np.sort(sim[~same])[::-1]
+
+
+def test_open_set_threshold_grows_stricter_with_the_gallery(tmp_path):
+  """The threshold for N enrolled is the ROC's at pair FAR FPIR / N: never
+  more accepting than NumPy's impostor quantile there, stricter as N
+  grows; past the lowest FAR the pairs measure, the highest impostor
+  score with a warning that names the fix. --target picks a set."""
+  rng, seed = fresh_rng()
+  imp = _roc_results(tmp_path, rng, people=100, photos=4)  # 79,200
+  roc = trained_run.stored_roc(str(tmp_path), 0)
+  assert (roc.target, roc.rows, roc.flip) == ('synthetic', False, False)
+  values = []
+  for n in (1, 10, 100, 500):
+    t = trained_run.gallery_threshold(roc, 0.01, n)
+    far = 0.01 / n
+    exact = imp[int(np.floor(far * imp.size))]
+    assert t.value >= exact and np.mean(imp > t.value) <= far, seed
+    assert t.warning is None and t.calibration['pair_far'] == far
+    assert (f'FPIR 0.01 with {n} enrolled -> pair FAR {far:.3g} (FPIR / '
+            f'{n}) on synthetic: its ROC point at FAR') in t.source
+    values.append(t.value)
+  assert values == sorted(values) and len(set(values)) == 4, (seed, values)
+  t = trained_run.gallery_threshold(roc, 0.01, 10_000)  # FAR 1e-6 < 1/79,200
+  assert t.value == imp[0] and t.value > values[-1], seed
+  assert not t.calibration['resolved'] and t.calibration['roc_far'] == 0
+  assert t.warning.startswith(f'synthetic measures pair FAR down to '
+                              f'{1 / imp.size:.3g} only, above the 1e-06')
+  assert 'more impostor pairs, raise --fpir, or pass --threshold' in (
+      t.warning)
+  (tmp_path / 'two').mkdir()
+  _roc_results(tmp_path / 'two', rng, people=20, photos=2, name='a')
+  record = jsonfile.read_object(tmp_path / 'two/eval/step_0/results.json')
+  record['targets']['b'] = record['targets']['a']
+  jsonfile.write_object(tmp_path / 'two/eval/step_0/results.json', record)
+  with pytest.raises(ValueError, match=r'2 sets with an ROC \(a, b\).*'
+                     '--target'):
+    trained_run.stored_roc(str(tmp_path / 'two'), 0)
+  assert trained_run.stored_roc(str(tmp_path / 'two'), 0, target='b').target
+
+
+def test_open_set_threshold_from_older_results(tmp_path):
+  """results.json from before the ROC kept its thresholds: tar_at_far's
+  rows, said so; with neither, the message names the fix."""
+  _results(tmp_path)  # the ROC's points absent; FAR 1e-3 -> 0.42
+  roc = trained_run.stored_roc(str(tmp_path), 0)
+  assert roc.rows and roc.far.tolist() == [1e-3]
+  t = trained_run.gallery_threshold(roc, 0.1, 10)
+  assert t.value == 0.42 and t.warning is None
+  assert 'keep no ROC thresholds, only tar_at_far' in t.source
+  t = trained_run.gallery_threshold(roc, 0.01, 100)
+  assert t.value == 0.42 and 'Evaluate again, on a set with more' in (
+      t.warning)
+  _results(tmp_path, targets={'lfw': {'threshold': 0.3, 'roc_curve': {
+      'far': [0.0, 1.0], 'tar': [0.0, 1.0]}}})
+  with pytest.raises(ValueError, match='no ROC with thresholds.*evaluate '
+                     '--workdir=.*--step=0 again.*--threshold or --far'):
+    trained_run.stored_roc(str(tmp_path), 0)
+
+
+@pytest.mark.parametrize('roc', [
+    {'far': [0, 0.5, 1], 'tar': [0, 1], 'threshold': [0.9, 0.5, None]},
+    {'far': 'x', 'tar': None, 'threshold': {}},
+    {'far': [True, 2.0, float('nan')], 'tar': [0, 1, 1],
+     'threshold': [0.9, 0.0, 0.0]},
+    {'far': [[0]], 'tar': [[0]], 'threshold': [['0.5']]},
+    [], 'roc'])
+def test_a_damaged_roc_is_left_out_not_a_crash(tmp_path, roc):
+  """Only numeric points with a FAR in [0, 1] are read; a set with none
+  (and no tar_at_far rows) is not a set to calibrate on."""
+  _results(tmp_path, targets={'lfw': {'roc_curve': roc, 'tar_at_far': [
+      {'far': 'x'}, 7]}})
+  with pytest.raises(ValueError, match='no ROC with thresholds'):
+    trained_run.stored_roc(str(tmp_path), 0)
+
+
+@pytest.mark.parametrize('fpir', [0.05, 0.2])
+def test_calibrated_threshold_keeps_strangers_near_the_target_fpir(fpir):
+  """200 people enrolled (one photo each, synthetic embeddings), 2,000
+  probes of people not enrolled: at the threshold identify takes from the
+  run's results for FPIR f (pair FAR f / 200), the share of strangers
+  given a name stays near f (about 1 - (1 - f / 200)^200), for several
+  seeds; the pairs threshold at FAR f, not scaled for the gallery, names
+  most of them. Mates are still named: the top template, above it."""
+  rng, seed = fresh_rng()
+  rates = []
+  for trial in range(4):
+    with tempfile.TemporaryDirectory() as workdir:
+      _roc_results(workdir, rng)
+      roc = trained_run.stored_roc(workdir, 0)
+    gallery = _people(rng, 200, 2)
+    templates, names = gallery[:, 0], [f'p{i}' for i in range(200)]
+    strangers = _people(rng, 1000, 2).reshape(2000, -1)
+    rate = {}
+    for n in (200, 1):
+      t = trained_run.gallery_threshold(roc, fpir, n)
+      got = identify.answers(strangers @ templates.T, names, t.value)
+      rate[n] = np.mean([a['answer'] != 'unknown' for a in got])
+    mates = identify.answers(gallery[:, 1] @ templates.T, names, t.value)
+    named = np.mean([a['answer'] == n for a, n in zip(mates, names)])
+    msg = f'seed {seed}, trial {trial}: {rate}, mates named {named}'
+    assert fpir / 2 <= rate[200] <= fpir * 1.6, msg
+    assert rate[1] > min(0.9, 20 * fpir) and named > 0.3, msg
+    rates.append(rate[200])
+  assert 0.7 * fpir <= np.mean(rates) <= 1.25 * fpir, (seed, rates)
+
+
 def test_sources_folder_list_and_paths(tmp_path):
   (tmp_path / 'a' / 'b').mkdir(parents=True)
   for name in ('a/1.jpg', 'a/b/2.png', 'a/notes.txt'):
@@ -155,7 +288,7 @@ def test_sources_folder_list_and_paths(tmp_path):
   assert trained_run.list_sources([str(tmp_path / 'list.txt')]) == (
       str(tmp_path), ['a/1.jpg', 'a/b/2.png'])
   assert trained_run.list_sources(['x.jpg', 'y.jpg']) == (None,
-                                                          ['x.jpg', 'y.jpg'])
+                                                         ['x.jpg', 'y.jpg'])
   (tmp_path / 'empty').mkdir()
   with pytest.raises(ValueError, match='holds no image files'):
     trained_run.list_sources([str(tmp_path / 'empty')])
@@ -270,7 +403,7 @@ def test_identify_caches_the_gallery_until_it_changes(model, tmp_path):
   scores = changed['templates'] @ crops.embeddings[0]
   result = identify.identify(
       model, trained_run.Threshold(float(np.max(scores)) - 1e-4, 'given',
-                                   False), changed, probes, top_k=2, **read)
+                                 False), changed, probes, top_k=2, **read)
   top = result['probes'][0]['top']
   assert [t['name'] for t in top] == [changed['names'][j] for j in
                                       np.argsort(-scores)[:2]]
@@ -283,8 +416,9 @@ def test_identify_caches_the_gallery_until_it_changes(model, tmp_path):
 # --- The command lines -------------------------------------------------------
 
 def _command(name, *args):
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             JAX_NUM_CPU_DEVICES=str(NUM_DEVICES), TF_CPP_MIN_LOG_LEVEL='2')
+  """The command as typed: TensorFlow kept quiet by its own settings only
+  (tests/test_run_log.py)."""
+  env = bare_env(JAX_NUM_CPU_DEVICES=str(NUM_DEVICES))
   return subprocess.run([sys.executable, '-m', f'npcface_jax.{name}', *args],
                         cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=600)
@@ -301,6 +435,7 @@ def test_embed_and_identify_command_lines(tmp_path):
   a, b = (str(orl / p) for p in PHOTOS[:2])
   proc = _command('embed', f'--workdir={workdir}', a, b, str(tmp_path / 'e'))
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not startup_lines(proc.stderr), proc.stderr[-3000:]  # MTCNN's TF
   e = np.load(tmp_path / 'e' / 'embeddings.npy')
   gallery = tmp_path / 'gallery'
   (gallery / 's31').mkdir(parents=True)
@@ -308,9 +443,24 @@ def test_embed_and_identify_command_lines(tmp_path):
   proc = _command('identify', f'--workdir={workdir}',
                   f'--gallery={gallery}', b, '--far=1e-3')
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert not startup_lines(proc.stderr), proc.stderr[-3000:]
   assert 'threshold 0.4200: FAR 0.001 on lfw' in proc.stdout
   expected = 's31' if e[0] @ e[1] > 0.42 else 'unknown'
   assert f'{b}: {expected}  (s31 {e[0] @ e[1]:.3f})' in proc.stdout
+  # By default the open-set threshold for the gallery, from the ROC.
+  imp = _roc_results(workdir, fresh_rng()[0], people=10, photos=2)  # exact
+  proc = _command('identify', f'--workdir={workdir}',
+                  f'--gallery={gallery}', b, '--fpir=0.05', '--json')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout)
+  assert got['calibration']['pair_far'] == 0.05 and not (
+      got['threshold_warning'])
+  assert got['threshold'] == imp[int(0.05 * imp.size)], got
+  assert got['threshold_source'].startswith(
+      'FPIR 0.05 with 1 enrolled -> pair FAR 0.05 (FPIR / 1) on synthetic')
+  proc = _command('identify', f'--workdir={workdir}',
+                  f'--gallery={gallery}', b, '--fpir=0.05', '--far=1e-3')
+  assert proc.returncode != 0 and 'not both' in proc.stderr
 
 
 def test_verify_command_line_needs_two_photos():

@@ -484,3 +484,22 @@ def test_errors():
   # FAR 1 needs no scores kept (its threshold is -inf).
   assert megaface(p, labels, d, fars=(1.0,), max_kept=0)['tar_at_far'][0][
       'tar'] == 1.0
+
+
+def test_open_set_far_is_fpir_over_the_gallery():
+  """The union bound: N impostor scores each clearing t with probability
+  FAR name a stranger with probability at most N * FAR (exactly
+  1 - (1 - FAR)^N when independent, checked here by simulation)."""
+  assert ranking.open_set_far(0.01, 300) == 0.01 / 300
+  assert ranking.open_set_far(0.5, 1) == 0.5
+  rng, seed = fresh_rng()
+  scores = rng.normal(size=(20_000, 50))
+  far = ranking.open_set_far(0.1, 50)
+  t = np.quantile(rng.normal(size=1_000_000), 1 - far)
+  fpir = np.mean(scores.max(1) > t)
+  assert abs(fpir - (1 - (1 - far) ** 50)) < 0.01 and fpir < 0.11, seed
+  for bad in (0.0, 1.0, -0.1):
+    with pytest.raises(ValueError, match=r'\(0, 1\)'):
+      ranking.open_set_far(bad, 10)
+  with pytest.raises(ValueError, match='gallery_size must be at least 1'):
+    ranking.open_set_far(0.1, 0)

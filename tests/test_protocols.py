@@ -353,6 +353,64 @@ def test_roc_points_are_vertices_spread_over_log_far():
       sim[:30], same[:30])[0])
 
 
+def test_threshold_at_far_is_the_numpy_impostor_quantile():
+  """On the exact ROC, the threshold at FAR f is the (k + 1)-th largest
+  impostor similarity, k = floor(f * impostors), computed here in NumPy
+  (and far_threshold's); on the points results.json keeps, the nearest
+  stored one at or below f: never more accepting, within one step of the
+  log-FAR grid. Below the smallest FAR the pairs measure, the strictest
+  point (the highest impostor), flagged unresolved."""
+  rng, seed = fresh_rng()
+  same = rng.random(30_000) < 0.2
+  sim = rng.normal(0.0, 0.2, same.size) + 0.6 * same
+  imp = np.sort(sim[~same])[::-1]
+  far, tar, thresholds = protocols.roc_curve(sim, same)
+  points = protocols.roc_points(sim, same, max_points=64)
+  assert len(points['far']) <= 64 and points['threshold'][-1] == -np.inf
+  # Every stored point is a vertex: its threshold gives its FAR and TAR.
+  for f, t, th in zip(points['far'], points['tar'], points['threshold']):
+    assert (np.mean(imp > th), np.mean(sim[same] > th)) == (f, t), seed
+  ratio = (1 / far[far > 0].min()) ** (1 / (64 - 4))  # the grid's step
+  for target in np.geomspace(1.5 / imp.size, 0.5, 25):
+    msg = f'seed {seed}, FAR {target}'
+    k = int(np.floor(target * imp.size))
+    exact = protocols.threshold_at_far(far, tar, thresholds, target)
+    assert exact.threshold == imp[k] == protocols.far_threshold(
+        imp, imp.size, target), msg
+    assert exact.far == np.mean(imp > imp[k]) <= target and exact.resolved
+    assert exact.tar == np.mean(sim[same] > imp[k]), msg
+    kept = protocols.threshold_at_far(points['far'], points['tar'],
+                                      points['threshold'], target)
+    assert kept.threshold >= exact.threshold and kept.resolved, msg
+    assert target / ratio - 1 / imp.size <= kept.far <= target, msg
+  for got in (protocols.threshold_at_far(far, tar, thresholds, 0.5 / imp.size),
+              protocols.threshold_at_far(points['far'], points['tar'],
+                                         points['threshold'], 1e-9)):
+    assert (got.threshold, got.far, got.resolved) == (imp[0], 0.0, False)
+    assert got.lowest_far == 1 / imp.size, seed
+
+
+def test_threshold_at_far_on_tar_at_far_rows_and_errors():
+  """Results written before the ROC kept its thresholds still have
+  tar_at_far's rows: the row at the largest FAR at or below the target;
+  below them all, the strictest row, unresolved."""
+  rows = [{'far': 1e-1, 'tar': 0.9, 'threshold': 0.2},
+          {'far': 1e-2, 'tar': 0.7, 'threshold': 0.4},
+          {'far': 1e-3, 'tar': 0.5, 'threshold': 0.5}]
+  far, tar, th = ([r[k] for r in rows] for k in ('far', 'tar', 'threshold'))
+  got = protocols.threshold_at_far(far, tar, th, 5e-3)
+  assert got == (0.5, 1e-3, 0.5, 1e-3, True)
+  assert protocols.threshold_at_far(far, tar, th, 0.05).threshold == 0.4
+  assert protocols.threshold_at_far(far, tar, th, 1e-4) == (
+      0.5, 1e-3, 0.5, 1e-3, False)
+  with pytest.raises(ValueError, match=r'\(0, 1\]'):
+    protocols.threshold_at_far(far, tar, th, 0.0)
+  with pytest.raises(ValueError, match='as many'):
+    protocols.threshold_at_far(far, tar[:2], th, 0.1)
+  with pytest.raises(ValueError, match='must lie in'):
+    protocols.threshold_at_far([1.5], [1.0], [0.0], 0.1)
+
+
 def test_auc_matches_brute_force():
   rng, seed = fresh_rng()
   for trial in range(100):

@@ -3,6 +3,7 @@ onto other device counts, exact resume after SIGTERM, and ORL end to end."""
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import signal
@@ -197,6 +198,46 @@ def test_learning_rate_schedule_in_epochs():
   lrs = [float(schedule(s)) for s in (0, 4, 9, 10, 19, 20, 29, 30)]
   np.testing.assert_allclose(lrs, [0.01, 0.05, 0.1, 0.1, 0.1, 0.01, 0.01,
                                    0.001], rtol=1e-6)
+
+
+def test_logged_learning_rate_is_the_schedules_at_the_step(
+    tmp_path, monkeypatch, caplog):
+  """The rate drops from 0.1 to 0.01 after 2 steps (an epoch), inside the
+  first logging window of 3: the log line, metrics.jsonl and TensorBoard
+  give the rate of the window's last step, 0.01, not the window's mean
+  (0.07); the loss stays the window's mean."""
+  from npcface_jax import analysis  # noqa: PLC0415 (only this test)
+  monkeypatch.setattr(models, 'from_config', tiny_backbone.create_model)
+  c = _config(num_train_steps=6, log_every_steps=3, lr_boundaries=(1,),
+              checkpoint_every_steps=100, learning_rate=0.1,
+              **{'synthetic.epoch_examples': 32})  # 2 steps an epoch
+  schedule = setup.learning_rate_schedule(c, steps_per_epoch=2)
+  assert [float(schedule(s)) for s in range(3)] == pytest.approx(
+      [0.1, 0.1, 0.01])
+  with caplog.at_level(logging.INFO):
+    loop.train_and_evaluate(c, str(tmp_path))
+  lines = [r.getMessage() for r in caplog.records
+           if r.getMessage().startswith('step 3/6 ')]
+  assert len(lines) == 1 and '  lr 0.01  ' in lines[0] + '  ', lines
+  curve, _ = analysis.read_records(analysis.path(str(tmp_path),
+                                                 analysis.METRICS))
+  assert [(m['step'], m['learning_rate']) for m in curve] == [
+      (3, pytest.approx(0.01)), (6, pytest.approx(0.01))]
+  assert _tensorboard_scalar(tmp_path, 'learning_rate') == {
+      3: pytest.approx(0.01), 6: pytest.approx(0.01)}
+
+
+def _tensorboard_scalar(workdir, tag) -> dict[int, float]:
+  import tensorflow as tf  # noqa: PLC0415 (only this test reads events)
+  values = {}
+  for path in workdir.glob('events.out.tfevents.*'):
+    for event in tf.compat.v1.train.summary_iterator(str(path)):
+      for v in event.summary.value:
+        if v.tag == tag:
+          values[event.step] = float(
+              tf.make_ndarray(v.tensor) if v.HasField('tensor')
+              else v.simple_value)
+  return values
 
 
 # --- The step on a mesh ------------------------------------------------------

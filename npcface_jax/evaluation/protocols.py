@@ -11,6 +11,7 @@ rather than on a grid, so the result does not depend on a grid's spacing.
 from __future__ import annotations
 
 import operator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -260,17 +261,61 @@ def roc_curve(similarity, issame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def roc_points(similarity, issame, max_points: int = 256) -> dict:
-  """The ROC as {'far': [...], 'tar': [...]} of at most ``max_points``
-  exact vertices of roc_curve, spread evenly over log FAR (the axis ROC
-  figures use), so that results.json can hold it and runs can be drawn
-  together later."""
-  far, tar, _ = roc_curve(similarity, issame)
+  """The ROC as {'far': [...], 'tar': [...], 'threshold': [...]} of at most
+  ``max_points`` exact vertices of roc_curve, spread evenly over log FAR
+  (the axis ROC figures use), so that results.json can hold it, runs can be
+  drawn together later and identify can take the threshold at any FAR
+  (threshold_at_far). The last vertex of FAR 0 (the highest impostor
+  similarity: the strictest bar the pairs can measure) is always kept."""
+  far, tar, thresholds = roc_curve(similarity, issame)
   if len(far) > max_points:
-    levels = np.geomspace(far[far > 0].min(), 1.0, max_points - 2)
-    keep = np.searchsorted(far, levels, side='right') - 1
+    levels = np.geomspace(far[far > 0].min(), 1.0, max_points - 3)
+    keep = np.searchsorted(far, np.append(0.0, levels), side='right') - 1
     keep = np.unique(np.concatenate([[0], keep, [len(far) - 1]]))
-    far, tar = far[keep], tar[keep]
-  return {'far': far.tolist(), 'tar': tar.tolist()}
+    far, tar, thresholds = far[keep], tar[keep], thresholds[keep]
+  return {'far': far.tolist(), 'tar': tar.tolist(),
+          'threshold': thresholds.tolist()}
+
+
+class FarThreshold(NamedTuple):
+  """A threshold read off an ROC at a target false accept rate."""
+  threshold: float  # accept iff similarity > threshold
+  far: float  # the FAR the ROC measured at it
+  tar: float  # and the TAR
+  lowest_far: float  # the smallest positive FAR among the points
+  resolved: bool  # the points measure FARs as low as the target
+
+
+def threshold_at_far(far, tar, thresholds, target: float) -> FarThreshold:
+  """The most accepting ROC point whose FAR is at most ``target``, the
+  points (far, tar, threshold) being vertices of roc_curve (all of them, or
+  those roc_points keeps) or tar_at_far's rows.
+
+  On roc_curve's vertices this is exactly tar_at_far's threshold, the
+  (k + 1)-th largest impostor similarity; on fewer points, the nearest one
+  at or below the target, never more accepting. Where the target lies below
+  every positive FAR the points measure (too few impostor pairs to resolve
+  it), it is the strictest point, and ``resolved`` is False.
+  """
+  if not 0.0 < target <= 1.0:
+    raise ValueError(f'a false accept rate must lie in (0, 1], got {target}')
+  far, tar, th = (np.asarray(a, np.float64).ravel()
+                  for a in (far, tar, thresholds))
+  if not far.size or not far.shape == tar.shape == th.shape:
+    raise ValueError(f'an ROC needs as many FARs, TARs and thresholds, and '
+                     f'at least one, got {far.size}, {tar.size}, {th.size}')
+  if not (np.all(np.isfinite(far)) and np.all((far >= 0) & (far <= 1))
+          and not np.any(np.isnan(th))):
+    raise ValueError('ROC FARs must lie in [0, 1] and thresholds be numbers')
+  positive = far[far > 0]
+  lowest = float(positive.min()) if positive.size else 1.0
+  below = far <= target
+  if not below.any():
+    below = far == far.min()
+  # Among the candidates, the lowest threshold accepts the most.
+  i = int(np.flatnonzero(below)[np.argmin(th[below])])
+  return FarThreshold(float(th[i]), float(far[i]), float(tar[i]), lowest,
+                      bool(target >= lowest))
 
 
 def auc(similarity, issame) -> float:

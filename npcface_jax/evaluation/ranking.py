@@ -308,6 +308,24 @@ def _cmc(ranks, hit1, g_count, d_count) -> list[dict]:
   return cmc
 
 
+# --- Open-set identification -------------------------------------------------
+
+
+def open_set_far(fpir: float, gallery_size: int) -> float:
+  """The pair false accept rate whose threshold keeps the false-positive
+  identification rate (the share of probes of people not enrolled that are
+  given a name) at about ``fpir`` or below with ``gallery_size`` templates:
+  fpir / N. Such a probe is named when any of its N impostor scores clears
+  the threshold, and P(any) <= N * FAR whatever their dependence (the
+  union bound; 1 - (1 - FAR)^N when independent, N * FAR to first order).
+  The 1:1 threshold lets a stranger through N times as often as a pair."""
+  if not 0.0 < fpir < 1.0:
+    raise ValueError(f'a false-positive identification rate must lie in '
+                     f'(0, 1), got {fpir}')
+  gallery_size = protocols.check_integer(gallery_size, 'gallery_size', 1)
+  return fpir / gallery_size
+
+
 # --- MegaFace challenge 1 -----------------------------------------------------
 
 

@@ -21,9 +21,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from npcface_jax import models
-from npcface_jax.common import arrays
-from npcface_jax.common import jsonfile, textfile
-from npcface_jax.evaluation import embedding_step
+from npcface_jax.common import arrays, jsonfile, textfile
+from npcface_jax.evaluation import embedding_step, protocols, ranking
 from npcface_jax.faces import detection, images
 from npcface_jax.serving import run_dir
 
@@ -110,6 +109,8 @@ class Threshold(NamedTuple):
   value: float  # same person iff cosine similarity > value
   source: str  # where it comes from, in words
   flip: bool  # whether the results it comes from embedded with flip
+  warning: str | None = None  # what the user should know about it
+  calibration: dict | None = None  # gallery_threshold's numbers
 
 
 def _results(workdir: str, step: int, flip: bool | None):
@@ -129,6 +130,21 @@ def _results(workdir: str, step: int, flip: bool | None):
       '--targets=<pairs .bin> first, or pass --threshold')
 
 
+def _pick_set(path: str, usable: dict, target: str | None,
+              what: str = 'a threshold') -> str:
+  """The set named ``target`` among ``usable``, or the only one."""
+  have = ', '.join(sorted(usable)) or 'none'
+  if target is None:
+    if len(usable) != 1:
+      raise ValueError(f'{path} holds {len(usable)} sets with {what} '
+                       f'({have}); name one with --target')
+    return next(iter(usable))
+  if target not in usable:
+    raise ValueError(f'{path} has no set {target!r} with {what}; it has '
+                     f'{have}')
+  return target
+
+
 def find_threshold(workdir: str, step: int, *, far: float | None = None,
                    target: str | None = None,
                    flip: bool | None = None) -> Threshold:
@@ -139,15 +155,7 @@ def find_threshold(workdir: str, step: int, *, far: float | None = None,
   targets = record.get('targets') or {}
   usable = {n: r for n, r in targets.items() if isinstance(r, dict) and (
       'tar_at_far' in r if far is not None else 'threshold' in r)}
-  if target is None:
-    if len(usable) != 1:
-      raise ValueError(f'{path} holds {len(usable)} sets with a threshold '
-                       f'({", ".join(sorted(usable)) or "none"}); name one '
-                       'with --target')
-    target = next(iter(usable))
-  if target not in usable:
-    raise ValueError(f'{path} has no set {target!r} with a threshold; it '
-                     f'has {", ".join(sorted(usable)) or "none"}')
+  target = _pick_set(path, usable, target)
   result, where = usable[target], os.path.relpath(path, workdir)
   flipped = bool(record.get('flip'))
   if far is None:
@@ -160,6 +168,100 @@ def find_threshold(workdir: str, step: int, *, far: float | None = None,
   have = ', '.join(f'{row["far"]:g}' for row in result['tar_at_far'])
   raise ValueError(f'{target} in {path} has no threshold at FAR {far:g} '
                    f'(its pairs measure {have or "none"}); pick one of those')
+
+
+# --- The open-set threshold of a gallery -------------------------------------
+
+class StoredRoc(NamedTuple):
+  """A set's ROC points with their thresholds, from the run's results."""
+  far: np.ndarray
+  tar: np.ndarray
+  threshold: np.ndarray
+  target: str  # the set
+  where: str  # its results.json, relative to the run
+  flip: bool  # whether those results embedded with flip
+  rows: bool  # only tar_at_far's rows (results from before the ROC kept
+  # its thresholds): a few FARs, so a coarser, stricter calibration
+
+
+def _number(x) -> bool:
+  return (isinstance(x, (int, float)) and not isinstance(x, bool)
+          and np.isfinite(x))
+
+
+def _roc_of(result: dict) -> tuple[list, bool] | None:
+  """([(far, tar, threshold)], rows) of a set: its ROC's points with a
+  finite threshold, else its tar_at_far rows; None without either."""
+  curve, rows = result.get('roc_curve'), False
+  parts = [curve.get(k) for k in ('far', 'tar', 'threshold')
+           ] if isinstance(curve, dict) else []
+  if parts and all(isinstance(p, list) for p in parts) and (
+      len(parts[0]) == len(parts[1]) == len(parts[2])):
+    points = list(zip(*parts))
+  else:
+    table = result.get('tar_at_far')
+    points, rows = [(r.get('far'), r.get('tar'), r.get('threshold'))
+                    for r in table if isinstance(r, dict)
+                    ] if isinstance(table, list) else [], True
+  points = [p for p in points if all(map(_number, p)) and 0 <= p[0] <= 1]
+  return (points, rows) if points else None
+
+
+def stored_roc(workdir: str, step: int, *, target: str | None = None,
+               flip: bool | None = None) -> StoredRoc:
+  """The ROC of ``target`` (or of the one set evaluated) in the run's
+  results at ``step``, with the threshold at each point."""
+  record, path = _results(workdir, step, flip)
+  targets = record.get('targets') or {}
+  usable = {n: r for n, r in targets.items() if isinstance(r, dict) and
+            _roc_of(r) is not None}
+  if not usable:
+    raise ValueError(
+        f'{path} holds no ROC with thresholds (nor TAR at FAR rows) to '
+        'calibrate the open-set threshold on; run python -m '
+        f'npcface_jax.evaluate --workdir={workdir} --step={step} again '
+        '(results.json keeps the ROC\'s thresholds now), or pass '
+        '--threshold or --far')
+  target = _pick_set(path, usable, target, 'an ROC')
+  points, rows = _roc_of(usable[target])
+  far, tar, threshold = (np.array(c, np.float64) for c in zip(*points))
+  return StoredRoc(far, tar, threshold, target,
+                   os.path.relpath(path, workdir), bool(record.get('flip')),
+                   rows)
+
+
+def gallery_threshold(roc: StoredRoc, fpir: float,
+                      gallery_size: int) -> Threshold:
+  """The threshold at which about ``fpir`` of the probes of people not
+  enrolled get a name, among ``gallery_size`` templates: the ROC's at pair
+  FAR fpir / N (ranking.open_set_far), so stricter as the gallery
+  grows. Where the ROC does not reach that FAR (too few impostor pairs),
+  its strictest point, with a warning that says what to expect and do."""
+  far = ranking.open_set_far(fpir, gallery_size)
+  got = protocols.threshold_at_far(roc.far, roc.tar, roc.threshold, far)
+  what = 'tar_at_far row' if roc.rows else 'ROC point'
+  source = (f'FPIR {fpir:g} with {gallery_size} enrolled -> pair FAR '
+            f'{far:.3g} (FPIR / {gallery_size}) on {roc.target}: its {what} '
+            f'at FAR {got.far:.3g}, TAR {100 * got.tar:.2f}% ({roc.where})')
+  if roc.rows:
+    source += (' (these results keep no ROC thresholds, only tar_at_far: '
+               'evaluate again for a finer calibration)')
+  warning = None
+  if not got.resolved:
+    expect = min(1.0, gallery_size * got.lowest_far)
+    warning = (
+        f'{roc.target} measures pair FAR down to {got.lowest_far:.3g} only, '
+        f'above the {far:.3g} that FPIR {fpir:g} needs with {gallery_size} '
+        f'enrolled: its strictest {what} is used, which may name up to '
+        f'about {100 * expect:.2g}% of the people not enrolled '
+        f'({gallery_size} x {got.lowest_far:.3g}). Evaluate '
+        f'{"again, " if roc.rows else ""}on a set with more impostor pairs, '
+        'raise --fpir, or pass --threshold')
+  calibration = {'set': roc.target, 'fpir': fpir,
+                 'gallery_size': gallery_size, 'pair_far': far,
+                 'roc_far': got.far, 'roc_tar': got.tar,
+                 'lowest_far': got.lowest_far, 'resolved': got.resolved}
+  return Threshold(got.threshold, source, roc.flip, warning, calibration)
 
 
 # --- Naming what was given ----------------------------------------------------
@@ -215,7 +317,8 @@ def define_flags(threshold: bool) -> None:
                        'rate (e.g. 1e-3) from the results\' tar_at_far.')
     flags.DEFINE_string('target', None, 'The evaluated set to take the '
                         'threshold from (needed when the results hold '
-                        'several); without --far, its 10-fold threshold.')
+                        'several); without --far, its 10-fold threshold '
+                        '(identify: its ROC at the gallery\'s FAR).')
     flags.DEFINE_bool('flip', None, 'Add the mirrored image\'s embedding '
                       '(default: as the results the threshold comes from).')
   else:
