@@ -62,12 +62,16 @@ def _target_name(path: str, taken) -> str:
   return name
 
 
-def _roc(out_dir: str, name: str, scores, labels, title: str) -> str:
+def _roc(result: dict, out_dir: str, name: str, scores, labels,
+         title: str) -> None:
+  """The ROC, computed once: drawn as roc_<name>.png and kept as points
+  (result's 'roc' and 'roc_curve')."""
   from npcface_jax.evaluation import roc_plot  # noqa: PLC0415 (Pillow)
-  far, tar, _ = protocols.roc_curve(scores, labels)
+  curve = protocols.roc_curve(scores, labels)
   roc_plot.save_roc_png(os.path.join(out_dir, f'roc_{name}.png'),
-                        {name: (far, tar)}, title)
-  return f'roc_{name}.png'
+                        {name: curve[:2]}, title)
+  result['roc'] = f'roc_{name}.png'
+  result['roc_curve'] = protocols.thin_roc(*curve)
 
 
 def _earlier_targets(results_path: str) -> dict:
@@ -139,9 +143,8 @@ def _pair_set(run: _Run, name: str, images, issame, log, about) -> dict:
   scores = protocols.pair_similarities(features)
   result = protocols.verification_report(scores, issame)
   result.update(kind='pairs', num_pairs=len(issame), **about)
-  result['roc'] = _roc(run.out_dir, name, scores, issame,
-                       f'{name}: ROC, step {run.model.step}')
-  result['roc_curve'] = protocols.roc_points(scores, issame)
+  _roc(result, run.out_dir, name, scores, issame,
+       f'{name}: ROC, step {run.model.step}')
   run.save_features(name, **{'': features})
   skipped = about.get('skipped_pairs', ())
   log('%s: %.2f%% +- %.2f over %d pairs%s', name, 100 * result['accuracy'],
@@ -171,9 +174,8 @@ def _ijb(run: _Run, root: str, meta, name: str, face_scores: bool,
   result.update(kind='ijb', path=os.path.abspath(root),
                 face_scores=face_scores, skipped_images=[
                     f'{s.name}: {s.reason}' for s in images.skipped])
-  result['roc'] = _roc(run.out_dir, name, scores, labels,
-                       f'{name} 1:1: ROC, step {run.model.step}')
-  result['roc_curve'] = protocols.roc_points(scores, labels)
+  _roc(result, run.out_dir, name, scores, labels,
+       f'{name} 1:1: ROC, step {run.model.step}')
   # One row per readable image; _rows says which image (meta row) each is.
   run.save_features(name, **{'': features, '_rows': np.asarray(images.kept)})
   log('%s: %d template pairs, %d images unreadable', name,

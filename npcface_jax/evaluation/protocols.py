@@ -267,7 +267,12 @@ def roc_points(similarity, issame, max_points: int = 256) -> dict:
   drawn together later and identify can take the threshold at any FAR
   (threshold_at_far). The last vertex of FAR 0 (the highest impostor
   similarity: the strictest bar the pairs can measure) is always kept."""
-  far, tar, thresholds = roc_curve(similarity, issame)
+  return thin_roc(*roc_curve(similarity, issame), max_points)
+
+
+def thin_roc(far, tar, thresholds, max_points: int = 256) -> dict:
+  """roc_points of a curve roc_curve already gave, to use one curve twice
+  (evaluate draws it and keeps its points)."""
   if len(far) > max_points:
     levels = np.geomspace(far[far > 0].min(), 1.0, max_points - 3)
     keep = np.searchsorted(far, np.append(0.0, levels), side='right') - 1
