@@ -24,8 +24,8 @@ if os.path.isdir(os.path.join(_ROOT, 'configs')) and _ROOT not in sys.path:
 
 import jax  # noqa: E402
 
-from npcface_jax import (checkpoint, config_checks, run_log, train,  # noqa: E402
-                         xla_flags)
+from npcface_jax import (checkpoint, config_checks,  # noqa: E402
+                         input_pipeline, run_log, train, xla_flags)
 
 xla_flags.use_in_order_cpu_schedule()  # before JAX starts its backend
 
@@ -118,7 +118,8 @@ def main(argv):
                                        defaults=_default_config())
   except config_checks.ConfigError as e:
     raise app.UsageError(str(e)) from None
-  except (train.NonFiniteLoss, checkpoint.CheckpointWriteError) as e:
+  except (train.NonFiniteLoss, checkpoint.CheckpointWriteError,
+          input_pipeline.DamagedShard) as e:
     sys.exit(f'error: {e}')
   for name, result in outcome.verification.items():
     print(f'{name}: verification accuracy {100 * result["accuracy"]:.2f}% '
