@@ -13,10 +13,10 @@ Three commands (``python -m data_prep --help``):
                   run (framing checksums, images, labels, counts).
 
 train and pairs run every image through the same
-``preprocess.prepare_face``, so training and verification images match. Modules: ``recordio`` (MXNet
-RecordIO without mxnet), ``sources`` (what SRC holds), ``preprocess`` (read,
-decode, detect (--detect), align or resize through
-``npcface_jax.images.read_face``, then JPEG; in parallel), ``shards``
+``preprocess.prepare_face``, so training and verification images match.
+Modules: ``recordio`` (MXNet RecordIO without mxnet), ``sources`` (what SRC
+holds), ``preprocess`` (read, decode, detect (--detect), align or resize
+through ``npcface_jax.images.read_face``, then JPEG; in parallel), ``shards``
 (TFRecords and tfds metadata), ``train_set``, ``pairs`` and ``check`` (the
 three commands). data_prep is the command line on top of npcface_jax: it
 imports ``npcface_jax.images``, ``.detection``, ``.alignment``,

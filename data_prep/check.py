@@ -22,6 +22,7 @@ from data_prep import DataPrepError
 from npcface_jax import images, tfrecords
 
 _JPEG = b'\xff\xd8\xff'
+_SOS, _EOI = b'\xff\xda', b'\xff\xd9'  # start of scan, end of image
 _SHOWN = 20  # problems printed per shard
 
 
@@ -85,6 +86,9 @@ def example_problem(record: bytes, num_classes: int,
   image = values[0]
   if not image.startswith(_JPEG):
     return 'the image is not a JPEG (the input pipeline decodes JPEG only)'
+  if _EOI not in image[image.rfind(_SOS) + 2:]:
+    # Pillow makes do without it; TensorFlow's decoder, training's, stops.
+    return 'the JPEG is cut short (no end-of-image marker after its scan)'
   try:
     size = images.decode(image).size
   except images.BadImage as e:

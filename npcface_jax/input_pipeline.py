@@ -504,6 +504,18 @@ class _Damage:
           f'{self.records[0]["offset"]}); {_recovery(self.info.data_dir)}')
 
 
+def _undecodable(info: DatasetInfo, message: str) -> str:
+  """A record whose checksums hold but whose contents do not decode: it was
+  written so (not damaged on the way), so it is not skipped silently."""
+  return (f'a record in {info.data_dir!r} is no Example of a '
+          f'{info.image_size}x{info.image_size} JPEG and a label in [0, '
+          f'{info.num_classes}) although its checksums hold '
+          f'(TensorFlow: {" ".join(message.split())[:300]}): '
+          f'`python -m data_prep check {info.data_dir}` names it (shard, byte '
+          'offset); re-run `python -m data_prep train` to write the shard '
+          'again')
+
+
 def _shard_reader(tf, intact: Mapping[str, tuple[np.ndarray, np.ndarray]]):
   """The interleave's reader of one shard: TensorFlow's, or for a shard
   with known damage, its intact records read by offset (their checksums
@@ -592,7 +604,8 @@ class TrainIterator(Stream):
   def _open(self):
     """The pipeline from the current position, past the damage known."""
     return self._dataset(start=(self._epoch, self._index),
-                         intact=self._damage.intact).as_numpy_iterator()
+                         intact=self._damage.intact,
+                         fill=bool(self._damage.records)).as_numpy_iterator()
 
   @property
   def damaged(self) -> list[dict[str, Any]]:
@@ -635,6 +648,11 @@ class TrainIterator(Stream):
         self._it = None  # the old pipeline's threads and files go first
         self._damage.met(e.message)
         self._it = self._open()
+      except _tf().errors.InvalidArgumentError as e:
+        raise DamagedShard(_undecodable(self.info, e.message)) from None
+      except UnicodeDecodeError:  # TensorFlow's message quotes the record
+        raise DamagedShard(_undecodable(
+            self.info, 'an error whose message is not UTF-8')) from None
     self._index += self.batch_size
     if self._index == self.epoch_length:
       self._epoch, self._index = self._epoch + 1, 0
@@ -704,13 +722,14 @@ def _normalize(tf, image, dtype):
 
 def _train_dataset(info, *, seed, start, batch_size, epoch_length, flip, dtype,
                    shuffle_buffer, process_index, process_count, num_threads,
-                   prefetch, intact):
+                   prefetch, intact, fill):
   """Epoch e of this process: its files in an order drawn from (seed, e),
   records (or every P-th record) shuffled with a seed from (seed, e,
   process), cut to the equal epoch length (filled up from its start where
   damaged records left it short), numbered; the first epoch skips the
   already consumed serialized records before any decoding. ``intact``:
-  the shards read past their damage (_Damage)."""
+  the shards read past their damage (_Damage); ``fill`` once records are
+  known lost (repeating costs a few % while nothing is)."""
   tf = _tf()
   files, record_split = share_files(info, process_index, process_count)
   files = tf.constant(files)
@@ -736,13 +755,16 @@ def _train_dataset(info, *, seed, start, batch_size, epoch_length, flip, dtype,
         dtype=tf.int64)
     ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed,
                     reshuffle_each_iteration=False)
-    ds = ds.repeat().take(epoch_length).enumerate()
+    ds = (ds.repeat() if fill else ds).take(epoch_length).enumerate()
     ds = ds.skip(tf.where(epoch == start_epoch,
                           tf.constant(start_index, tf.int64), 0))
     return ds.map(lambda i, r: (epoch, i, r))
 
   def example(epoch, index, record):
     image, label = _decode(tf, record, info.image_size)
+    # A label out of range stops here (a gather's index error; stateless,
+    # unlike an assert, so that tf.data keeps optimising the map).
+    label = tf.gather(tf.range(info.num_classes, dtype=label.dtype), label)
     if flip:
       image = tf.image.stateless_random_flip_left_right(
           image, seed=fold(fold(key_flip, epoch), index))
