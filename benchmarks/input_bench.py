@@ -2,7 +2,7 @@
 tf.data thread count.
 
     python benchmarks/input_bench.py [--images 2000] [--threads 1 2]
-                                     [--batches 60] [--orl]
+                                     [--batches 60] [--orl] [--damage]
 
 Writes a temporary data_prep-shaped dataset of 112x112 JPEGs (synthetic
 faces, or with --orl the ORL faces from ../shared/data, repeated), then
@@ -10,7 +10,10 @@ reads it with npcface_jax.data.input_pipeline.train_stream, batch 64, float32,
 with tf.data's private thread pool set to each thread count. It times
 numpy batches (next_local), so the figure is the host pipeline alone, not
 the transfer to devices. 'cpu' is process CPU time, steadier than wall
-time on a shared machine.
+time on a shared machine. --damage overwrites 64 bytes in the middle of
+one of the 8 shards first: the stream then traces, skips and names the
+damaged record, and reads that shard by its intact records' offsets (the
+first batches, where the damage is met, are in the warm-up).
 """
 
 from __future__ import annotations
@@ -78,6 +81,15 @@ def write_dataset(out: str, images, labels, num_classes: int, shards: int):
           name='train', shard_lengths=np.diff(bounds).tolist(), num_bytes=0)])
 
 
+def damage(data_dir: str) -> None:
+  """64 zero bytes in the middle of the first shard."""
+  path = os.path.join(data_dir, sorted(
+      f for f in os.listdir(data_dir) if '.tfrecord-' in f)[0])
+  with open(path, 'r+b') as f:
+    f.seek(os.path.getsize(path) // 2)
+    f.write(bytes(64))
+
+
 def measure(data_dir: str, threads: int, batches: int, batch: int):
   """(images/s wall, CPU ms per 1000 images) after a 5-batch warm-up."""
   mesh = jax.make_mesh((1, 1), ('data', 'model'),
@@ -101,12 +113,15 @@ def main():
   parser.add_argument('--batches', type=int, default=60)
   parser.add_argument('--batch', type=int, default=64)
   parser.add_argument('--orl', action='store_true')
+  parser.add_argument('--damage', action='store_true')
   args = parser.parse_args()
   num_classes = 40
   images, labels = face_images(args.images, args.orl, num_classes)
   with tempfile.TemporaryDirectory() as out:
     t0 = time.perf_counter()
     write_dataset(out, images, labels, num_classes, shards=8)
+    if args.damage:
+      damage(out)
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     print(f'{args.images} {"ORL" if args.orl else "synthetic"} JPEGs, '
           f'{size / args.images / 1024:.1f} KiB each, written in '

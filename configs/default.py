@@ -53,6 +53,11 @@ def get_config() -> ml_collections.ConfigDict:
       heldout_identities=0, heldout_samples=4, heldout_pairs=600))
   c.flip = True  # random horizontal flip
   c.shuffle_buffer = 16_384
+  # A damaged record in the shards (a flaky disk, an interrupted copy) is
+  # skipped, named (shard, byte offset) in a warning and counted in
+  # run.json's damaged_records; True stops the run at it instead, naming it
+  # and the fix (`python -m data_prep check DIR`; re-copy or re-prepare).
+  c.strict_records = False
 
   # Backbone (npcface_jax.models): compute dtype 'float32' or 'bfloat16'; the
   # classifier and the loss always run in float32.

@@ -1,6 +1,6 @@
 """Face datasets into the trainer's formats, from the formats users have.
 
-Two commands (``python -m data_prep --help``):
+Three commands (``python -m data_prep --help``):
 
   train SRC OUT   an image folder, a ``path label`` list or an insightface /
                   im2rec ``.rec`` into TFRecord shards with tfds metadata,
@@ -9,17 +9,21 @@ Two commands (``python -m data_prep --help``):
   pairs PAIRS IMAGES OUT.bin
                   an LFW-style pairs file into an insightface verification
                   ``.bin`` (read back with
-                  ``npcface_jax.evaluation.bin_format``).
+                  ``npcface_jax.evaluation.bin_format``);
+  check OUT       every record of a ``train`` output verified before a long
+                  run (framing checksums, images, labels, counts).
 
-Both run every image through the same ``preprocess.prepare_face``, so
-training and verification images match. Modules: ``recordio`` (MXNet
-RecordIO without mxnet), ``sources`` (what SRC holds), ``preprocess`` (read,
-decode, detect (--detect), align or resize through
-``npcface_jax.faces.images.read_face``, then JPEG; in parallel), ``shards``
-(TFRecords and tfds metadata), ``train_set`` and ``pairs`` (the two
-commands). data_prep is the command line on top of npcface_jax: it imports
-``npcface_jax.faces.images``, ``.detection``, ``.alignment``, ``.jsonfile``,
-``.textfile`` and ``.verification_bin``; nothing in npcface_jax imports
+train and pairs run every image through the same
+``preprocess.prepare_face``, so training and verification images match.
+Modules: ``recordio`` (MXNet RecordIO without mxnet), ``sources`` (what SRC
+holds), ``preprocess`` (read, decode, detect (--detect), align or resize
+through ``npcface_jax.faces.images.read_face``, then JPEG; in parallel),
+``shards`` (TFRecords and tfds metadata), ``train_set``, ``pairs`` and
+``check`` (the three commands). data_prep is the command line on top of
+npcface_jax: it imports ``npcface_jax.faces`` (images, detection,
+alignment), ``npcface_jax.common`` (jsonfile, textfile),
+``npcface_jax.evaluation.bin_format`` and ``npcface_jax.data`` (tfrecords,
+and input_pipeline's metadata for check); nothing in npcface_jax imports
 data_prep.
 """
 

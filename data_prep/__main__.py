@@ -1,5 +1,6 @@
-"""Command line: ``python -m data_prep {train,pairs} ...``; parses the flags
-and calls ``train_set.convert`` or ``pairs.convert``."""
+"""Command line: ``python -m data_prep {train,pairs,check} ...``; parses the
+flags and calls ``train_set.convert``, ``pairs.convert`` or
+``check.check``."""
 
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ PAIRS is an LFW pairs.txt ("name i j" same, "name1 i name2 j" different;
 images at IMAGES/name/name_%04d.jpg; an optional header line) or a list of
 "path1 path2 same" lines (paths relative to IMAGES, same 1 or 0). OUT.bin is
 an insightface verification .bin: pickle of (JPEG bytes, issame list)."""
+
+_CHECK = """\
+OUT is a `data_prep train` output. Every record of every shard is read:
+its TFRecord framing (the masked CRC32C of each length and each record),
+its image (a JPEG that decodes to the metadata's size) and its label (in
+[0, num_classes)), and each shard's count against the metadata. Prints a
+line per shard, each problem with its byte offset and record index, and a
+verdict; exit status 0 when all is intact, 1 when problems were found."""
 
 
 def _add_preprocessing(p: argparse.ArgumentParser) -> None:
@@ -70,7 +79,8 @@ def parser() -> argparse.ArgumentParser:
       prog='python -m data_prep',
       description='Face datasets into npcface_jax training shards and '
                   'verification .bin files.')
-  commands = p.add_subparsers(dest='command', metavar='{train,pairs}')
+  commands = p.add_subparsers(dest='command',
+                               metavar='{train,pairs,check}')
   train = commands.add_parser(
       'train', help='images -> TFRecord shards with tfds metadata',
       description=_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -94,7 +104,23 @@ def parser() -> argparse.ArgumentParser:
   pairs.add_argument('images', metavar='IMAGES')
   pairs.add_argument('out', metavar='OUT.bin')
   _add_preprocessing(pairs)
+  check = commands.add_parser(
+      'check', help="verify a training set's shards before a long run",
+      description=_CHECK, formatter_class=argparse.RawDescriptionHelpFormatter)
+  check.add_argument('out', metavar='OUT')
+  check.add_argument('--workers', type=int, default=None, metavar='N',
+                     help='shards checked at once (default: all cores)')
+  check.add_argument('--quiet', action='store_true',
+                     help='print only the shards with problems')
   return p
+
+
+def _check(args) -> int:
+  from data_prep import check  # noqa: PLC0415
+  if args.workers is not None and args.workers < 1:
+    raise DataPrepError(f'--workers must be at least 1, got {args.workers}')
+  report = check.check(args.out, workers=args.workers, quiet=args.quiet)
+  return 1 if report['problems'] else 0
 
 
 def main(argv=None) -> int:
@@ -105,6 +131,12 @@ def main(argv=None) -> int:
   if args.command is None:
     p.print_help(sys.stderr)
     return 2
+  if args.command == 'check':
+    try:
+      return _check(args)
+    except DataPrepError as e:
+      print(f'python -m data_prep check: error: {e}', file=sys.stderr)
+      return 1
   if args.min_face_score is not None and not args.detect:
     p.error('--min-face-score applies to detected faces; add --detect or '
             'drop it')

@@ -128,6 +128,10 @@ def convert(src: str, out: str, *, image_size: int = 112, fit: str = 'resize',
       'image_size': image_size,
       'shards': shard_names,
       'shard_lengths': lengths,
+      # The trainer compares these with the shards at start: TensorFlow
+      # reads a shard cut at a record's end without a word.
+      'shard_bytes': [os.path.getsize(os.path.join(out, name))
+                      for name in shard_names],
       'num_listed': len(listing.entries) + len(listing.skipped),
       'num_skipped': len(skipped),
       'skipped_by_reason': dict(collections.Counter(

@@ -18,6 +18,7 @@ import jax
 from absl import app, flags
 
 from npcface_jax.common import checkpoint, run_log, xla_flags
+from npcface_jax.data import input_pipeline
 from npcface_jax.training import config_checks, loop, run_flags
 
 xla_flags.use_in_order_cpu_schedule()  # before JAX starts its backend
@@ -98,7 +99,8 @@ def main(argv):
                                       defaults=run_flags.default_config())
   except config_checks.ConfigError as e:
     raise app.UsageError(str(e)) from None
-  except (loop.NonFiniteLoss, checkpoint.CheckpointWriteError) as e:
+  except (loop.NonFiniteLoss, checkpoint.CheckpointWriteError,
+          input_pipeline.DamagedShard) as e:
     sys.exit(f'error: {e}')
   for name, result in outcome.verification.items():
     print(f'{name}: verification accuracy {100 * result["accuracy"]:.2f}% '

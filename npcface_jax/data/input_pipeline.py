@@ -7,6 +7,16 @@ shuffle and flips all derive from stateless seeds, so a run resumed from
 would have yielded. Each process reads an equal-length share of the data and
 feeds its slice of the global batch (docs/architecture.md, "Sharding").
 
+A damaged record (TensorFlow's DataLossError: a flaky disk, an interrupted
+copy) is found lazily, at no cost while the shards are intact: the error
+is traced to its shard and byte offset (tfrecords.py), that shard is
+scanned, named in a warning and read from then on by its intact records'
+offsets, and the stream is rebuilt at its position. The stream is thus a
+function of the shards' bytes: a resumed run meets the same damage and
+skips it identically. An epoch that lost examples is filled up by its own
+first ones, so that every process keeps the same number of batches.
+``strict=True`` stops with DamagedShard instead.
+
 TensorFlow is imported only inside the functions that read files, and is
 kept off the GPUs, so that it never takes accelerator memory from JAX and
 the synthetic stream runs without it.
@@ -15,6 +25,8 @@ the synthetic stream runs without it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +36,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from npcface_jax.common import jsonfile
+from npcface_jax.data import tfrecords
 from npcface_jax.faces import images
 
 _PREP_HINT = ('run `python -m data_prep train ...` first and pass its output '
@@ -66,6 +79,10 @@ class DatasetInfo:
   image_size: int
   files: tuple[str, ...]
   shard_lengths: tuple[int, ...]
+  # The shards' sizes as written: in all (tfds's num_bytes; 0: unknown),
+  # and each (data_prep's report.json; None: unknown).
+  num_bytes: int = 0
+  shard_bytes: tuple[int, ...] | None = None
 
 
 _METADATA = ('dataset_info.json', 'features.json')
@@ -92,21 +109,48 @@ def _check_json(data_dir: str, file: str) -> None:
     raise ValueError(f'{e}{_fix(data_dir)}') from None
 
 
-def dataset_info(data_dir: str | os.PathLike) -> DatasetInfo:
+def dataset_info(data_dir: str | os.PathLike,
+                 check_files: bool = True) -> DatasetInfo:
   """Reads the tfds metadata that data_prep writes next to its shards;
   ValueError naming the directory and the file of anything that is not
   the metadata of a data_prep output (corrupt JSON, a missing image or
-  label feature, class counts or shard lengths the files cannot hold)."""
+  label feature, class counts or shard lengths the files cannot hold).
+  ``check_files=False`` leaves the shards unchecked (data_prep check looks
+  at each one)."""
   data_dir = os.fspath(data_dir)
   _check_metadata_files(data_dir)
   info = _tfds_info(data_dir)
   image, label = _image_and_label(data_dir, info.features)
   image_size = _image_size(data_dir, image)
-  files, lengths, num_examples = _train_shards(data_dir, info)
+  files, lengths, num_examples = _train_shards(data_dir, info, check_files)
   return DatasetInfo(data_dir=data_dir,
                      num_classes=_num_classes(data_dir, label, num_examples),
                      num_examples=num_examples, image_size=image_size,
-                     files=files, shard_lengths=lengths)
+                     files=files, shard_lengths=lengths,
+                     num_bytes=_num_bytes(info),
+                     shard_bytes=_shard_bytes(data_dir, files))
+
+
+def _num_bytes(info) -> int:
+  try:
+    return max(0, int(info.splits['train'].num_bytes))
+  except Exception:  # noqa: BLE001 (tfds's proto, any version)
+    return 0
+
+
+def _shard_bytes(data_dir: str, files) -> tuple[int, ...] | None:
+  """Each shard's size as data_prep wrote it (report.json), where the
+  report is there, readable and about these shards."""
+  try:
+    report = jsonfile.read_object(os.path.join(data_dir, 'report.json'))
+  except (OSError, ValueError):
+    return None
+  sizes, names = report.get('shard_bytes'), report.get('shards')
+  if (isinstance(sizes, list) and all(type(n) is int for n in sizes)
+      and names == [os.path.basename(f) for f in files]
+      and len(sizes) == len(files)):
+    return tuple(sizes)
+  return None
 
 
 def _tfds():
@@ -168,7 +212,7 @@ def _image_size(data_dir: str, image) -> int:
   return shape[0]
 
 
-def _train_shards(data_dir: str, info):
+def _train_shards(data_dir: str, info, check_files: bool = True):
   """(files, lengths, examples) of the 'train' split, checked against the
   directory: every file in it, present, and large enough for its length."""
   if 'train' not in info.splits:
@@ -191,6 +235,13 @@ def _train_shards(data_dir: str, info):
                    f'shard lengths {lengths[:10]} do not fit {len(files)} '
                    f'shard files in the directory holding {num_examples} '
                    'examples')
+  if check_files:
+    _check_shard_files(data_dir, files, lengths)
+  return files, lengths, num_examples
+
+
+def _check_shard_files(data_dir: str, files, lengths) -> None:
+  """Every shard present and large enough for its length."""
   absent = [f for f in files if not os.path.exists(f)]
   if absent:
     raise FileNotFoundError(
@@ -199,10 +250,13 @@ def _train_shards(data_dir: str, info):
         f'{absent[0]!r}: {_PREP_HINT}')
   for f, n in zip(files, lengths):
     if n * _RECORD_BYTES > os.path.getsize(f):
-      raise _damaged(data_dir, 'dataset_info.json',
-                     f'{os.path.basename(f)} cannot hold {n} examples '
-                     f'({os.path.getsize(f)} bytes)')
-  return files, lengths, num_examples
+      raise ValueError(
+          f'{os.path.join(data_dir, "dataset_info.json")}: '
+          f'{os.path.basename(f)} cannot hold {n} examples '
+          f'({os.path.getsize(f)} bytes): the shard is cut short (re-copy '
+          f'it; `python -m data_prep check {data_dir}` checks every shard), '
+          f'or the metadata of the data_prep output {data_dir!r} is damaged '
+          '(re-run `python -m data_prep train` to write it again)')
 
 
 def _num_classes(data_dir: str, label, num_examples: int) -> int:
@@ -302,6 +356,204 @@ def _key(*words: int) -> list[int]:
   return [int(w) for w in np.random.SeedSequence(words).generate_state(2)]
 
 
+# --- Damaged records ---------------------------------------------------------
+
+class DamagedShard(RuntimeError):
+  """A damaged record where the run asked for strictness
+  (config.strict_records), or damage that leaves a process no record;
+  the message names the shard, the byte offset and the fix."""
+
+
+def _recovery(data_dir: str) -> str:
+  return (f'`python -m data_prep check {data_dir}` lists every damaged '
+          'record; re-copy the shard from its source, or re-run `python -m '
+          'data_prep train` to write it again')
+
+
+def share_files(info: DatasetInfo, process_index: int,
+                process_count: int) -> tuple[list[str], bool]:
+  """(the shards this process reads, whether it keeps only every P-th of
+  their records: fewer files than processes)."""
+  shares = split_files(info.shard_lengths, process_count)
+  if shares is None:
+    return list(info.files), True
+  return [info.files[i] for i in shares[process_index]], False
+
+
+class _Damage:
+  """The damaged records a stream has met: the shards it reads by their
+  intact records' offsets (``intact``), and each damaged span, named
+  (``records``, what the log and run.json report)."""
+
+  def __init__(self, info: DatasetInfo, process_index: int,
+               process_count: int, strict: bool):
+    self.info, self.strict = info, strict
+    self.process_index, self.process_count = process_index, process_count
+    self.files, self.record_split = share_files(info, process_index,
+                                                process_count)
+    self.intact: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    self.records: list[dict[str, Any]] = []
+
+  def met(self, message: str) -> None:
+    """TensorFlow's DataLossError ``message`` traced to its shards, which
+    are scanned; each damaged span is named in a warning and their intact
+    records read from then on. DamagedShard when strict, when no shard
+    shows damage, or when this process has no record left."""
+    unread = [f for f in self.files if f not in self.intact]
+    hits = tfrecords.shards_at(message, unread)
+    if not hits:
+      logging.warning('input: TensorFlow reports a damaged record (%s) '
+                      'without naming its shard: checking the %d shards '
+                      'this process reads', message.strip()[:200],
+                      len(unread))
+      hits = unread
+    found = [scan for scan in map(self._scan, hits) if scan.damage]
+    if not found:
+      raise DamagedShard(
+          f'TensorFlow reports a damaged record in {self.info.data_dir!r} '
+          f'({message.strip()[:200]}), but no shard shows one when read '
+          f'again (did a shard change while training?); '
+          f'{_recovery(self.info.data_dir)}')
+    self._take(found)
+
+  def check_sizes(self) -> None:
+    """At the start: a shard whose size is not the one data_prep wrote is
+    scanned now, for TensorFlow reads a shard cut at a record's end (or in
+    a header) without a word. Without each shard's size, only the total
+    is compared (a warning: which shard is unknown)."""
+    info, sizes = self.info, {f: os.path.getsize(f) for f in self.files}
+    if info.shard_bytes is not None:
+      recorded = dict(zip(info.files, info.shard_bytes))
+      changed = [f for f in self.files if sizes[f] != recorded[f]]
+      found = [s for s in map(self._scan, changed) if self._lost(s)]
+      if found:
+        self._take(found)
+      return
+    total = sum(map(os.path.getsize, info.files))
+    if info.num_bytes and total != info.num_bytes:
+      message = (f'{info.data_dir}: the shards hold {total} bytes where its '
+                 f'dataset_info.json says {info.num_bytes}: a shard was cut '
+                 'short or changed (TensorFlow skips the records missing at '
+                 f"a shard's end without a word); "
+                 f'{_recovery(info.data_dir)}')
+      if self.strict:
+        raise DamagedShard(message)
+      logging.warning('input: %s', message)
+
+  def _scan(self, path: str) -> tfrecords.Scan:
+    try:
+      return tfrecords.scan(path)
+    except OSError as e:
+      raise DamagedShard(f'{path}: cannot be read ({e}); '
+                         f'{_recovery(self.info.data_dir)}') from None
+
+  def _lost(self, scan: tfrecords.Scan) -> list[dict[str, Any]]:
+    """Each damaged span of a scanned shard (and records missing from its
+    end), as records for the log and run.json."""
+    expected = self.info.shard_lengths[self.info.files.index(scan.path)]
+    lost = tfrecords.examples_lost(scan.damage, len(scan.offsets), expected)
+    out = [{'shard': os.path.basename(scan.path), 'offset': d.offset,
+            'bytes': d.end - d.offset, 'examples': k,
+            'what': d.describe(scan.size)} for d, k in zip(scan.damage, lost)]
+    short = expected - len(scan.offsets) - sum(lost)
+    if short > 0:
+      out.append({'shard': os.path.basename(scan.path), 'offset': scan.size,
+                  'bytes': 0, 'examples': short,
+                  'what': f'the shard ends {short} record(s) short of the '
+                          f'{expected} its metadata lists (cut at the end '
+                          'of a record, or records deleted whole)'})
+    return out
+
+  def _take(self, found: list[tfrecords.Scan]) -> None:
+    """Names the damage found (a warning each), then stops (strict) or
+    reads those shards by their intact records from now on."""
+    new = [record for scan in found for record in self._lost(scan)]
+    self.records += new
+    if self.strict:
+      path = os.path.join(self.info.data_dir, new[0]['shard'])
+      more = f' (and {len(new) - 1} more)' if len(new) > 1 else ''
+      raise DamagedShard(
+          f'{path}: damaged record at byte {new[0]["offset"]}: '
+          f'{new[0]["what"]}{more}. config.strict_records=True stops the '
+          f'run here: {_recovery(self.info.data_dir)}; or set '
+          'config.strict_records=False to skip damaged records (each is '
+          'named in the log and counted in run.json)')
+    for record in new:
+      logging.warning(
+          'input: %s: damaged record at byte %d: %s. Skipped: %d '
+          'example(s) fewer in every epoch. %s (config.strict_records=True '
+          'stops the run instead)',
+          os.path.join(self.info.data_dir, record['shard']),
+          record['offset'], record['what'], record['examples'],
+          _recovery(self.info.data_dir))
+    for scan in found:
+      if scan.damage:
+        self.intact[scan.path] = (scan.offsets, scan.lengths)
+    self._check_left()
+
+  def _check_left(self) -> None:
+    """Refuses damage that leaves this process no record to read."""
+    left = sum(len(self.intact[f][0]) if f in self.intact else
+               self.info.shard_lengths[self.info.files.index(f)]
+               for f in self.files)
+    if self.record_split:
+      left = len(range(self.process_index, left, self.process_count))
+    if left < 1:
+      raise DamagedShard(
+          f'every record that process {self.process_index} reads in '
+          f'{self.info.data_dir!r} is damaged ({len(self.records)} damaged '
+          f'span(s), e.g. {self.records[0]["shard"]} at byte '
+          f'{self.records[0]["offset"]}); {_recovery(self.info.data_dir)}')
+
+
+def _undecodable(info: DatasetInfo, message: str) -> str:
+  """A record whose checksums hold but whose contents do not decode: it was
+  written so (not damaged on the way), so it is not skipped silently."""
+  return (f'a record in {info.data_dir!r} is no Example of a '
+          f'{info.image_size}x{info.image_size} JPEG and a label in [0, '
+          f'{info.num_classes}) although its checksums hold '
+          f'(TensorFlow: {" ".join(message.split())[:300]}): '
+          f'`python -m data_prep check {info.data_dir}` names it (shard, byte '
+          'offset); re-run `python -m data_prep train` to write the shard '
+          'again')
+
+
+def _shard_reader(tf, intact: Mapping[str, tuple[np.ndarray, np.ndarray]]):
+  """The interleave's reader of one shard: TensorFlow's, or for a shard
+  with known damage, its intact records read by offset (their checksums
+  were checked when the shard was scanned)."""
+  if not intact:
+    return tf.data.TFRecordDataset
+  table = dict(intact)  # this pipeline's; damage met later builds another
+  names = tf.constant(sorted(table))
+
+  def intact_records(path):
+    path = os.fsdecode(path)
+    offsets, lengths = table.get(path, ((), ()))
+    with open(path, 'rb') as f:
+      for offset, n in zip(np.asarray(offsets).tolist(),
+                           np.asarray(lengths).tolist()):
+        f.seek(offset + tfrecords.HEADER)
+        data = f.read(n)
+        if len(data) < n:
+          logging.warning('input: %s is shorter than when it was scanned; '
+                          'its records from byte %d are skipped', path,
+                          offset)
+          return
+        yield data
+
+  def records(path):
+    known = tf.reduce_any(tf.equal(names, path))
+    plain = tf.data.TFRecordDataset(path).take(
+        tf.where(known, tf.constant(0, tf.int64), -1))
+    scanned = tf.data.Dataset.from_generator(
+        intact_records, args=(path,),
+        output_signature=tf.TensorSpec([], tf.string))
+    return plain.concatenate(scanned.take(
+        tf.where(known, tf.constant(-1, tf.int64), 0)))
+  return records
+
+
 # --- The training stream from TFRecords --------------------------------------
 
 class Stream:
@@ -327,12 +579,13 @@ class Stream:
 class TrainIterator(Stream):
   """Endless shuffled, augmented batches of one process's share, in epochs
   of ``steps_per_epoch`` batches; ``state()`` is {'epoch', 'index'}, where
-  index counts this process's examples consumed in that epoch."""
+  index counts this process's examples consumed in that epoch. ``damaged``
+  lists the damaged records met so far (module docstring)."""
 
   def __init__(self, info: DatasetInfo, mesh: Mesh, global_batch_size: int, *,
                seed: int, start, flip: bool, dtype, shuffle_buffer: int,
                process_index: int, process_count: int, num_threads: int | None,
-               prefetch: int):
+               prefetch: int, strict: bool = False):
     super().__init__(mesh, process_count)
     self.info = info
     self.batch_size = local_batch_size(global_batch_size, mesh, process_count)
@@ -340,14 +593,27 @@ class TrainIterator(Stream):
                                            process_count)
     self.epoch_length = self.steps_per_epoch * self.batch_size
     self._epoch, self._index = self._parse_start(start)
-    ds = _train_dataset(info, seed=seed, start=(self._epoch, self._index),
-                        batch_size=self.batch_size,
-                        epoch_length=self.epoch_length, flip=flip, dtype=dtype,
-                        shuffle_buffer=shuffle_buffer,
-                        process_index=process_index,
-                        process_count=process_count, num_threads=num_threads,
-                        prefetch=prefetch)
-    self._it = ds.as_numpy_iterator()
+    self._damage = _Damage(info, process_index, process_count, strict)
+    self._damage.check_sizes()
+    self._dataset = functools.partial(
+        _train_dataset, info, seed=seed, batch_size=self.batch_size,
+        epoch_length=self.epoch_length, flip=flip, dtype=dtype,
+        shuffle_buffer=shuffle_buffer, process_index=process_index,
+        process_count=process_count, num_threads=num_threads,
+        prefetch=prefetch)
+    self._it = self._open()
+
+  def _open(self):
+    """The pipeline from the current position, past the damage known."""
+    return self._dataset(start=(self._epoch, self._index),
+                         intact=self._damage.intact,
+                         fill=bool(self._damage.records)).as_numpy_iterator()
+
+  @property
+  def damaged(self) -> list[dict[str, Any]]:
+    """Each damaged span met so far: {'shard', 'offset', 'bytes',
+    'examples' (lost from every epoch), 'what'}."""
+    return list(self._damage.records)
 
   def _parse_start(self, start) -> tuple[int, int]:
     if start is None:
@@ -376,7 +642,19 @@ class TrainIterator(Stream):
     return {'epoch': self._epoch, 'index': self._index}
 
   def next_local(self) -> dict[str, np.ndarray]:
-    batch = next(self._it)
+    while True:
+      try:
+        batch = next(self._it)
+        break
+      except _tf().errors.DataLossError as e:
+        self._it = None  # the old pipeline's threads and files go first
+        self._damage.met(e.message)
+        self._it = self._open()
+      except _tf().errors.InvalidArgumentError as e:
+        raise DamagedShard(_undecodable(self.info, e.message)) from None
+      except UnicodeDecodeError:  # TensorFlow's message quotes the record
+        raise DamagedShard(_undecodable(
+            self.info, 'an error whose message is not UTF-8')) from None
     self._index += self.batch_size
     if self._index == self.epoch_length:
       self._epoch, self._index = self._epoch + 1, 0
@@ -391,13 +669,15 @@ def train_stream(data_dir: str | os.PathLike, global_batch_size: int,
                  process_index: int | None = None,
                  process_count: int | None = None,
                  num_threads: int | None = None,
-                 prefetch: int = 2) -> TrainIterator:
+                 prefetch: int = 2, strict: bool = False) -> TrainIterator:
   """Training batches {'image': (B, S, S, 3) dtype, 'label': (B,) int32} from
   data_prep's shards, sharded on the mesh's 'data' axis.
 
   ``start`` is a previous ``state()`` (or a global step count); the stream
   then continues exactly where that run stood. ``num_threads`` bounds
-  tf.data's private thread pool (None: TensorFlow's shared pool).
+  tf.data's private thread pool (None: TensorFlow's shared pool). A
+  damaged record is skipped and named (``damaged``), or with ``strict``
+  raises DamagedShard.
   """
   index, count = processes(process_index, process_count)
   return TrainIterator(dataset_info(data_dir), mesh, global_batch_size,
@@ -405,7 +685,7 @@ def train_stream(data_dir: str | os.PathLike, global_batch_size: int,
                        dtype=dtype_name(dtype),
                        shuffle_buffer=shuffle_buffer, process_index=index,
                        process_count=count, num_threads=num_threads,
-                       prefetch=prefetch)
+                       prefetch=prefetch, strict=strict)
 
 
 def _options(tf, num_threads):
@@ -444,16 +724,18 @@ def _normalize(tf, image, dtype):
 
 def _train_dataset(info, *, seed, start, batch_size, epoch_length, flip, dtype,
                    shuffle_buffer, process_index, process_count, num_threads,
-                   prefetch):
+                   prefetch, intact, fill):
   """Epoch e of this process: its files in an order drawn from (seed, e),
   records (or every P-th record) shuffled with a seed from (seed, e,
-  process), cut to the equal epoch length, numbered; the first epoch skips
-  the already consumed serialized records before any decoding."""
+  process), cut to the equal epoch length (filled up from its start where
+  damaged records left it short), numbered; the first epoch skips the
+  already consumed serialized records before any decoding. ``intact``:
+  the shards read past their damage (_Damage); ``fill`` once records are
+  known lost (repeating costs a few % while nothing is)."""
   tf = _tf()
-  shares = split_files(info.shard_lengths, process_count)
-  files = info.files if shares is None else [
-      info.files[i] for i in shares[process_index]]
-  files = tf.constant(list(files))
+  files, record_split = share_files(info, process_index, process_count)
+  files = tf.constant(files)
+  read = _shard_reader(tf, intact)
   cycle = min(int(files.shape[0]), 16)
   key_files = tf.constant(_key(seed, _FILES), tf.int64)
   key_shuffle = tf.constant(_key(seed, _SHUFFLE, process_index), tf.int64)
@@ -466,22 +748,25 @@ def _train_dataset(info, *, seed, start, batch_size, epoch_length, flip, dtype,
     order = tf.random.experimental.stateless_shuffle(
         files, seed=fold(key_files, epoch))
     ds = tf.data.Dataset.from_tensor_slices(order).interleave(
-        tf.data.TFRecordDataset, cycle_length=cycle, block_length=1,
+        read, cycle_length=cycle, block_length=1,
         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    if shares is None:
+    if record_split:
       ds = ds.shard(process_count, process_index)
     shuffle_seed = tf.random.stateless_uniform(
         [], seed=fold(key_shuffle, epoch), minval=1, maxval=2**62,
         dtype=tf.int64)
     ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed,
                     reshuffle_each_iteration=False)
-    ds = ds.take(epoch_length).enumerate()
+    ds = (ds.repeat() if fill else ds).take(epoch_length).enumerate()
     ds = ds.skip(tf.where(epoch == start_epoch,
                           tf.constant(start_index, tf.int64), 0))
     return ds.map(lambda i, r: (epoch, i, r))
 
   def example(epoch, index, record):
     image, label = _decode(tf, record, info.image_size)
+    # A label out of range stops here (a gather's index error; stateless,
+    # unlike an assert, so that tf.data keeps optimising the map).
+    label = tf.gather(tf.range(info.num_classes, dtype=label.dtype), label)
     if flip:
       image = tf.image.stateless_random_flip_left_right(
           image, seed=fold(fold(key_flip, epoch), index))

@@ -1,7 +1,8 @@
 """A run's directory: what training writes there for the commands that
-come after it (run.json: the config and the data's sizes), read back with
-every fault named, and the trained backbone restored from its checkpoints
-without the classifier or the optimizer state."""
+come after it (run.json: the config, the data's sizes and the damaged
+records skipped), read back with every fault named, and the trained
+backbone restored from its checkpoints without the classifier or the
+optimizer state."""
 
 from __future__ import annotations
 
@@ -14,17 +15,59 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from npcface_jax.common import checkpoint, jsonfile
 
 RUN_INFO = 'run.json'
+# The damaged records training skipped: {'examples': lost from every epoch,
+# 'records': [{'shard', 'offset', 'bytes', 'examples', 'what'}]}. Runs
+# written before it lack it (damaged_records reads them as none).
+DAMAGED = 'damaged_records'
 
 
 def write_run_info(workdir: str, config, data, head_options: dict) -> None:
   """workdir/run.json: the config and the data's sizes (``data``: a
   training.data_source.Data), so that evaluation rebuilds the model from
   the workdir, and the head's options as trained (``head.options``:
-  NPCFace's preset filled in)."""
+  NPCFace's preset filled in); the damaged records an earlier part of the
+  run noted are kept."""
+  path = os.path.join(workdir, RUN_INFO)
   info = {'config': json.loads(config.to_json_best_effort()),
           'head_options': dict(head_options),
-          'image_size': data.image_size, 'num_classes': data.num_classes}
-  jsonfile.write_object(os.path.join(workdir, RUN_INFO), info)
+          'image_size': data.image_size, 'num_classes': data.num_classes,
+          DAMAGED: _damage_field(_earlier_damage(path))}
+  jsonfile.write_object(path, info)
+
+
+def _earlier_damage(path: str) -> list[dict]:
+  try:
+    return damaged_records(jsonfile.read_object(path))
+  except (OSError, ValueError):  # none yet, or damaged: written anew
+    return []
+
+
+def _damage_field(records: list[dict]) -> dict:
+  records = sorted(records, key=lambda r: (str(r['shard']), r['offset']))
+  return {'examples': sum(int(r.get('examples', 0)) for r in records),
+          'records': records}
+
+
+def damaged_records(info: dict) -> list[dict]:
+  """The damaged records in a run.json's contents (none for a run.json
+  written before the field)."""
+  field = info.get(DAMAGED)
+  records = field.get('records') if isinstance(field, dict) else None
+  if not isinstance(records, list):
+    return []
+  return [r for r in records if isinstance(r, dict) and 'shard' in r
+          and isinstance(r.get('offset'), int)]
+
+
+def record_damage(workdir: str, records: list[dict]) -> None:
+  """Adds the damaged records the input met to workdir/run.json, beside
+  those noted before (a resumed run meets the same ones again)."""
+  path = os.path.join(workdir, RUN_INFO)
+  info = jsonfile.read_object(path)
+  merged = {(str(r['shard']), r['offset']): r
+            for r in damaged_records(info) + list(records)}
+  info[DAMAGED] = _damage_field(list(merged.values()))
+  jsonfile.write_object(path, info)
 
 
 def load_run(workdir: str):

@@ -22,7 +22,8 @@ from npcface_jax.training import hard_samples
 _BOOKKEEPING = frozenset({
     'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
     'eval_every_steps', 'eval_at_start', 'eval_batch_size', 'eval_flip',
-    'verification_targets', 'analysis_every_steps', 'analysis_margin'})
+    'verification_targets', 'analysis_every_steps', 'analysis_margin',
+    'strict_records'})
 _FIRST = ('head', 'model')  # label parts shown as the bare value, first
 
 

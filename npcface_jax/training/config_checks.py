@@ -80,6 +80,10 @@ def _check_data_and_model(config, problems: _Problems) -> None:
        f'choose one of {models.names()}')
   need(config.dtype in _DTYPES, 'dtype', f'choose one of {list(_DTYPES)}')
   need(config.embedding_dim > 0, 'embedding_dim', 'must be positive')
+  strict = _get(config, 'strict_records')  # None: a config from before it
+  need(strict is None or isinstance(strict, bool), 'strict_records',
+       'must be True (a damaged record stops the run) or False (it is '
+       'skipped, named and counted)')
 
 
 def _check_loss(config, problems: _Problems) -> None:

@@ -42,7 +42,8 @@ def open_data(config, mesh: Mesh) -> Data:
     return input_pipeline.train_stream(
         config.dataset, config.batch_size, mesh, seed=config.seed,
         start=start, flip=config.flip, dtype=image_dtype,
-        shuffle_buffer=config.shuffle_buffer)
+        shuffle_buffer=config.shuffle_buffer,
+        strict=bool(config.get('strict_records', False)))
 
   steps = input_pipeline.steps_per_epoch(info, config.batch_size, mesh,
                                          jax.process_count())

@@ -148,6 +148,7 @@ class _Run:
     config_checks.check(config, num_devices=jax.device_count(),
                         process_count=jax.process_count())
     self.config, self.mesh = config, arrays.make_mesh(config.model_parallel)
+    self.workdir, self.damage_noted = workdir, 0
     self.data = data_source.open_data(config, self.mesh)
     self.task = setup.make_task(config, self.mesh, self.data)
     self.num_steps = data_source.total_steps(config, self.data)
@@ -222,6 +223,22 @@ class _Run:
     if self.metrics_file:
       jsonfile.append_line(self.metrics_file, {'step': self.step, **summary})
     logging.info('%s', _log_line(self.step, self.num_steps, summary))
+    self.note_damage()
+
+  def note_damage(self) -> None:
+    """The damaged records the input skipped since the last note (each
+    already named in a warning): summed up in the log and kept in
+    run.json by the first process (of its own share of the data)."""
+    damaged = list(getattr(self.stream, 'damaged', ()))
+    if len(damaged) == self.damage_noted:
+      return
+    self.damage_noted = len(damaged)
+    logging.warning('input: %d damaged record(s) skipped so far, %d '
+                    'example(s) fewer in every epoch (run.json, '
+                    '"%s")', len(damaged),
+                    sum(d['examples'] for d in damaged), run_dir.DAMAGED)
+    if jax.process_index() == 0:
+      run_dir.record_damage(self.workdir, damaged)
 
   def save(self, force: bool = False) -> None:
     if not force or self.checkpoints.latest_step() != self.step:
@@ -229,6 +246,7 @@ class _Run:
                             force=force)
 
   def close(self) -> None:
+    self.note_damage()
     self.checkpoints.close()
     self.writer.flush()
 

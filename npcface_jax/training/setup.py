@@ -1,7 +1,8 @@
-"""The factories of a training run, built from its config: the device mesh,
-the backbone, the head and criterion, the optimizer and its schedule, and
-the train state laid out over the mesh. The step (train_step.py), the loop
-(loop.py) and evaluation (evaluate.py) are built from them.
+"""A training run set up from its config: the backbone, the head and
+criterion, the optimizer and its schedule, and the train state laid out
+over the mesh (common/arrays.make_mesh). The step (train_step.py) and the
+loop (loop.py) are built from them; evaluation and serving are not
+(serving/trained_run.py builds its backbone with models.from_config).
 
 Layout over the mesh ('data', 'model'): the backbone is data parallel over
 every device; the classifier's rows (and a head's per-class parameters,
@@ -113,7 +114,7 @@ def _num_sample(config, mesh: Mesh, head: heads.Head, num_classes: int):
 
 def make_task(config, mesh: Mesh, data) -> Task:
   """The task of ``config`` on ``data`` (its num_classes, image_size and
-  steps_per_epoch: a training_data.Data)."""
+  steps_per_epoch: a data_source.Data)."""
   tx, schedule = create_optimizer(config, data.steps_per_epoch)
   head = create_head(config)
   return Task(
