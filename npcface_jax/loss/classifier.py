@@ -17,6 +17,11 @@ are all taken over the sampled classes, as in insightface's PartialFC,
 whose losses see only the sampled logits. Unsampled rows get a zero
 gradient (the optimizer's momentum and weight decay still move them, as in
 insightface's PartialFC_V2).
+
+What a head needs besides cosines (``head.needs``, as heads.Given) is
+filled in here, the same on every path: each sample's embedding norm from
+the embeddings the loss is given (per sample, so it travels with the batch
+when the batch is split over shards), and the step's ``head_key``.
 """
 
 from __future__ import annotations

@@ -31,7 +31,11 @@ trainer needs, each with a default for heads that need none of it:
   each sample's embedding ``norms`` (B,) and a PRNG ``key`` for the step.
   The classifier fills them in on every path (full, chunked, class-sharded,
   Partial FC: the norm is per sample, so it travels with the batch); they
-  reach ``parts().row`` and ``__call__`` without gradient.
+  reach ``parts().row`` and ``__call__`` without gradient. The key is the
+  same on every shard: where the batch is split over 'data', each shard
+  draws for its own rows from it, so per-sample draws differ from one
+  layout to another (each is a valid draw; a head that needs them equal
+  folds the shard's place in, lax.axis_index).
 
 Adding a head is one class here and its name in ``HEADS``; registry.py
 binds names and options, the trainer names no head. The ``*_logits``
