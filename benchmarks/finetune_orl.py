@@ -45,19 +45,21 @@ ORL = ROOT.parent / 'shared' / 'data' / 'orl_faces'
 SIZE = 48
 
 
-def _env() -> dict:
+def _env(extra: dict | None = None) -> dict:
   """The commands as a user runs them: the optimising compiler (the tests'
-  fast-compile flag dropped) and one CPU device."""
+  fast-compile flag dropped) and one CPU device; ``extra`` on top (another
+  CPU emulated by XLA_FLAGS: benchmarks/recipe_spread.py)."""
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='2', JAX_PLATFORMS='cpu',
              JAX_NUM_CPU_DEVICES='1')
   env.pop('XLA_FLAGS', None)
-  return env
+  return {**env, **(extra or {})}
 
 
-def run(*args: str) -> str:
+def run(*args: str, env: dict | None = None) -> str:
   """A command's stdout; its stderr tail in the error when it fails."""
-  proc = subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=_env(),
-                        capture_output=True, text=True, timeout=1800)
+  proc = subprocess.run([sys.executable, '-m', *args], cwd=ROOT,
+                        env=_env(env), capture_output=True, text=True,
+                        timeout=1800)
   if proc.returncode:
     raise RuntimeError(f'{" ".join(args)} failed:\n{proc.stderr[-4000:]}')
   return proc.stdout
@@ -90,17 +92,18 @@ def write_pairs(path: pathlib.Path, numbers, seed: int = 0) -> None:
 
 
 def train(workdir: str, dataset: str, pairs_bin: str, learning_rate: float,
-          *extra: str) -> dict:
+          *extra: str, env: dict | None = None,
+          config: str = 'configs/demo.py') -> dict:
   """Trains as the README says: 25 epochs of 32, the learning rate divided
   by 10 after epochs 15 and 22, verifying on the pairs before the first
   step and at the end (10 folds, flip TTA: config.eval_flip); returns
   verification.json."""
-  run('npcface_jax.main', '--config=configs/demo.py', f'--workdir={workdir}',
+  run('npcface_jax.main', f'--config={config}', f'--workdir={workdir}',
       f'--config.dataset={dataset}', '--config.num_epochs=25',
       '--config.lr_boundaries=(15,22)',
       f'--config.learning_rate={learning_rate}',
       '--config.batch_size=32', f'--config.verification_targets={pairs_bin}',
-      *extra)
+      *extra, env=env)
   return json.loads(pathlib.Path(workdir, 'eval',
                                  'verification.json').read_text())
 
