@@ -1,5 +1,5 @@
 """The CPU's hand-written backwards (models/layers.py: depthwise_shifted,
-pointwise_matmul, batch_norm_train; chunked_loss.py's fused
+pointwise_matmul, batch_norm_train; chunked.py's fused
 cross-entropy) against autodiff of the native forms, over a whole short
 training run rather than one step: MobileFaceNet at an eighth of its
 widths on 32x32 faces (every layer kind, stride-2 depthwise and the GDC
@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from npcface_jax import factories, training_data, train_step
+from npcface_jax.training import data_source, setup, train_step
 
 STEPS = 40
 RUN = {
@@ -60,12 +60,12 @@ def _config(overrides):
 def _step_fn(overrides):
   """(data, initial state, jitted step) on one device."""
   c = _config(overrides)
-  mesh = factories.make_mesh(1, jax.devices()[:1])
-  data = training_data.open_data(c, mesh)
-  task = factories.make_task(c, mesh, data)
-  state = factories.init_state(task)
+  mesh = setup.make_mesh(1, jax.devices()[:1])
+  data = data_source.open_data(c, mesh)
+  task = setup.make_task(c, mesh, data)
+  state = setup.init_state(task)
   return data, state, train_step.make_train_step(
-      task, factories.state_shardings(task, state))
+      task, setup.state_shardings(task, state))
 
 
 def _variables(state) -> list[np.ndarray]:
