@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 
 from configs import default
+from npcface_jax.common import arrays
 from npcface_jax.training import data_source, setup, train_step
 
 STEPS = 40
@@ -60,7 +61,7 @@ def _config(overrides):
 def _step_fn(overrides):
   """(data, initial state, jitted step) on one device."""
   c = _config(overrides)
-  mesh = setup.make_mesh(1, jax.devices()[:1])
+  mesh = arrays.make_mesh(1, jax.devices()[:1])
   data = data_source.open_data(c, mesh)
   task = setup.make_task(c, mesh, data)
   state = setup.init_state(task)
