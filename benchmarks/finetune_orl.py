@@ -96,9 +96,9 @@ def train(workdir: str, dataset: str, pairs_bin: str, learning_rate: float,
           config: str = 'configs/demo.py') -> dict:
   """Trains as the README says: 25 epochs of 32, the learning rate reached
   over 3 epochs of warm-up and divided by 10 after epochs 15 and 22
-  (tests/test_orl_workflow.py says why the warm-up), verifying on the pairs before the first
-  step and at the end (10 folds, flip TTA: config.eval_flip); returns
-  verification.json."""
+  (tests/test_orl_workflow.py says why the warm-up), verifying on the
+  pairs before the first step and at the end (10 folds, flip TTA:
+  config.eval_flip); returns verification.json."""
   run('npcface_jax.main', f'--config={config}', f'--workdir={workdir}',
       f'--config.dataset={dataset}', '--config.num_epochs=25',
       '--config.lr_boundaries=(15,22)', '--config.warmup_epochs=3',
