@@ -9,6 +9,13 @@ These names are imported on first use (PEP 562), so that importing a
 submodule that needs no JAX (``npcface_jax.faces.images``,
 ``npcface_jax.evaluation.bin_format``, as data_prep and its worker
 processes do) does not import JAX.
+
+The top level holds this API and the commands (``python -m npcface_jax.X``
+for X in main, evaluate, verify, embed, identify, export, report, sweep);
+the libraries live in folders named for their role (docs/architecture.md).
+The module paths of release 0.1.0 (``npcface_jax.heads``,
+``npcface_jax.chunked_loss``, ...) still import, as the same modules, with
+a DeprecationWarning naming the new path, until the next release (MOVED).
 """
 
 import importlib
