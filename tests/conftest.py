@@ -53,7 +53,8 @@ def _size(path: pathlib.Path) -> int:
 
 def _cache_dir(config) -> str:
   """JAX_COMPILATION_CACHE_DIR when set; a fresh folder removed at exit
-  with NPCFACE_TESTS_FRESH_CACHE=1 (a cold run, as a new clone's); else
+  with NPCFACE_TESTS_FRESH_CACHE=1 (a cold run, as a new clone's) or
+  without pytest's cache plugin; else
   .pytest_cache/d/xla_<machine> (``pytest --cache-clear`` empties it),
   so that a rerun compiles only what changed. Its keys hold the program,
   the compiler's flags and JAX's version; an entry left damaged (a
@@ -61,11 +62,13 @@ def _cache_dir(config) -> str:
   compiles."""
   if 'JAX_COMPILATION_CACHE_DIR' in os.environ:
     return os.environ['JAX_COMPILATION_CACHE_DIR']
-  if os.environ.get('NPCFACE_TESTS_FRESH_CACHE') or config.cache is None:
+  fresh = os.environ.get('NPCFACE_TESTS_FRESH_CACHE', '') not in ('', '0')
+  cache = getattr(config, 'cache', None)  # absent with -p no:cacheprovider
+  if fresh or cache is None:
     path = tempfile.mkdtemp(prefix='npcface_jax_tests_cache_')
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
-  path = config.cache.mkdir(f'xla_{_machine_key()}')
+  path = cache.mkdir(f'xla_{_machine_key()}')
   if _size(path) > CACHE_LIMIT_BYTES:
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
