@@ -118,8 +118,14 @@ def test_weights_are_folded_and_shared():
 DEEPER = ('resnet101', 'attention92')
 
 
+# ResNet-18/34/200: ResNet-50's units, more or fewer (parameter counts in
+# test_models check the structure); nothing new to translate.
+SAME_UNITS = ('resnet18', 'resnet34', 'resnet200')
+
+
 @pytest.mark.slow(minutes=1)
-@pytest.mark.parametrize('name', models.names())
+@pytest.mark.parametrize('name', [n for n in models.names()
+                                  if n not in SAME_UNITS])
 def test_every_backbone_exports_to_every_format(name, faces, tmp_path,
                                                 monkeypatch):
   """At width 0.25 (the structure whole, the channels fewer): each format

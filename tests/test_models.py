@@ -60,6 +60,94 @@ def test_parameter_counts(name, count):
   assert _count(variables['params']) == count
 
 
+def _iresnet_count(units, dim=512, shortcut='conv'):
+  """Counted from arcface_torch's iresnet layer list (face.evoLVe's IR
+  with shortcut='subsample': no conv where only the stride changes)."""
+  n, cin = 27 * 64 + 3 * 64, 64  # stem conv, BN, PReLU
+  for out, count in zip((64, 128, 256, 512), units):
+    for i in range(count):
+      n += 2 * cin + 9 * cin * out + 3 * out + 9 * out * out + 2 * out
+      if cin != out or (i == 0 and shortcut == 'conv'):
+        n += cin * out + 2 * out
+      cin = out
+  return n + 2 * 512 + 512 * 49 * dim + dim + 2 * dim
+
+
+def _mbf_count(stem, stem_groups, stages, blocks, dim=512, fc_bias=False):
+  """Counted from arcface_torch's mobilefacenet.py layer list (ConvBlock:
+  conv, BN, PReLU; LinearBlock: conv, BN; DepthWise: 1x1 ConvBlock to the
+  expansion, grouped 3x3 ConvBlock, 1x1 LinearBlock)."""
+  def conv_block(cin, cout, k=1, groups=1, prelu=True):
+    return k * k * cin // groups * cout + (3 if prelu else 2) * cout
+
+  def depthwise(cin, cout, g):
+    return (conv_block(cin, g) + conv_block(g, g, 3, g)
+            + conv_block(g, cout, prelu=False))
+
+  n = conv_block(3, stem, 3)
+  if blocks[0] > 1:
+    n += blocks[0] * depthwise(stem, stem, 128)
+  else:
+    n += conv_block(stem, stem, 3, stem_groups or stem)
+  cin = stem
+  for out, down, g, count in zip(stages, (128, 256, 512), (128, 256, 256),
+                                 blocks[1:]):
+    n += depthwise(cin, out, down) + count * depthwise(out, out, g)
+    cin = out
+  n += conv_block(cin, 512) + conv_block(512, 512, 7, 512, prelu=False)
+  return n + 512 * dim + (dim if fc_bias else 0) + 2 * dim
+
+
+@pytest.mark.parametrize('name,options,count', [
+    ('resnet18', {}, _iresnet_count((2, 2, 2, 2))),
+    ('resnet34', {}, _iresnet_count((3, 4, 6, 3))),
+    ('resnet200', {}, _iresnet_count((6, 26, 60, 6))),
+    ('resnet50', {'shortcut': 'subsample'},
+     _iresnet_count((3, 4, 14, 3), shortcut='subsample')),
+    ('resnet101', {'embedding_dim': 128}, _iresnet_count((3, 13, 30, 3), 128)),
+    ('mobilefacenet', {}, _mbf_count(64, None, (64, 128, 128), (1, 4, 6, 2))),
+    ('mobilefacenet', {'stem': 128, 'stem_groups': 64,
+                       'stages': (128, 256, 256)},
+     _mbf_count(128, 64, (128, 256, 256), (1, 4, 6, 2))),
+    ('mobilefacenet', {'stem': 256, 'stages': (256, 512, 512),
+                       'blocks': (2, 8, 12, 4), 'fc_bias': True,
+                       'embedding_dim': 128},
+     _mbf_count(256, None, (256, 512, 512), (2, 8, 12, 4), 128, True))])
+def test_released_variants_parameter_counts(name, options, count):
+  """The variants released networks need (arcface_torch's depths, mbf and
+  mbf_large, face.evoLVe's subsampled shortcut, 128-d) have the layers
+  their own code lists; the counts agree with the published ones above
+  for resnet50, resnet101 and MobileFaceNet."""
+  assert _iresnet_count((3, 4, 14, 3)) == 43_590_848
+  assert _mbf_count(64, None, (64, 128, 128), (1, 4, 6, 2)) == 1_200_512
+  model = models.create(name, **options)
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 112, 112, 3)), train=False))
+  assert _count(variables['params']) == count
+
+
+def test_variant_options_change_the_computation():
+  """bn_epsilon reaches every BatchNorm and 'subsample' replaces the
+  stride-only shortcuts' convs, on a small IR net whose weights are the
+  same otherwise."""
+  x = jnp.asarray(fresh_rng()[0].normal(size=(2, 112, 112, 3)), jnp.float32)
+  small = dict(units=(1, 1, 1, 1), width=0.125, embedding_dim=16)
+  base = models.resnet.IResNet(**small)
+  variables = random_variables(base, x.shape)
+  out = base.apply(variables, x, train=False)
+  eps = models.resnet.IResNet(**small, bn_epsilon=1e-1)
+  assert not np.allclose(eps.apply(variables, x, train=False), out,
+                         atol=1e-4)
+  sub = models.resnet.IResNet(**small, shortcut='subsample')
+  sub_vars = sub.init(jax.random.key(0), x, train=False)
+  unit = sub_vars['params']['_Unit_0']
+  assert 'Conv_2' not in unit and 'Conv_2' in variables['params']['_Unit_0']
+  assert 'Conv_2' in sub_vars['params']['_Unit_1']  # 8 -> 16 channels
+  with pytest.raises(ValueError, match="shortcut must be 'conv' or "):
+    models.resnet.IResNet(**small, shortcut='max').init(
+        jax.random.key(0), x, train=False)
+
+
 @pytest.mark.slow
 def test_mobilefacenet_parameter_count_without_prelu(mobilefacenet):
   _, variables, _ = mobilefacenet
@@ -175,11 +263,11 @@ _BF16_UNCHECKED_MODE = {'attention56': True, 'attention92': True,
                         'se_resnet50': False}
 
 
-# ResNet-101 and Attention-92 are deeper stacks of ResNet-50's and
+# ResNet-18/34/101/200 and Attention-92 are stacks of ResNet-50's and
 # Attention-56's blocks (their parameter counts check the structure); the
 # compile-heavy tests run on the shallower one of each pair.
-DISTINCT_BACKBONES = [n for n in BACKBONES
-                      if n not in ('resnet101', 'attention92')]
+DISTINCT_BACKBONES = [n for n in BACKBONES if n not in (
+    'resnet18', 'resnet34', 'resnet101', 'resnet200', 'attention92')]
 # Their every layer at a quarter of the channels: compile time is the
 # layer count's, and the arithmetic, 16x less, was half these tests' time.
 WIDTH = 0.25
@@ -419,3 +507,24 @@ def test_upsample_bilinear_aligned_corners(size_in, size_out):
                        + dy * (1 - dz) * x[:, y1, z0] + dy * dz * x[:, y1, z1])
   np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5,
                              err_msg=f'seed {seed}')
+
+
+@pytest.mark.parametrize('groups', [2, 4])
+def test_grouped_conv_is_convs_of_channel_groups(groups):
+  """Conv(groups=g) (arcface_torch's mbf, 2 channels a group) equals g
+  dense convs, each over its slice of the input channels."""
+  rng = fresh_rng()[0]
+  x = jnp.asarray(rng.normal(size=(2, 9, 9, 8)), jnp.float32)
+  conv = Conv(12, 3, 2, groups=groups)
+  variables = conv.init(jax.random.key(0), x)
+  kernel = variables['params']['kernel']
+  assert kernel.shape == (3, 3, 8 // groups, 12)
+  i, o = 8 // groups, 12 // groups
+  parts = [Conv(o, 3, 2).apply({'params': {'kernel': kernel[..., g * o:
+                                                             (g + 1) * o]}},
+                               x[..., g * i:(g + 1) * i])
+           for g in range(groups)]
+  np.testing.assert_allclose(conv.apply(variables, x),
+                             jnp.concatenate(parts, -1), atol=1e-5)
+  with pytest.raises(ValueError, match='3 groups do not divide 8 input'):
+    Conv(12, 3, groups=3).init(jax.random.key(0), x)

@@ -27,8 +27,11 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {
     'attention56': attention.attention56,
     'attention92': attention.attention92,
     'mobilefacenet': MobileFaceNet,
+    'resnet18': resnet.resnet18,
+    'resnet34': resnet.resnet34,
     'resnet50': resnet.resnet50,
     'resnet101': resnet.resnet101,
+    'resnet200': resnet.resnet200,
     'se_resnet50': resnet.se_resnet50,
     'vgg19': VGG19,
 }

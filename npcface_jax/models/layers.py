@@ -44,8 +44,10 @@ class PReLU(nn.Module):
 
 
 class Conv(nn.Module):
-  """A dense (groups=1) convolution, no bias; 1x1 ones (any stride, no
-  padding) run as a matrix product where that is faster."""
+  """A convolution without bias; 1x1 ones (any stride, no padding) run as
+  a matrix product where that is faster. ``groups`` > 1 splits the
+  channels into groups (arcface_torch's mbf has one such conv, 2
+  channels per group); DepthwiseConv is the fast groups = channels."""
 
   features: int
   kernel_size: int = 1
@@ -54,20 +56,25 @@ class Conv(nn.Module):
   impl: str = 'auto'
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
+  groups: int = 1
 
   @nn.compact
   def __call__(self, x):
-    k = self.kernel_size
+    k, g = self.kernel_size, self.groups
+    if x.shape[-1] % g or self.features % g:
+      raise ValueError(f'{g} groups do not divide {x.shape[-1]} input and '
+                       f'{self.features} output channels')
     kernel = self.param('kernel', nn.initializers.kaiming_normal(),
-                        (k, k, x.shape[-1], self.features), self.param_dtype)
+                        (k, k, x.shape[-1] // g, self.features),
+                        self.param_dtype)
     dtype = self.dtype or x.dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if k == 1 and not _use_native(self.impl):
+    if k == 1 and g == 1 and not _use_native(self.impl):
       return pointwise_matmul(x[:, ::self.stride, ::self.stride], kernel[0, 0])
     pad = k // 2 if self.padding is None else self.padding
     return lax.conv_general_dilated(
         x, kernel, (self.stride, self.stride), [(pad, pad), (pad, pad)],
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=g)
 
 
 class DepthwiseConv(nn.Module):
@@ -296,8 +303,8 @@ batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 def batch_norm(train: bool, dtype: Dtype | None = None,
-               impl: str = 'auto') -> BatchNorm:
-  return BatchNorm(train, dtype=dtype, impl=impl)
+               impl: str = 'auto', epsilon: float = 1e-5) -> BatchNorm:
+  return BatchNorm(train, dtype=dtype, impl=impl, epsilon=epsilon)
 
 
 def channels(n: int, width: float) -> int:
@@ -315,17 +322,21 @@ def check_face_size(model: str, images) -> None:
 
 
 class EmbeddingHead(nn.Module):
-  """The IR ResNets' output: BN, dropout, flatten, linear, BN."""
+  """The IR ResNets' output: BN, dropout, flatten (in NHWC order: an
+  import from NCHW permutes the linear's rows), linear, BN."""
 
   embedding_dim: int = 512
   dropout: float = 0.0
   dtype: Dtype | None = None
   impl: str = 'auto'
+  bn_epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, x, train: bool):
-    x = batch_norm(train, self.dtype, self.impl)(x)
+    bn = functools.partial(batch_norm, train, self.dtype, self.impl,
+                           self.bn_epsilon)
+    x = bn()(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(self.embedding_dim, dtype=self.dtype)(
         x.reshape(x.shape[0], -1))
-    return batch_norm(train, self.dtype, self.impl)(x).astype(jnp.float32)
+    return bn()(x).astype(jnp.float32)
