@@ -60,13 +60,15 @@ def test_parameter_counts(name, count):
   assert _count(variables['params']) == count
 
 
-def _iresnet_count(units, dim=512, shortcut='conv'):
+def _iresnet_count(units, dim=512, shortcut='conv', middle_bn=True):
   """Counted from arcface_torch's iresnet layer list (face.evoLVe's IR
-  with shortcut='subsample': no conv where only the stride changes)."""
+  with shortcut='subsample': no conv where only the stride changes; and
+  FaceX-Zoo's without the BN before each unit's PReLU)."""
   n, cin = 27 * 64 + 3 * 64, 64  # stem conv, BN, PReLU
   for out, count in zip((64, 128, 256, 512), units):
     for i in range(count):
-      n += 2 * cin + 9 * cin * out + 3 * out + 9 * out * out + 2 * out
+      n += 2 * cin + 9 * cin * out + out + 9 * out * out + 2 * out
+      n += 2 * out if middle_bn else 0
       if cin != out or (i == 0 and shortcut == 'conv'):
         n += cin * out + 2 * out
       cin = out
@@ -104,6 +106,10 @@ def _mbf_count(stem, stem_groups, stages, blocks, dim=512, fc_bias=False):
     ('resnet200', {}, _iresnet_count((6, 26, 60, 6))),
     ('resnet50', {'shortcut': 'subsample'},
      _iresnet_count((3, 4, 14, 3), shortcut='subsample')),
+    ('resnet50', {'shortcut': 'subsample', 'middle_bn': False, 'se': True},
+     _iresnet_count((3, 4, 14, 3), shortcut='subsample', middle_bn=False)
+     + sum(n * 2 * c * c // 16  # each unit's SE: two 1x1 convs, no bias
+           for n, c in zip((3, 4, 14, 3), (64, 128, 256, 512)))),
     ('resnet101', {'embedding_dim': 128}, _iresnet_count((3, 13, 30, 3), 128)),
     ('mobilefacenet', {}, _mbf_count(64, None, (64, 128, 128), (1, 4, 6, 2))),
     ('mobilefacenet', {'stem': 128, 'stem_groups': 64,

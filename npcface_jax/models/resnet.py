@@ -16,7 +16,9 @@ insightface's MXNet models) and ``shortcut``: 'conv' puts a 1x1 conv + BN
 on the shortcut wherever the stride or the channels change (insightface,
 MXNet and arcface_torch); 'subsample', face.evoLVe's form (FaceX-Zoo,
 AdaFace), takes every second pixel instead (its MaxPool2d(1, 2)) where only
-the stride changes.
+the stride changes; ``middle_bn=False`` drops the BN between a unit's first
+conv and its PReLU, as face.evoLVe's and FaceX-Zoo's IR do (AdaFace's has
+it).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class _Unit(nn.Module):
   dtype: Dtype | None = None
   bn_epsilon: float = 1e-5
   shortcut: str = 'conv'
+  middle_bn: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -63,7 +66,7 @@ class _Unit(nn.Module):
                            self.bn_epsilon)
     y = bn()(x)
     y = conv(self.features, 3)(y)
-    y = PReLU()(bn()(y))
+    y = PReLU()(bn()(y) if self.middle_bn else y)
     y = conv(self.features, 3, self.stride)(y)
     y = bn()(y)
     if self.se:
@@ -87,6 +90,7 @@ class IResNet(nn.Module):
   dtype: Dtype | None = None
   bn_epsilon: float = 1e-5
   shortcut: str = 'conv'  # or 'subsample' (face.evoLVe's), module docstring
+  middle_bn: bool = True
 
   @nn.compact
   def __call__(self, images, train: bool):
@@ -101,7 +105,8 @@ class IResNet(nn.Module):
     for features, units in zip((64, 128, 256, 512), self.units):
       for i in range(units):
         x = _Unit(c(features), 2 if i == 0 else 1, self.se, self.impl,
-                  self.dtype, self.bn_epsilon, self.shortcut)(x, train)
+                  self.dtype, self.bn_epsilon, self.shortcut,
+                  self.middle_bn)(x, train)
     return EmbeddingHead(self.embedding_dim, self.dropout, self.dtype,
                          self.impl, self.bn_epsilon)(x, train)
 
