@@ -4,7 +4,9 @@ training images are (``preprocess.prepare_faces``): fitted, aligned on
 --landmarks, or aligned on the landmarks --detect finds.
 
 Pairs files, line by line (a first line of one or two integers, LFW's
-``folds n`` or ``n`` header, is skipped):
+``sets n`` or ``n`` header, is skipped; a .bin keeps no header, so the
+summary says which folds evaluate will take on the .bin, and whether they
+are the sets the header declares):
 
   name i j            same person, LFW layout: IMAGES/name/name_%04d.jpg
   name1 i name2 j     different people, same layout
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 from data_prep import DataPrepError, preprocess
 from npcface_jax.common import textfile
-from npcface_jax.evaluation import bin_format
+from npcface_jax.evaluation import bin_format, protocols
 from npcface_jax.faces import alignment, detection
 
 
@@ -73,6 +75,46 @@ def parse_pairs(lines, name: str = 'the pairs file'
   return pairs
 
 
+def declared_sets(lines) -> tuple[int, int] | None:
+  """(S, N) of a pairs file's header "S N" (LFW's pairs.txt: S sets of N
+  same then N different pairs, the folds of its protocol); None without
+  one, or for "N" alone (pairsDevTest.txt: one set, nothing to fold by)."""
+  for line in lines:
+    fields = line.split()
+    if not fields or fields[0].startswith('#'):
+      continue
+    if len(fields) == 2 and all(_NUMBER.fullmatch(f) for f in fields):
+      sets, per_set = map(int, fields)
+      return (sets, per_set) if sets >= 2 and per_set >= 1 else None
+    return None
+  return None
+
+
+def folds_note(declared: tuple[int, int] | None, issame,
+               skipped: int = 0) -> str:
+  """The folds evaluate will take on the written .bin (fold_assignment of
+  its labels: a .bin has no header), said against the header's sets."""
+  if len(issame) < 10:
+    return (f'{len(issame)} pairs are too few for the 10 folds of '
+            'evaluate (it needs 10)')
+  folds = protocols.fold_assignment(issame)
+  note = 'evaluate will take ' + protocols.fold_note(
+      {'fold_rule': folds.rule, 'num_folds': folds.count})
+  if declared is None:
+    return note
+  sets, per_set = declared
+  header = f'{sets} sets of {per_set} + {per_set} pairs the header declares'
+  try:
+    protocols.declared_folds(issame, sets, per_set)
+  except ValueError:
+    why = (f'the {skipped} skipped pair(s) break them' if skipped
+           else 'the pairs do not follow it')
+    return f'{note}, not the {header}: {why}'
+  if sets == folds.count and folds.rule == 'file order':
+    return f'{note}: the {header}'  # the very same folds
+  return f'{note}, not the {header}: a .bin keeps no header'
+
+
 def read_pairs(path: str) -> list[tuple[int, str, str, bool]]:
   """parse_pairs of a file; DataPrepError naming the file and line of
   anything that is not a pair, nor UTF-8 text."""
@@ -121,6 +163,9 @@ def convert(pairs_file: str, images: str, out: str, *, image_size: int = 112,
                                           detect, skipped))
   bin_format.save_bin(out, bins, issame)
   counts = _counts(issame, skipped, images_by_key)
+  counts['folds'] = folds_note(declared_sets(
+      line for _, line in textfile.text_lines(pairs_file)), issame,
+      len(skipped))
   if save_landmarks:
     counts['landmarks_saved'] = preprocess.write_landmarks(save_landmarks, {
         k: r.landmarks for k, r in images_by_key.items()
@@ -199,6 +244,7 @@ def _summary(counts: dict, listed: int, out: str, save_landmarks) -> str:
     line += ' (images left out: ' + ', '.join(
         f'{n} {r}' for r, n in counts['skipped_images_by_reason'].items()
     ) + ')'
+  line += f'\ndata_prep pairs: {counts["folds"]}'
   if save_landmarks:
     line += (f'\ndata_prep pairs: wrote the landmarks of '
              f'{counts["landmarks_saved"]} images to {save_landmarks}')

@@ -43,15 +43,22 @@ def _summary_row(name: str, result: dict) -> list[str]:
 
 
 def format_table(results: dict) -> str:
-  """One line per target: pairs, 10-fold accuracy (%), AUC, TAR (%) at FAR
-  1e-3..1e-6 ('-' where the set cannot measure it), rank-1 (%)."""
+  """One line per target: pairs, k-fold accuracy (%), AUC, TAR (%) at FAR
+  1e-3..1e-6 ('-' where the set cannot measure it), rank-1 (%); then a
+  line of each pair set's folds (protocols.fold_note): the file's layout
+  chooses them, and they change what its accuracy means."""
   rows = [['target', 'pairs', 'accuracy %', 'AUC', 'TAR@1e-3', 'TAR@1e-4',
            'TAR@1e-5', 'TAR@1e-6', 'rank-1']]
   rows += [_summary_row(n, r) for n, r in results.items()]
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-  return '\n'.join('  '.join(c.ljust(w) if i == 0 else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(r, widths)))
-                   for r in rows)
+  lines = ['  '.join(c.ljust(w) if i == 0 else c.rjust(w)
+                     for i, (c, w) in enumerate(zip(r, widths)))
+           for r in rows]
+  notes = [f'{n} {protocols.fold_note(r)}' for n, r in results.items()
+           if protocols.fold_note(r)]
+  if notes:
+    lines.append('accuracy folds: ' + '; '.join(notes))
+  return '\n'.join(lines)
 
 
 def _target_name(path: str, taken) -> str:
@@ -137,8 +144,10 @@ def _pairs(run: _Run, path: str, name: str, log) -> dict:
 
 
 def _pair_set(run: _Run, name: str, images, issame, log, about) -> dict:
-  """Pairs of images (rows 2k, 2k + 1): 10-fold accuracy, ROC (drawn and
-  kept as points for later comparison), TAR at FAR."""
+  """Pairs of images (rows 2k, 2k + 1): k-fold accuracy on the folds the
+  labels' layout gives (protocols.fold_assignment; the rule kept as
+  'fold_rule' and 'num_folds'), ROC (drawn and kept as points for later
+  comparison), TAR at FAR."""
   features = run.model.embed(images)
   scores = protocols.pair_similarities(features)
   result = protocols.verification_report(scores, issame)
@@ -147,8 +156,9 @@ def _pair_set(run: _Run, name: str, images, issame, log, about) -> dict:
        f'{name}: ROC, step {run.model.step}')
   run.save_features(name, **{'': features})
   skipped = about.get('skipped_pairs', ())
-  log('%s: %.2f%% +- %.2f over %d pairs%s', name, 100 * result['accuracy'],
-      100 * result['accuracy_std'], len(issame),
+  log('%s: %.2f%% +- %.2f over %d pairs, %s%s', name,
+      100 * result['accuracy'], 100 * result['accuracy_std'], len(issame),
+      protocols.fold_note(result),
       f' ({len(skipped)} left out: an image does not decode)' * bool(skipped))
   return result
 

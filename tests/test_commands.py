@@ -134,6 +134,21 @@ def test_threshold_from_the_runs_own_results(tmp_path):
     trained_run.find_threshold(str(tmp_path), 7)
 
 
+def test_threshold_says_its_folds(tmp_path):
+  """Results that record their folds: the threshold's source says them
+  (results from before read as the 10-fold threshold they were)."""
+  _results(tmp_path, targets={'devtest': {
+      'threshold': 0.3, 'fold_rule': 'label-balanced', 'num_folds': 10}})
+  _results(tmp_path, step=1, targets={'sets4': {
+      'threshold': 0.2, 'fold_rule': 'declared', 'num_folds': 4}})
+  t = trained_run.find_threshold(str(tmp_path), 0)
+  assert t.source.startswith('the 10-fold threshold of devtest (10 '
+                             'label-balanced folds; eval/step_0/'), t.source
+  t = trained_run.find_threshold(str(tmp_path), 1)
+  assert t.source.startswith('the 4-fold threshold of sets4 (4 declared '
+                             'folds; eval/step_1/'), t.source
+
+
 def test_threshold_prefers_the_flip_results_and_names_ambiguity(tmp_path):
   two = {n: {'threshold': t, 'accuracy': 1.0, 'accuracy_std': 0.0}
          for n, t in (('lfw', 0.2), ('agedb', 0.25))}

@@ -328,6 +328,7 @@ def test_pairs_round_trip(data, tmp_path, capsys):
                '--workers', '1', '--quiet']) == 0
   err = capsys.readouterr().err
   assert 'line 7' in err and 's33/s33_0099.jpg: missing file' in err
+  assert '5 pairs are too few for the 10 folds of evaluate' in err
   bins, issame = bin_format.load_bin(out)
   assert issame.tolist() == [True, True, True, False, False]
   faces = bin_format.decode_pairs(bins, 112).astype(np.float64)
@@ -337,6 +338,52 @@ def test_pairs_round_trip(data, tmp_path, capsys):
     assert np.abs(face - on_black(orl_rgb(name, i))).mean() < 2.0
   assert main(['pairs', str(pairs_txt), str(images), str(out)]) == 1
   assert '--overwrite' in capsys.readouterr().err
+
+
+def _lfw_pairs_txt(header, sets, per_set):
+  """An LFW pairs.txt: each set per_set same then per_set different."""
+  lines = [header + '\n'] if header else []
+  for s in range(sets):
+    lines += [f'P{s}_{i} 1 2\n' for i in range(per_set)]
+    lines += [f'P{s}_{i} 1 Q{s}_{i} 1\n' for i in range(per_set)]
+  return lines
+
+
+def test_pairs_header_declares_the_folds():
+  """LFW's header "10 3" is ten folds of 3 + 3 in file order; "4 3" four,
+  which a .bin cannot keep (evaluate says so at conversion); "500" alone
+  declares nothing."""
+  from npcface_jax.evaluation import protocols  # noqa: PLC0415
+  lines = _lfw_pairs_txt('10 3', 10, 3)
+  declared = pairs_lib.declared_sets(lines)
+  same = np.array([p[3] for p in pairs_lib.parse_pairs(lines)])
+  assert declared == (10, 3) and same.size == 60
+  folds = protocols.fold_assignment(same, declared=declared)
+  assert folds.rule == 'declared'
+  assert folds.index.tolist() == [i // 6 for i in range(60)]
+  assert pairs_lib.folds_note(declared, same) == (
+      'evaluate will take 10 folds in file order: the 10 sets of 3 + 3 '
+      'pairs the header declares')
+  lines = _lfw_pairs_txt('4 3', 4, 3)
+  same = np.array([p[3] for p in pairs_lib.parse_pairs(lines)])
+  folds = protocols.fold_assignment(same, declared=(4, 3))
+  assert (folds.rule, folds.count) == ('declared', 4)
+  assert pairs_lib.folds_note((4, 3), same) == (
+      'evaluate will take 10 label-balanced folds, not the 4 sets of 3 + 3 '
+      'pairs the header declares: a .bin keeps no header')
+  sixty = _lfw_pairs_txt('10 3', 10, 3)
+  same = np.array([p[3] for p in pairs_lib.parse_pairs(sixty)])
+  assert pairs_lib.folds_note((10, 3), same[1:], skipped=1).endswith(
+      'not the 10 sets of 3 + 3 pairs the header declares: the 1 skipped '
+      'pair(s) break them')
+  assert pairs_lib.folds_note(None, np.sort(same)) == (
+      'evaluate will take 10 label-balanced folds')
+  assert 'too few' in pairs_lib.folds_note(None, same[:9])
+  assert pairs_lib.declared_sets(['# LFW\n', '\n', '4 3\n']) == (4, 3)
+  for header in ('500', '1 300', '0 3', '10 0', '10 1234567890', '10 3 x',
+                 '10 \u00b3'):
+    assert pairs_lib.declared_sets(_lfw_pairs_txt(header, 1, 1)) is None
+  assert pairs_lib.declared_sets(_lfw_pairs_txt('', 1, 1)) is None
 
 
 def test_pairs_formats():

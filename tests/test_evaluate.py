@@ -178,6 +178,25 @@ def test_format_table():
                               '98.00', '-', '-', '-', '-']
   assert lines[2].split() == ['megaface', '-', '-', '-', '-', '-', '-',
                               '98.33', '98.12']
+  assert len(lines) == 3  # results from before the folds were recorded
+
+
+def test_format_table_says_the_folds():
+  """A line after the table: each pair set's folds, those without (older
+  results, other kinds, a rule that is no rule) left out."""
+  pair = {'accuracy': 0.85, 'accuracy_std': 0.03, 'auc': 0.934,
+          'num_pairs': 1000, 'tar_at_far': []}
+  results = {
+      'lfw': dict(pair, fold_rule='file order', num_folds=10),
+      'devtest': dict(pair, fold_rule='label-balanced', num_folds=10),
+      'sets4': dict(pair, fold_rule='declared', num_folds=4),
+      'old': pair, 'odd': dict(pair, fold_rule='shuffled', num_folds=10),
+      'megaface': {'rank1': 0.98, 'tar_at_far': []}}
+  lines = evaluate.format_table(results).splitlines()
+  assert len(lines) == 8
+  assert lines[-1] == ('accuracy folds: lfw 10 folds in file order; '
+                       'devtest 10 label-balanced folds; sets4 4 declared '
+                       'folds')
   assert jax.device_count() == NUM_DEVICES
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from npcface_jax.evaluation import protocols
+from npcface_jax.evaluation import bin_format, protocols
 from tests.helpers import fresh_rng
 
 
@@ -23,10 +23,12 @@ def _brute_best_threshold(sim, same):
   return best_t, best_correct / len(sim)
 
 
-def _brute_verification(sim, same, num_folds):
-  """Folds from np.array_split (first n % k one larger), each tested at the
-  brute-force best threshold of the rest."""
-  folds = np.array_split(np.arange(len(sim)), num_folds)
+def _brute_verification(sim, same, num_folds, folds=None):
+  """Folds from np.array_split (first n % k one larger), or the given
+  lists of pair indices, each tested at the brute-force best threshold of
+  the rest."""
+  if folds is None:
+    folds = np.array_split(np.arange(len(sim)), num_folds)
   accs, thresholds = [], []
   for test in folds:
     train = np.setdiff1d(np.arange(len(sim)), test)
@@ -96,8 +98,10 @@ def test_verification_accuracy_matches_brute_force():
     sim, same = _random_pairs(rng, n)
     msg = (f'seed {seed}, trial {trial}, folds {num_folds}, '
            f'sim {sim.tolist()}, same {same.tolist()}')
-    got = protocols.verification_accuracy(sim, same, num_folds)
+    got = protocols.verification_accuracy(
+        sim, same, folds=protocols.file_order_folds(n, num_folds))
     accs, thresholds = _brute_verification(sim, same, num_folds)
+    assert got['fold_rule'] == 'file order', msg
     assert got['fold_accuracies'] == accs, msg
     assert got['fold_thresholds'] == thresholds, msg
     np.testing.assert_allclose(got['accuracy'], np.mean(accs), rtol=1e-12,
@@ -122,7 +126,10 @@ def test_verification_accuracy_hand_made_20_pairs():
   same = np.arange(20) >= 10
   same[3], same[15] = True, False
   assert protocols.best_threshold(sim, same) == (0.45, 0.9)
-  got = protocols.verification_accuracy(sim, same, 10)
+  # Sorted by label (nearly), so the default would be label-balanced.
+  assert protocols.fold_assignment(same).rule == 'label-balanced'
+  got = protocols.verification_accuracy(
+      sim, same, folds=protocols.file_order_folds(20, 10))
   assert got['fold_accuracies'] == [1, .5, 1, 1, 0, 1, 1, .5, 1, 1]
   assert got['fold_thresholds'] == [.45, .45, .45, .45, .35,
                                     .45, .45, .45, .45, .45]
@@ -255,6 +262,188 @@ def _brute_tar_at_far(sim, same, far):
       tar = sum(g > t for g in gen) / len(gen)
       best = tar if best is None else max(best, tar)
   return best
+
+
+# --- Folds: declared, file order, label-balanced -----------------------------
+
+def _reference_balanced_folds(same, k):
+  """Label-balanced folds from their description, in plain loops: the same
+  pairs in k contiguous groups in file order (the first S % k one larger),
+  the different pairs likewise, their larger groups on the folds after the
+  same pairs' larger ones (wrapping round); fold f = both groups f."""
+  folds = [[] for _ in range(k)]
+  offset = 0
+  for label in (True, False):
+    members = [i for i, s in enumerate(same) if bool(s) == label]
+    base, extra = divmod(len(members), k)
+    larger = {(offset + j) % k for j in range(extra)}
+    start = 0
+    for f in range(k):
+      size = base + (f in larger)
+      folds[f] += members[start:start + size]
+      start += size
+    offset = (offset + extra) % k
+  return [sorted(f) for f in folds]
+
+
+def _reference_accuracy(sim, same, folds):
+  """k-fold accuracy in float64 NumPy from the protocol: per fold, of -inf
+  and every training similarity the smallest threshold t maximising the
+  training accuracy of "same iff sim > t", applied to the fold."""
+  sim, same = np.asarray(sim, np.float64), np.asarray(same, bool)
+  accs, thresholds = [], []
+  for test in folds:
+    train = np.setdiff1d(np.arange(len(sim)), test)
+    candidates = np.concatenate([[-np.inf], np.unique(sim[train])])
+    right = ((sim[train][None, :] > candidates[:, None])
+             == same[train][None, :]).sum(axis=1)
+    thresholds.append(float(candidates[np.argmax(right)]))
+    accs.append(float(np.mean((sim[test] > thresholds[-1]) == same[test])))
+  return float(np.mean(accs)), accs, thresholds
+
+
+def _fold_lists(folds):
+  return [np.flatnonzero(folds.index == f).tolist()
+          for f in range(folds.count)]
+
+
+def test_sorted_file_gets_label_balanced_folds():
+  """All same pairs, then all different (LFW's pairsDevTest.txt: 500 +
+  500): each file-order fold would hold one label; ours hold both, in the
+  file's proportions, and score as the reference does."""
+  rng, seed = fresh_rng()
+  sizes = [(500, 500), (int(rng.integers(20, 300)),
+                        int(rng.integers(20, 300)))]
+  for num_same, num_diff in sizes:
+    n = num_same + num_diff
+    same = np.arange(n) < num_same
+    sim = rng.normal(0.0, 0.2, n) + 0.3 * same
+    msg = f'seed {seed}, {num_same} same then {num_diff} different'
+    folds = protocols.fold_assignment(same)
+    assert folds.rule == 'label-balanced' and folds.count == 10, msg
+    want_folds = _reference_balanced_folds(same, 10)
+    assert _fold_lists(folds) == want_folds, msg
+    for f in want_folds:
+      assert abs(same[f].sum() - num_same / 10) < 1, msg
+      assert abs((~same[f]).sum() - num_diff / 10) < 1, msg
+    got = protocols.verification_accuracy(sim, same)
+    want, accs, _ = _reference_accuracy(sim, same, want_folds)
+    assert got['fold_rule'] == 'label-balanced', msg
+    assert got['num_folds'] == 10, msg
+    np.testing.assert_allclose(got['fold_accuracies'], accs, rtol=1e-12,
+                               err_msg=msg)
+    np.testing.assert_allclose(got['accuracy'], want, rtol=1e-12,
+                               err_msg=msg)
+  # 500 + 500 in file order: every fold one label only.
+  old = protocols.file_order_folds(1000)
+  same = np.arange(1000) < 500
+  assert all(len(set(same[f])) == 1 for f in _fold_lists(old))
+
+
+def test_folds_of_any_labels_match_the_reference():
+  """Random label orders and fold counts: the folds are the reference's
+  (file order only where it gives the same folds), sizes differ by at most
+  one, none is empty, and the accuracy is the reference's."""
+  rng, seed = fresh_rng()
+  for trial in range(60):
+    k = int(rng.integers(2, 11))
+    n = int(rng.integers(k, 60))
+    sim, same = _random_pairs(rng, n)
+    if trial % 4 == 0:
+      same = np.sort(same)[::-1]  # sorted: all same first
+    msg = f'seed {seed}, trial {trial}, k {k}, same {same.tolist()}'
+    folds = protocols.fold_assignment(same, k)
+    want_folds = _reference_balanced_folds(same, k)
+    assert _fold_lists(folds) == want_folds, msg
+    lengths = [len(f) for f in want_folds]
+    assert min(lengths) >= 1 and max(lengths) - min(lengths) <= 1, msg
+    if folds.rule == 'file order':
+      assert _fold_lists(folds) == _fold_lists(
+          protocols.file_order_folds(n, k)), msg
+    got = protocols.verification_accuracy(sim, same, k)
+    want, _, _ = _reference_accuracy(sim, same, want_folds)
+    np.testing.assert_allclose(got['accuracy'], want, rtol=1e-12,
+                               err_msg=msg)
+
+
+def _lfw_labels(sets, per_set):
+  """An LFW pairs.txt's layout: sets of per_set same then per_set
+  different pairs."""
+  return np.tile(np.repeat([True, False], per_set), sets)
+
+
+def test_lfw_layout_keeps_file_order_and_its_accuracy():
+  """A header "10 3" declares ten sets of 3 + 3: one fold each. Without
+  the header (a .bin made from it) the tenths hold 3 + 3 each: file order.
+  Both are the folds and the accuracy of before (np.array_split folds)."""
+  rng, seed = fresh_rng()
+  for per_set in (3, 300):
+    same = _lfw_labels(10, per_set)
+    sim = rng.normal(0.0, 0.2, same.size) + 0.3 * same
+    msg = f'seed {seed}, 10 sets of {per_set} + {per_set}'
+    declared = protocols.fold_assignment(same, declared=(10, per_set))
+    assert declared.rule == 'declared', msg
+    header_less = protocols.fold_assignment(same)
+    assert header_less.rule == 'file order', msg
+    blocks = (np.arange(same.size) // (2 * per_set)).tolist()
+    assert declared.index.tolist() == header_less.index.tolist() == blocks
+    _, accs, thresholds = _reference_accuracy(
+        sim, same, np.array_split(np.arange(same.size), 10))
+    for folds in (None, declared, header_less):
+      got = protocols.verification_accuracy(sim, same, folds=folds)
+      assert got['fold_accuracies'] == accs, msg
+      assert got['fold_thresholds'] == thresholds, msg
+
+
+def test_declared_sets_other_than_ten():
+  """A header "4 3": four folds of 3 + 3, said so (num_folds 4); the same
+  labels without the header are not in LFW's tenths: label-balanced."""
+  rng, seed = fresh_rng()
+  same = _lfw_labels(4, 3)
+  sim = rng.uniform(-1, 1, 24)
+  got = protocols.verification_accuracy(
+      sim, same, folds=protocols.fold_assignment(same, declared=(4, 3)))
+  accs, thresholds = _brute_verification(sim, same, 4)
+  assert got['fold_rule'] == 'declared' and got['num_folds'] == 4
+  assert got['fold_accuracies'] == accs, f'seed {seed}'
+  assert got['fold_thresholds'] == thresholds, f'seed {seed}'
+  assert protocols.fold_assignment(same).rule == 'label-balanced'
+
+
+def test_bin_files_keep_file_order_where_laid_out_as_lfw(tmp_path):
+  """A .bin has no header: one written in LFW's layout (10 sets of 3 + 3)
+  reads back with file-order folds, one sorted by label with balanced
+  ones."""
+  lfw = _lfw_labels(10, 3)
+  for name, same, rule in (('lfw', lfw, 'file order'),
+                           ('sorted', np.sort(lfw)[::-1], 'label-balanced')):
+    path = tmp_path / f'{name}.bin'
+    bin_format.save_bin(path, [b'\xff\xd8'] * (2 * same.size), same)
+    _, issame = bin_format.load_bin(path)
+    assert protocols.fold_assignment(issame).rule == rule, name
+
+
+def test_fold_errors():
+  same = _lfw_labels(10, 3)
+  with pytest.raises(ValueError, match='declares 10 sets of 2 .* but '
+                     'there are 60; fix the header'):
+    protocols.fold_assignment(same, declared=(10, 2))
+  wrong = same.copy()
+  wrong[4] = True
+  with pytest.raises(ValueError, match='pair 5 is same; fix the header'):
+    protocols.fold_assignment(wrong, declared=(10, 3))
+  with pytest.raises(ValueError, match='declared sets must be at least 2'):
+    protocols.fold_assignment(same[:6], declared=(1, 3))
+  with pytest.raises(ValueError, match='at least 10 pairs'):
+    protocols.label_balanced_folds(same[:9])
+  sim = np.linspace(-1, 1, 60)
+  for bad in (np.zeros(60, int), np.arange(60) % 3 * 2, np.arange(59) % 3,
+              np.full(60, -1)):
+    with pytest.raises(ValueError, match='folds must'):
+      protocols.verification_accuracy(
+          sim, same, folds=protocols.Folds(bad, 'file order'))
+  with pytest.raises(ValueError, match='protocols.Folds'):
+    protocols.verification_accuracy(sim, same, folds=np.arange(60) % 10)
 
 
 def _both_kinds(rng, n):

@@ -80,7 +80,8 @@ class Embedder:
 
 def verify(embedder: Embedder, variables: Any, images: np.ndarray,
            issame: np.ndarray, num_folds: int = 10) -> dict:
-  """10-fold verification of pairs (images 2k, 2k + 1), as for LFW."""
+  """10-fold verification of pairs (images 2k, 2k + 1), as for LFW, on
+  the folds the labels' layout gives (protocols.fold_assignment)."""
   embeddings = embedder(variables, images)
   return protocols.verification_accuracy(
       protocols.pair_similarities(embeddings), issame, num_folds)

@@ -6,6 +6,8 @@ Pure NumPy on embeddings already computed, so that the protocol is exact,
 testable on its own and free of JAX or TensorFlow. Each fold's threshold is
 chosen exactly among the training similarities (sort and cumulative counts)
 rather than on a grid, so the result does not depend on a grid's spacing.
+The folds are chosen in one place, fold_assignment: a file's declared sets,
+file order where the file is laid out as LFW's, label-balanced otherwise.
 """
 
 from __future__ import annotations
@@ -143,26 +145,158 @@ def _check_num_folds(num_folds) -> int:
   return check_integer(num_folds, 'num_folds', 2)
 
 
-def verification_accuracy(similarity, issame, num_folds: int = 10) -> dict:
+# --- Folds ------------------------------------------------------------------
+
+FOLD_RULES = ('declared', 'file order', 'label-balanced')
+
+
+class Folds(NamedTuple):
+  """The fold of each pair, and the rule that chose it (FOLD_RULES)."""
+  index: np.ndarray  # (N,) int, each fold 0 .. count - 1 holding a pair
+  rule: str
+
+  @property
+  def count(self) -> int:
+    return int(self.index.max()) + 1
+
+
+def file_order_folds(num_pairs: int, num_folds: int = 10) -> Folds:
+  """Contiguous folds in file order (kfold_bounds): the LFW protocol on
+  files laid out for it."""
+  index = np.empty(num_pairs, np.int64)
+  for f, (start, stop) in enumerate(kfold_bounds(num_pairs, num_folds)):
+    index[start:stop] = f
+  return Folds(index, 'file order')
+
+
+def label_balanced_folds(issame, num_folds: int = 10) -> Folds:
+  """Fold k = the k-th of num_folds contiguous groups (in file order) of
+  the same pairs, plus the k-th of the different pairs, so that every fold
+  holds both labels in the file's proportions, whatever the file's order.
+
+  Deterministic rather than shuffled: a seed would make the accuracy of
+  one set of scores a random number, two evaluations of one checkpoint
+  could disagree, and a file laid out in LFW's blocks would not get LFW's
+  folds back. Groups of a label are sized as kfold_bounds sizes them, the
+  different pairs' larger groups on the folds after the same pairs' ones
+  (wrapping round), so
+  that fold sizes differ by at most one and none is empty.
+  """
+  same = _labels(issame)
+  num_folds = _check_num_folds(num_folds)
+  kfold_bounds(same.shape[0], num_folds)  # enough pairs, or say so
+  index = np.empty(same.shape[0], np.int64)
+  offset = 0
+  for members in (np.flatnonzero(same), np.flatnonzero(~same)):
+    size, extra = divmod(members.shape[0], num_folds)
+    sizes = np.full(num_folds, size)
+    sizes[(offset + np.arange(extra)) % num_folds] += 1
+    index[members] = np.repeat(np.arange(num_folds), sizes)
+    offset = (offset + extra) % num_folds
+  return Folds(index, 'label-balanced')
+
+
+def declared_folds(issame, sets: int, per_set: int) -> Folds:
+  """The folds an LFW pairs.txt header "sets per_set" declares: ``sets``
+  sets, each ``per_set`` same pairs then ``per_set`` different ones, one
+  fold per set. ValueError where the labels do not follow the header."""
+  same = _labels(issame)
+  sets = check_integer(sets, 'the number of declared sets', 2)
+  per_set = check_integer(per_set, 'the declared pairs per set', 1)
+  block = np.repeat([True, False], per_set)
+  declared = f'{sets} sets of {per_set} same then {per_set} different pairs'
+  if same.shape[0] != sets * 2 * per_set:
+    raise ValueError(f'the header declares {declared} ({sets * 2 * per_set}'
+                     f' pairs) but there are {same.shape[0]}; fix the '
+                     'header or the pairs')
+  wrong = np.flatnonzero(same != np.tile(block, sets))
+  if wrong.size:
+    label = 'same' if same[wrong[0]] else 'different'
+    raise ValueError(f'the header declares {declared}, but pair '
+                     f'{wrong[0] + 1} is {label}; fix the header or the '
+                     'order of the pairs')
+  return Folds(np.arange(same.shape[0]) // (2 * per_set), 'declared')
+
+
+def fold_assignment(issame, num_folds: int = 10,
+                    declared: tuple[int, int] | None = None) -> Folds:
+  """The folds of the k-fold protocol, the one place that chooses them.
+
+  A pairs.txt header "S N" (``declared``) is the file's own word: its S
+  sets are the folds, however many. Without one (a .bin has no header),
+  file order where every contiguous fold holds as many same pairs as every
+  other, and as many different ones (LFW and the insightface .bin files
+  made from it: 300 + 300 per tenth); there label-balanced folds are the
+  very same folds. Anything else, e.g. LFW's pairsDevTest.txt (500 same
+  then 500 different), would put one label in each file-order fold and
+  each threshold would be chosen on the wrong pairs: label-balanced.
+  """
+  if declared is not None:
+    return declared_folds(issame, *declared)
+  same = _labels(issame)
+  bounds = kfold_bounds(same.shape[0], num_folds)
+  if len({(stop - start, int(same[start:stop].sum()))
+          for start, stop in bounds}) == 1:
+    return file_order_folds(same.shape[0], num_folds)
+  return label_balanced_folds(same, num_folds)
+
+
+def fold_note(result: dict) -> str | None:
+  """How a result's accuracy was folded, e.g. '10 label-balanced folds';
+  None for results without folds (other kinds of set, and results.json
+  files from before the rule was recorded, which took 10 in file order)."""
+  rule, count = result.get('fold_rule'), result.get('num_folds')
+  if rule not in FOLD_RULES or type(count) is not int:
+    return None
+  return (f'{count} folds in file order' if rule == 'file order'
+          else f'{count} {rule} folds')
+
+
+def _labels(issame) -> np.ndarray:
+  same = np.asarray(issame)
+  return _as_issame(same, same.shape[0] if same.ndim else 0)
+
+
+def _check_folds(folds, n: int) -> Folds:
+  """folds as verification_accuracy needs them: a fold per pair, at least
+  two, none empty (an empty fold has no accuracy)."""
+  if not isinstance(folds, Folds):
+    raise ValueError(f'folds must be a protocols.Folds (fold_assignment), '
+                     f'got {type(folds).__name__}')
+  index = np.asarray(folds.index)
+  if index.shape != (n,) or not np.issubdtype(index.dtype, np.integer):
+    raise ValueError(f'folds must give an integer fold to each of the {n} '
+                     f'pairs, got shape {index.shape}, dtype {index.dtype}')
+  counts = np.bincount(index) if n and index.min() >= 0 else np.zeros(0)
+  if counts.shape[0] < 2 or not counts.all():
+    raise ValueError('folds must number their folds 0, 1, ... with at least '
+                     'two, each holding a pair; use fold_assignment')
+  return Folds(index, folds.rule)
+
+
+def verification_accuracy(similarity, issame, num_folds: int = 10,
+                          folds: Folds | None = None) -> dict:
   """k-fold verification accuracy: each fold is tested at the best threshold
   of the other folds (best_threshold), so no pair picks its own threshold.
+  The folds are ``folds``, else fold_assignment's of ``num_folds``.
 
   Returns a dict with 'accuracy' (mean of the folds' test accuracies),
   'accuracy_std' (their np.std, ddof=0, as insightface reports it),
-  'fold_accuracies' and 'fold_thresholds' (lists of floats, one per fold)
-  and 'threshold': the mean of the folds' finite thresholds, or -inf when
-  every fold chose -inf (its training pairs were all best called "same").
+  'fold_accuracies' and 'fold_thresholds' (lists of floats, one per fold),
+  'threshold': the mean of the folds' finite thresholds, or -inf when
+  every fold chose -inf (its training pairs were all best called "same"),
+  and 'fold_rule' and 'num_folds': which folds (FOLD_RULES), how many.
   """
   sim = _as_similarity(similarity)
   same = _as_issame(issame, sim.shape[0])
-  bounds = kfold_bounds(sim.shape[0], num_folds)
+  folds = (fold_assignment(same, num_folds) if folds is None
+           else _check_folds(folds, sim.shape[0]))
   accuracies, thresholds = [], []
-  for start, stop in bounds:
-    train = np.ones(sim.shape[0], dtype=bool)
-    train[start:stop] = False
-    threshold, _ = _best_threshold(sim[train], same[train])
-    predicted = sim[start:stop] > threshold
-    accuracies.append(float(np.mean(predicted == same[start:stop])))
+  for f in range(folds.count):
+    test = folds.index == f
+    threshold, _ = _best_threshold(sim[~test], same[~test])
+    predicted = sim[test] > threshold
+    accuracies.append(float(np.mean(predicted == same[test])))
     thresholds.append(threshold)
   finite = [t for t in thresholds if np.isfinite(t)]
   return {
@@ -171,6 +305,8 @@ def verification_accuracy(similarity, issame, num_folds: int = 10) -> dict:
       'threshold': float(np.mean(finite)) if finite else -np.inf,
       'fold_accuracies': accuracies,
       'fold_thresholds': thresholds,
+      'fold_rule': folds.rule,
+      'num_folds': folds.count,
   }
 
 
@@ -339,10 +475,11 @@ def auc(similarity, issame) -> float:
 
 
 def verification_report(similarity, issame, num_folds: int = 10,
-                        fars=FARS) -> dict:
+                        fars=FARS, folds: Folds | None = None) -> dict:
   """Everything results.json records for a labelled pair set: k-fold
-  accuracy (verification_accuracy), TAR at the supported FARs and AUC."""
-  report = verification_accuracy(similarity, issame, num_folds)
+  accuracy (verification_accuracy, its fold rule included), TAR at the
+  supported FARs and AUC."""
+  report = verification_accuracy(similarity, issame, num_folds, folds)
   report['tar_at_far'] = tar_at_far(similarity, issame, fars)
   report['auc'] = auc(similarity, issame)
   return report

@@ -159,8 +159,11 @@ def find_threshold(workdir: str, step: int, *, far: float | None = None,
   result, where = usable[target], os.path.relpath(path, workdir)
   flipped = bool(record.get('flip'))
   if far is None:
-    return Threshold(float(result['threshold']), f'the 10-fold threshold of '
-                     f'{target} ({where})', flipped)
+    folds = protocols.fold_note(result)  # None: 10 in file order, of old
+    count = result['num_folds'] if folds else 10
+    return Threshold(float(result['threshold']), f'the {count}-fold threshold '
+                     f'of {target} ({folds + "; " if folds else ""}{where})',
+                     flipped)
   for row in result['tar_at_far']:
     if np.isclose(row['far'], far, rtol=1e-6):
       return Threshold(float(row['threshold']), f'FAR {far:g} on {target}: '

@@ -13,7 +13,7 @@ import numpy as np
 
 from npcface_jax import models
 from npcface_jax.common import jsonfile
-from npcface_jax.evaluation import embedding_step, run_sets
+from npcface_jax.evaluation import embedding_step, protocols, run_sets
 from npcface_jax.training import config_checks, setup
 
 
@@ -26,6 +26,7 @@ class Verifier:
       self.sets = run_sets.verification_sets(config, image_size)
     except ValueError as e:
       raise config_checks.ConfigError(str(e)) from None
+    self._say_folds()
     self.embedder = embedding_step.Embedder(
         models.from_config(config, train_dtype=False), mesh,
         config.eval_batch_size, config.eval_flip)
@@ -34,6 +35,19 @@ class Verifier:
     self.record = {'best': {}, 'history': []}
     if os.path.exists(self.path):
       self.record = jsonfile.read_object(self.path)
+
+  def _say_folds(self) -> None:
+    """Logs each set's folds once (the labels' layout chooses them:
+    protocols.fold_assignment); a set too small to fold fails now, not at
+    the first verification."""
+    for name, (_, issame) in self.sets.items():
+      try:
+        folds = protocols.fold_assignment(np.asarray(issame))
+      except ValueError as e:
+        raise config_checks.ConfigError(
+            f'verification set {name}: {e}') from None
+      logging.info('verification set %s: %d pairs, %d folds (%s)', name,
+                   len(issame), folds.count, folds.rule)
 
   def _one(self, step: int, name: str, result: dict) -> None:
     best = self.record['best'].get(name)
