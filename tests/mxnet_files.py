@@ -40,7 +40,7 @@ def ndarray_record(array: np.ndarray, version: str = 'v2') -> bytes:
   """One NDArray as NDArray::Save writes it ('v2', 'v3'), or as the older
   versions did ('v1': int64 shape, no storage type; 'legacy': no magic,
   uint32 ndim and dims)."""
-  array = np.ascontiguousarray(array)
+  array = np.asarray(array, order='C')  # (ascontiguousarray makes 0-d 1-d)
   shape = array.shape
   if version in ('v2', 'v3'):
     head = struct.pack('<Ii', V2 if version == 'v2' else V3, 0)
@@ -85,11 +85,13 @@ class Builder:
   def __init__(self, rng: np.random.Generator):
     self.rng, self.nodes, self.params = rng, [], {}
 
-  def var(self, name: str, array=None, aux: bool = False) -> int:
+  def var(self, name: str, array=None, aux: bool = False,
+          dtype=np.float32) -> int:
+    """A variable; its array (float32, as MXNet trains) in params."""
     self.nodes.append(dict(op='null', name=name, attrs={}, inputs=[]))
     if array is not None:
       self.params[f'{"aux" if aux else "arg"}:{name}'] = np.asarray(
-          array, np.float32)
+          array, dtype)
     return len(self.nodes) - 1
 
   def op(self, op: str, name: str, inputs: list[int], **attrs) -> int:

@@ -44,6 +44,20 @@ def _pair(node: Node, key: str, default: int) -> tuple[int, int]:
   return value
 
 
+# The most elements one intermediate array may hold: 512 MiB of float64,
+# an r100 feature map for a batch of 64 at 112 x 112; a damaged pad or
+# kernel would otherwise size an allocation. Run a bigger batch in parts.
+MAX_ELEMENTS = 1 << 26
+
+
+def _bounded(node: Node, *shapes) -> None:
+  for shape in shapes:
+    if int(np.prod(shape, dtype=object)) > MAX_ELEMENTS:
+      raise _error(node, f'an array of shape {tuple(shape)} is over '
+                   f'{MAX_ELEMENTS} elements: a damaged pad or kernel, or '
+                   'a batch to run in parts')
+
+
 def _window(size: int, k: int, s: int, p: int, d: int, full: bool) -> int:
   span = size + 2 * p - d * (k - 1) - 1
   return (-(-span // s) if full else span // s) + 1
@@ -65,6 +79,7 @@ def convolution(node: Node, x, w, b=None):
   wo = _window(wd, kw, sw, pw, dw, False)
   if ho < 1 or wo < 1:
     raise _error(node, f'kernel {(kh, kw)} is larger than the padded input')
+  _bounded(node, (n, c, h + 2 * ph, wd + 2 * pw), (n, f, ho, wo))
   xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
   xg = xp.reshape(n, g, c // g, *xp.shape[2:])
   wg = w.reshape(g, f // g, c // g, kh, kw)
@@ -176,6 +191,7 @@ def pooling(node: Node, x):
   # -inf never wins a max, 0 adds nothing to a sum.
   extra_h = max(0, (ho - 1) * sh + kh - (h + 2 * ph))
   extra_w = max(0, (wo - 1) * sw + kw - (w + 2 * pw))
+  _bounded(node, (n, c, h + 2 * ph + extra_h, w + 2 * pw + extra_w))
   fill = -np.inf if kind == 'max' else 0.0
   xp = np.pad(x, ((0, 0), (0, 0), (ph, ph + extra_h), (pw, pw + extra_w)),
               constant_values=fill)
@@ -258,8 +274,8 @@ def _targets(graph: Graph, outputs: Sequence[str] | None) -> list[int]:
   missing = [o for o in outputs if o not in by_name]
   if missing:
     heads = [graph.output_name(i) for i, _ in graph.heads]
-    raise MxnetGraphError(f'{graph.path}: no output named {missing[:3]}; the '
-                          f'heads are {heads}')
+    raise MxnetGraphError(f'no output named {missing[:3]}; the heads are '
+                          f'{heads}')
   return [by_name[o] for o in outputs]
 
 
@@ -305,7 +321,16 @@ def run(graph: Graph, params: dict[str, np.ndarray], images,
   images = np.asarray(images, np.float64)
   if images.ndim != 4:
     raise MxnetGraphError(f'images of shape {images.shape}: NCHW expected')
-  targets = _targets(graph, outputs)
+  try:
+    return _run(graph, params, images, _targets(graph, outputs), data_name)
+  except MxnetGraphError as e:
+    if str(e).startswith(graph.path):
+      raise
+    raise MxnetGraphError(f'{graph.path}: {e}') from None
+
+
+def _run(graph: Graph, params: dict, images, targets: list[int],
+         data_name: str) -> dict[str, np.ndarray]:
   uses, values = _needed(graph, targets), {}
   for i in sorted(uses):
     node = graph.nodes[i]
