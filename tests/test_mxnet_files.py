@@ -9,15 +9,22 @@ subprocess; seeded mutation fuzzing (slow) as tests/fuzzing.py runs the
 other readers. ``fuzz_cases()`` is what benchmarks/fuzz_parsers.py runs
 with larger counts."""
 
+import functools
 import json
 import random
+import re
+import struct
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 
 from npcface_jax.foreign import mxnet_graph, mxnet_params
 from npcface_jax.foreign.mxnet_graph import MxnetGraphError
-from tests import mxnet_files
+from npcface_jax.foreign.mxnet_params import MxnetFileError
+from tests import fuzzing, mxnet_files
 from tests.mxnet_files import Builder
 
 HERE = 'tests.test_mxnet_files'
@@ -419,3 +426,295 @@ def test_params_of_another_graph_are_refused_naming_the_variable(tmp_path):
   with pytest.raises(MxnetGraphError, match=r"conv0.*weight \(8, 3, 5, 5\) "
                      'does not fit'):
     mxnet_graph.run(graph, wrong, images)
+
+
+# --- Hostile params ----------------------------------------------------------
+
+# The base file: arrays 'arg:a' (2, 3) and 'aux:b' (4,), float32, V2. Byte
+# offsets of its fields, as NDArray::Save lays them out.
+A_AT, B_AT = 24, 88  # the two records
+STYPE_AT, NDIM_AT, DIMS_AT = A_AT + 4, A_AT + 8, A_AT + 12
+FLAG_AT, DATA_AT = A_AT + 36, A_AT + 40
+NAMES_AT = 136
+
+
+def _base() -> bytes:
+  arrays = {'arg:a': np.arange(6, dtype='f4').reshape(2, 3),
+            'aux:b': np.ones(4, 'f4')}
+  data = mxnet_files.params_bytes(arrays)
+  assert struct.unpack_from('<I', data, B_AT)[0] == mxnet_files.V2
+  assert struct.unpack_from('<Q', data, NAMES_AT)[0] == 2
+  return data
+
+
+def _put(data: bytes, offset: int, fmt: str, *values) -> bytes:
+  out = bytearray(data)
+  struct.pack_into(fmt, out, offset, *values)
+  return bytes(out)
+
+
+HOSTILE_PARAMS = {
+    'list_magic': (lambda d: _put(d, 0, '<Q', 0x113), 0,
+                   'not the NDArray list magic'),
+    'ndarray_magic': (lambda d: _put(d, A_AT, '<I', 0x12345678), A_AT,
+                      'neither an NDArray magic nor a shape'),
+    'row_sparse': (lambda d: _put(d, STYPE_AT, '<i', 1), A_AT,
+                   'row_sparse storage'),
+    'csr': (lambda d: _put(d, STYPE_AT, '<i', 2), A_AT, 'csr storage'),
+    'type_flag': (lambda d: _put(d, FLAG_AT, '<i', 9), FLAG_AT,
+                  'type flag 9'),
+    'negative_dim': (lambda d: _put(d, DIMS_AT, '<q', -1), NDIM_AT,
+                     'negative'),
+    'none_array': (lambda d: _put(d, NDIM_AT, '<i', 0), A_AT,
+                   'none .never initialised'),
+    'names_count': (lambda d: _put(d, NAMES_AT, '<Q', 1), NAMES_AT,
+                    '1 names for 2 arrays'),
+    'duplicate_name': (lambda d: d.replace(b'aux:b', b'arg:a'), NAMES_AT + 21,
+                       "'arg:a' twice"),
+    'not_utf8': (lambda d: d.replace(b'aux:b', b'aux:\xff'), NAMES_AT + 29,
+                 'not UTF-8'),
+    'trailing': (lambda d: d + b'\0', len(_base()), '1 bytes follow'),
+}
+# Forged lengths: what a reader that trusts them would allocate.
+FORGED_PARAMS = {
+    'forged_dims': (lambda d: _put(d, DIMS_AT, '<qq', 2**40, 2**40), DATA_AT,
+                    'needs 4835703278458516698824704 bytes'),
+    'forged_legacy_dims': (
+        lambda d: _put(d, A_AT, '<III', 2, 2**32 - 1, 2**32 - 1), A_AT + 24,
+        'needs'),
+    'forged_count': (lambda d: _put(d, 16, '<Q', 2**63), 16,
+                     'cannot fit'),
+    'forged_names': (lambda d: _put(d, NAMES_AT, '<Q', 2**40), NAMES_AT,
+                     'cannot fit'),
+    'forged_name_length': (lambda d: _put(d, NAMES_AT + 8, '<Q', 2**62),
+                           NAMES_AT + 8, 'a name of 4611686018427387904'),
+    'forged_ndim': (lambda d: _put(d, NDIM_AT, '<i', 2**31 - 1), NDIM_AT,
+                    'neither an NDArray magic nor a shape'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(HOSTILE_PARAMS))
+def test_hostile_params_are_refused_naming_file_and_offset(tmp_path, case):
+  forge, offset, what = HOSTILE_PARAMS[case]
+  path = tmp_path / f'{case}.params'
+  path.write_bytes(forge(_base()))
+  with pytest.raises(MxnetFileError,
+                     match=f'^{re.escape(str(path))}: byte {offset}: .*{what}'):
+    mxnet_params.read_params(path)
+
+
+def test_every_truncation_is_refused_naming_the_offset(tmp_path):
+  data, path = _base(), tmp_path / 'cut.params'
+  for length in range(len(data)):
+    path.write_bytes(data[:length])
+    with pytest.raises(MxnetFileError, match=f'^{re.escape(str(path))}: '
+                       r'byte \d+: .*(left|cut short)'):
+      mxnet_params.read_params(path)
+
+
+_CHILD = textwrap.dedent('''
+    import resource, sys
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+    from npcface_jax.foreign import mxnet_params, mxnet_graph
+    for path in sys.argv[1:]:
+      try:
+        if path.endswith('.json'):
+          mxnet_params.read_symbol(path)
+        else:
+          mxnet_params.read_params(path)
+        print('PARSED', path)
+      except mxnet_params.MxnetFileError as e:
+        print('REFUSED', str(e).replace(chr(10), ' '))
+''')
+
+
+def _refusals_in_subprocess(paths) -> list[str]:
+  """Each file read in a child limited to 1 GiB of address space: a forged
+  length that were trusted would die there, not take the test run down."""
+  proc = subprocess.run(
+      [sys.executable, '-c', _CHILD, *map(str, paths)], capture_output=True,
+      text=True, timeout=120, cwd=str(fuzzing.ROOT), check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout.splitlines()
+
+
+def test_forged_lengths_are_refused_before_allocating(tmp_path):
+  paths = []
+  for case, (forge, _, _) in sorted(FORGED_PARAMS.items()):
+    paths.append(tmp_path / f'{case}.params')
+    paths[-1].write_bytes(forge(_base()))
+  lines = _refusals_in_subprocess(paths)
+  assert len(lines) == len(paths)
+  for line, (case, (_, offset, what)) in zip(lines,
+                                             sorted(FORGED_PARAMS.items())):
+    assert re.match(f'REFUSED .*{case}.params: byte {offset}: .*{what}',
+                    line), line
+
+
+# --- Hostile symbol JSON -----------------------------------------------------
+
+def _tiny_symbol() -> dict:
+  """data -> conv (weight) -> relu: nodes 0 to 3."""
+  b = Builder(np.random.default_rng(0))
+  conv = b.conv(b.var('data'), 'c', 3, 4)
+  return b.symbol([b.op('Activation', 'relu', [conv], act_type='relu')])
+
+
+def _edit(edit):
+  def forge():
+    symbol = _tiny_symbol()
+    edit(symbol)
+    return json.dumps(symbol)
+  return forge
+
+
+def _set(path, value):
+  def edit(symbol):
+    target = symbol
+    for key in path[:-1]:
+      target = target[key]
+    target[path[-1]] = value
+  return edit
+
+
+HOSTILE_SYMBOLS = {
+    'self_reference': (_edit(_set(['nodes', 3, 'inputs'], [[3, 0, 0]])),
+                       r'nodes\[3\] \(.relu.\): input 0 reads node 3, which '
+                       'is not a node before it'),
+    'forward_reference': (_edit(_set(['nodes', 2, 'inputs', 0], [3, 0, 0])),
+                          r'nodes\[2\] \(.c.\): input 0 reads node 3.*cycle'),
+    'unknown_op': (_edit(_set(['nodes', 3, 'op'], 'MyPlugin')),
+                   r"nodes\[3\].*op 'MyPlugin' is not an MXNet op"),
+    'bad_tuple': (_edit(_set(['nodes', 2, 'attrs', 'kernel'], '(3, x)')),
+                  r'nodes\[2\].*kernel=.\(3, x\).*not an integer'),
+    'bad_bool': (_edit(_set(['nodes', 2, 'attrs', 'no_bias'], 'yes')),
+                 r'nodes\[2\].*no_bias.*not True/False'),
+    'not_a_string': (_edit(_set(['nodes', 2, 'attrs', 'num_filter'], 4)),
+                     r'nodes\[2\].*num_filter.*not the string'),
+    'input_count': (_edit(_set(['nodes', 2, 'inputs'], [[0, 0, 0]])),
+                    r'nodes\[2\].*Convolution has 1 inputs, not 2'),
+    'second_output': (_edit(_set(['nodes', 3, 'inputs', 0], [2, 1, 0])),
+                      r'nodes\[3\].*reads output 1 of node 2'),
+    'missing_attribute': (
+        _edit(lambda s: s['nodes'][3]['attrs'].pop('act_type')),
+        r"nodes\[3\].*needs the attribute 'act_type'"),
+    'head_out_of_range': (_edit(_set(['heads'], [[9, 0, 0]])),
+                          r'the graph: a head reads node 9'),
+    'arg_node_not_variable': (_edit(_set(['arg_nodes'], [2])),
+                              r"the graph: 'arg_nodes' must list variable"),
+    'no_nodes': (_edit(lambda s: s.pop('nodes')), r"'nodes': must be a list"),
+    'node_not_object': (_edit(_set(['nodes', 1], 'conv')),
+                        r'nodes\[1\]: a JSON str, not a node'),
+    'infinite_eps': (_edit(lambda s: s['nodes'].__setitem__(3, dict(
+        op='BatchNorm', name='bn', attrs={'eps': '1e999'},
+        inputs=[[2, 0, 0]] * 5))), r'nodes\[3\].*eps=.1e999.*not a finite'),
+    'not_json': (lambda: '{"nodes": [', 'not valid JSON'),
+    'deep_nesting': (lambda: '[' * 100_000 + ']' * 100_000,
+                     'nests JSON deeper than'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(HOSTILE_SYMBOLS))
+def test_hostile_symbols_are_refused_naming_file_and_node(tmp_path, case):
+  forge, what = HOSTILE_SYMBOLS[case]
+  path = tmp_path / f'{case}-symbol.json'
+  path.write_text(forge())
+  with pytest.raises(MxnetFileError, match=f'^{re.escape(str(path))}.*{what}'):
+    mxnet_params.read_symbol(path)
+
+
+def test_deep_nesting_in_a_subprocess(tmp_path):
+  """A recursion-prone input read where a crash would not end the run."""
+  path = tmp_path / 'deep-symbol.json'
+  path.write_text('{"nodes": ' + '[' * 2_000_000 + ']' * 2_000_000 + '}')
+  (line,) = _refusals_in_subprocess([path])
+  assert re.match(f'REFUSED {re.escape(str(path))} nests JSON deeper', line)
+
+
+# --- Fuzzing (tests/fuzzing.py) ----------------------------------------------
+
+@functools.cache
+def _fuzz_model():
+  """(symbol JSON text, params bytes, params) of a small LResNet, fixed."""
+  symbol, params = mxnet_files.lresnet(np.random.default_rng(1), units=(1, 1))
+  return (json.dumps(symbol, indent=1), mxnet_files.params_bytes(params),
+          params)
+
+
+def _parse_params(path):
+  mxnet_params.read_params(path)
+
+
+def _run_symbol(path):
+  """A mutated graph read and run over the fixed weights."""
+  graph = mxnet_params.read_symbol(path)
+  images = np.linspace(0, 255, 2 * 3 * 16 * 16).reshape(2, 3, 16, 16)
+  mxnet_graph.run(graph, _fuzz_model()[2], images)
+
+
+def _params_fields(data: bytes) -> list[tuple[int, int]]:
+  """(offset, width) of the length and count fields of a V2 params file."""
+  fields, pos = [(16, 8)], 24
+  for _ in range(struct.unpack_from('<Q', data, 16)[0]):
+    ndim = struct.unpack_from('<i', data, pos + 8)[0]
+    fields += [(pos + 8, 4)] + [(pos + 12 + 8 * k, 8) for k in range(ndim)]
+    size = int(np.prod(struct.unpack_from(f'<{ndim}q', data, pos + 12)))
+    pos += 12 + 8 * ndim + 12 + 4 * size
+  fields.append((pos, 8))
+  pos += 8
+  while pos < len(data):
+    fields.append((pos, 8))
+    pos += 8 + struct.unpack_from('<Q', data, pos)[0]
+  return fields
+
+
+_PARAMS_TOKENS = (struct.pack('<I', 0xF993FAC8), struct.pack('<I', 0xF993FAC9),
+                  struct.pack('<I', 0xF993FACA), struct.pack('<i', -1),
+                  struct.pack('<Q', 0x112), b'arg:', b'aux:', b'\xff' * 8,
+                  b'\0' * 8)
+_SYMBOL_TOKENS = (b'[', b']', b'{', b'}', b',', b'"', b'"op"', b'"inputs"',
+                  b'"attrs"', b'"param"', b'-1', b'999999999', b'1e999',
+                  b'"(3, 3)"', b'"(0, 0)"', b'"(99999, 99999)"', b'"True"',
+                  b'"False"', b'"0"', b'null', b'"Pooling"', b'"SoftmaxOutput"',
+                  b'"full"', b'"global_pool": "True"', b'[0, 0, 0]', b'\\u0000')
+
+
+def fuzz_cases() -> list[dict]:
+  """Keyword arguments of fuzzing.fuzz (less workdir and seed; 'count' is
+  this file's default) for the params reader and the symbol reader with
+  the interpreter behind it."""
+  text, data, _ = _fuzz_model()
+  errors = ['npcface_jax.foreign.mxnet_params:MxnetFileError',
+            'npcface_jax.foreign.mxnet_graph:MxnetGraphError']
+  return [
+      dict(name='mxnet_params', target=f'{HERE}:_parse_params',
+           files={'model-0000.params': data}, mutate_file='model-0000.params',
+           expected=errors[:1], tokens=_PARAMS_TOKENS,
+           length_fields=_params_fields(data), count=1000),
+      dict(name='mxnet_symbol', target=f'{HERE}:_run_symbol',
+           files={'model-symbol.json': text.encode()},
+           mutate_file='model-symbol.json', expected=errors,
+           tokens=_SYMBOL_TOKENS, count=1000),
+  ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('case', ['mxnet_params', 'mxnet_symbol'])
+def test_fuzz(case, tmp_path, record_property):
+  kwargs = {c['name']: c for c in fuzz_cases()}[case]
+  summary = fuzzing.fuzz(workdir=tmp_path, seed=None, **kwargs)
+  record_property('fuzz', summary.line())
+  print(summary.line())
+  assert summary.problems() == '', f'{summary.line()}\n{summary.problems()}'
+  assert summary.refused > 0 and summary.parsed > 0, summary.line()
+
+
+def test_fuzz_length_fields_are_the_files_lengths():
+  """The fields the fuzzer forges are the counts and lengths themselves."""
+  _, data, params = _fuzz_model()
+  fields = _params_fields(data)
+  value = [int.from_bytes(data[o:o + w], 'little') for o, w in fields]
+  assert value[0] == value[-len(params) - 1] == len(params)
+  assert value[-len(params):] == [len(n.encode()) for n in params]
+  first = params['arg:conv0_weight']
+  assert value[1:2 + first.ndim] == [first.ndim, *first.shape]

@@ -107,11 +107,10 @@ def batch_norm(node: Node, x, gamma, beta, mean, var):
     raise _error(node, f'axis {a["axis"]} of input {x.shape}: only the '
                  'channel axis 1 is computed')
   c = x.shape[1]
-  scale = np.ones(c) if a['fix_gamma'] else gamma
-  _along_channels(node, gamma, x, c)
-  inv = _along_channels(node, scale / np.sqrt(var + a['eps']), x, c)
-  return ((x - _along_channels(node, mean, x, c)) * inv
-          + _along_channels(node, beta, x, c))
+  gamma, beta, mean, var = (_along_channels(node, v, x, c)
+                            for v in (gamma, beta, mean, var))
+  scale = 1.0 if a['fix_gamma'] else gamma
+  return (x - mean) * (scale / np.sqrt(var + a['eps'])) + beta
 
 
 def activation(node: Node, x):
@@ -183,8 +182,11 @@ def pooling(node: Node, x):
     (kh, kw), (sh, sw) = _pair(node, 'kernel', 0), _pair(node, 'stride', 1)
     ph, pw = _pair(node, 'pad', 0)
   full = convention == 'full' and not a['global_pool']
+  if min(kh, kw, sh, sw) < 1:
+    raise _error(node, f'kernel {(kh, kw)} and stride {(sh, sw)} must be '
+                 'positive')
   ho, wo = (_window(h, kh, sh, ph, 1, full), _window(w, kw, sw, pw, 1, full))
-  if min(kh, kw, sh, sw) < 1 or ho < 1 or wo < 1:
+  if ho < 1 or wo < 1:
     raise _error(node, f'kernel {(kh, kw)}, stride {(sh, sw)} do not fit '
                  f'the padded input {(h, w)}')
   # Pad far enough for the last window ('full' may reach past the padding):

@@ -100,7 +100,7 @@ def _shape(r: _Reader, magic: int) -> tuple[int, ...] | None:
   if magic in (NDARRAY_V1_MAGIC, NDARRAY_V2_MAGIC, NDARRAY_V3_MAGIC):
     ndim, width = r.uint(4, 'ndim', signed=True), 8
   else:
-    ndim, width = magic, 4  # legacy: the first word was the ndim
+    ndim, width, at = magic, 4, at - 4  # legacy: the first word was ndim
   if ndim == -1 and magic == NDARRAY_V3_MAGIC:
     return None
   if ndim == 0 and magic != NDARRAY_V3_MAGIC:
@@ -235,7 +235,7 @@ def _int(text: str) -> int:
 
 
 def _float(text: str) -> float:
-  if not _FLOAT.fullmatch(text.strip()):
+  if not _FLOAT.fullmatch(text.strip()) or not np.isfinite(float(text)):
     raise ValueError(f'{text!r} is not a finite number')
   return float(text)
 
