@@ -10,7 +10,9 @@ semantics (the operator docs of 1.x), op by op, not from a framework:
   when fix_gamma (the default); use_global_stats only changes training.
 - Pooling: max / avg / sum; 'valid' floors the output size, 'full' rounds
   it up; an average counts the padded window (count_include_pad, the
-  default) clipped to the padded input; global_pool pools all of H x W.
+  default) clipped to the padded input, a max never takes a pad (both as
+  apache/mxnet ``src/operator/nn/pool.h``, ``pool_sum_2d_cpu`` at
+  01749a7, computes them); global_pool pools all of H x W.
 - FullyConnected: x (flattened to (N, -1) unless flatten=False) @ W.T + b.
 - LeakyReLU: 'prelu' with a learnt per-channel gamma, 'leaky' with slope.
 - Dropout is the identity at inference; scalar ops and additions as named.
