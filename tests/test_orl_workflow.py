@@ -5,6 +5,7 @@ trained on s1-s20, fine-tuned on s21-s30, verified on pairs of s31-s40 that
 neither saw, and verify agreeing with evaluate on those pairs."""
 
 import importlib.util
+import json
 import pathlib
 
 import numpy as np
@@ -51,22 +52,29 @@ def test_photos_to_a_finetuned_model_and_its_answers(tmp_path):
   assert len(skipped) <= 1 and all(
       s['reason'].startswith('no face') and (orl / s['name']).is_file()
       for s in skipped), skipped
-  # Training learns: the untrained network already scores about 80% on
-  # these aligned pairs. This small run is chaotic (a 1e-7 change of the
-  # weights grows ~100-fold a step: tests/test_backward_run.py), so what it
-  # reaches moves with anything that reorders float32 sums, as another CPU
-  # does: without warm-up, benchmarks/recipe_spread.py measured run_a at
-  # 82.3% to 88.2% under XLA code generation changed as other CPUs change
-  # it (AVX2, 512- and 128-bit vectors, LLVM -O0, fast math, the native
-  # formulations), a gain of only 2.6 points at its worst (and one
-  # machine's 80.4% from 80.0%). Three epochs of warm-up (the README's
-  # recipe now) held every such variant at 85.7% to 88.3%, at least 6
-  # points over the start, so the test asks for 5. Fine-tuning on ten
-  # other people keeps the backbone's verification of a third group within
-  # a few points (measured 91.2 -> 89.7; it does not raise it: see
-  # benchmarks/RESULTS.md), and its first verification, before any step,
-  # is the start's: the backbone came over unchanged.
-  assert acc['run_a'] >= acc['run_a at step 0'] + 0.05, acc
+  # Training learns. The training set is learnt in every case measured:
+  # over 11 variants (this recipe under XLA code generation changed as
+  # other CPUs change it: AVX2, 512- and 128-bit vectors, LLVM -O0, fast
+  # math, the native formulations; and 4 other seeds) the last logged
+  # training accuracy was 0.974-0.995 and the loss fell from 24-26 to
+  # 0.07-0.34 (benchmarks/RESULTS.md, "How far the ORL recipe moves").
+  # What this small run verifies on 10 unseen people moves more: it is
+  # chaotic (a 1e-7 change of the weights grows ~100-fold a step:
+  # tests/test_backward_run.py), and the same variants ended at 82.9% to
+  # 89.9%, +3.9 to +16.0 points over their start (512-bit vectors the
+  # least). So the test asks for the training set learnt and half the
+  # least gain measured on the unseen pairs.
+  records = [json.loads(line) for line in (
+      tmp_path / 'run_a' / 'analysis' / 'metrics.jsonl').read_text(
+      ).splitlines()]
+  assert records[-1]['accuracy'] >= 0.9, records[-1]
+  assert records[-1]['loss'] <= records[0]['loss'] / 10, records
+  assert acc['run_a'] >= acc['run_a at step 0'] + 0.02, acc
+  assert acc['run_a'] >= 0.8, acc
+  # Fine-tuning on ten other people keeps the backbone's verification of a
+  # third group within a few points (measured 91.2 -> 89.7; it does not
+  # raise it: see benchmarks/RESULTS.md), and its first verification,
+  # before any step, is the start's: the backbone came over unchanged.
   assert acc['run_b at step 0'] == acc['run_a'], acc
   assert acc['run_b'] >= acc['run_a'] - 0.04, acc
   # verify at evaluate's 10-fold threshold agrees with evaluate's 10-fold
