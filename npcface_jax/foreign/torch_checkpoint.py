@@ -107,6 +107,7 @@ def _globals() -> dict[tuple[str, str], str]:
   for core in ('core', '_core'):
     out[(f'numpy.{core}.multiarray', 'scalar')] = 'np_scalar'
   out.update({
+      ('_codecs', 'encode'): 'encode',
       ('collections', 'OrderedDict'): 'OrderedDict',
       ('collections', 'Counter'): 'Counter', ('torch', 'Size'): 'Size',
       ('argparse', 'Namespace'): 'Namespace', ('numpy', 'dtype'): 'np_dtype',
@@ -235,7 +236,11 @@ def _numpy_call(name: str, args: tuple):
 
 
 def _container(name: str, args: tuple):
-  """OrderedDict, Counter, Size, copyreg._reconstructor: plain values."""
+  """OrderedDict, Counter, Size, copyreg._reconstructor, and bytes as
+  Python 3 writes them at protocol 2: plain values."""
+  if name == 'encode' and len(args) == 2 and type(args[0]) is str and (
+      args[1] in ('latin1', 'latin-1') and type(args[1]) is str):
+    return args[0].encode('latin-1')  # UnicodeEncodeError: refused
   if name in ('OrderedDict', 'Counter') and not args:
     return _ODict()
   if name in ('OrderedDict', 'Counter') and len(args) == 1 and (
@@ -589,23 +594,23 @@ class _Plain(safe_pickle.Vocabulary):
 
 
 def _legacy_header(data) -> int:
-  """Checks the magic number, protocol and system info; returns where the
-  main pickle starts."""
-  values, pos = [], 0
-  for _ in range(3):
+  """Checks the magic number, protocol and system info pickles (each
+  before reading on); returns where the main pickle starts."""
+  checks = [
+      (lambda v: v == _MAGIC and type(v) is int, "not torch's magic number: "
+       'a pickle, but not a torch checkpoint'),
+      (lambda v: v == _LEGACY_PROTOCOL and type(v) is int,
+       f'not legacy protocol version {_LEGACY_PROTOCOL}'),
+      (lambda v: type(v) is dict and v.get('little_endian') is True,
+       "not a little-endian machine's system info")]
+  pos = 0
+  for ok, why in checks:
     reader = safe_pickle.Reader(data, _Plain(), pos)
-    values.append(reader.load())
+    value = reader.load()
+    if not ok(value):
+      raise _Refused(f'the pickle at byte {pos} holds {_describe(value)}, '
+                     f'{why}')
     pos = reader.pos
-  magic, protocol, info = values
-  if magic != _MAGIC:
-    raise _Refused(f'the first pickle holds {_describe(magic)}, not torch\'s '
-                   'magic number: a pickle, but not a torch checkpoint')
-  if protocol != _LEGACY_PROTOCOL:
-    raise _Refused(f'legacy protocol version {_describe(protocol)}, not '
-                   f'{_LEGACY_PROTOCOL}')
-  if not (type(info) is dict and info.get('little_endian') is True):
-    raise _Refused(f'system info {_describe(info)}: not a little-endian '
-                   'machine\'s')
   return pos
 
 
