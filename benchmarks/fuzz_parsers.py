@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 from tests import fuzzing  # noqa: E402
 
 MODULES = ('tests.test_verification_bin', 'tests.test_hostile_inputs',
-           'tests.test_hostile_text', 'tests.test_damaged_records')
+           'tests.test_hostile_text', 'tests.test_damaged_records',
+           'tests.test_torch_checkpoint')
 
 
 def cases() -> list[dict]:

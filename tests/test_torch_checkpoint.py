@@ -214,6 +214,12 @@ def _hostile_files(marker: pathlib.Path) -> dict[str, tuple[bytes, str]]:
                         'TorchScript')
   deep = b'\x80\x02}(X\x01\x00\x00\x00a' + b']' * 10**5 + b'a' * (10**5 - 1)
   out['deep'] = (_zip({'archive/data.pkl': deep + b'u.'}), 'nested deeper')
+  # One list referenced twice per level, 60 levels: 2^60 paths to walk.
+  shared = (b'\x80\x02}(X\x01\x00\x00\x00a]q\x000'
+            + b'(h\x00h\x00lq\x000' * 60 + b'h\x00u.')
+  out['shared'] = (_zip({'archive/data.pkl': shared}), 'or more than')
+  out['tuple_key'] = (_zip({'archive/data.pkl': b'\x80\x02}()K\x01u.'}),
+                      r'at byte 7 \(SETITEMS\): a dict key of type tuple')
   return out
 
 

@@ -382,6 +382,8 @@ def _flatten(root, budget: int) -> tuple[dict, dict]:
       value = _tensor(value, 0, (value.view_numel,), (1,))
     if isinstance(value, safe_pickle.Global):
       value = f'torch.{value.name.split(":")[-1]}'
+    if isinstance(value, _NumpyDtype):
+      value = f'numpy.{np.dtype(value.code).name}'
     if name in tensors or name in other:
       raise _Refused(f'two values under the one name {name[:80]!r}')
     if isinstance(value, _Tensor):
