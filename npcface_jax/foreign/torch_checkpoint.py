@@ -100,6 +100,8 @@ def _globals() -> dict[tuple[str, str], str]:
   for module in ('torch', 'torch.cuda'):
     out.update({(module, name): f'storage:{dtype}'
                 for name, dtype in _STORAGES.items()})
+  # _rebuild_tensor_v3 (uint16, ...) names torch.storage.UntypedStorage.
+  out[('torch.storage', 'UntypedStorage')] = 'storage:uint8'
   out.update({('torch', name): f'dtype:{name}' for name in _DTYPE_NAMES})
   out.update({(m, 'AttributeDict'): 'AttributeDict' for m in _ATTRIBUTE_DICTS})
   for builtins in ('builtins', '__builtin__'):
