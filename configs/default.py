@@ -65,6 +65,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.model_options = ml_collections.ConfigDict()
   c.embedding_dim = 512
   c.dtype = 'float32'
+  # The network's input contract (faces/images.InputContract): channel order
+  # and (x - center) / scale, applied wherever pixels reach the network. A
+  # fine-tune takes its init_from run's; an imported model its source's.
+  c.input = ml_collections.ConfigDict(
+      {'channels': 'RGB', 'center': 127.5, 'scale': 128.0})
 
   # Head and criterion by name, each with its options (loss/registry.py).
   c.head = 'npcface'

@@ -59,13 +59,13 @@ def _pairs_kept(issame: np.ndarray, max_pairs: int) -> np.ndarray:
   return np.unique(np.linspace(0, n - 1, max_pairs).round().astype(int))
 
 
-def _pixels(faces: np.ndarray) -> np.ndarray:
+def _pixels(faces: np.ndarray, contract: images.InputContract) -> np.ndarray:
   """uint8 pixels of a set, the exported input: .bin sets hold them;
   synthetic sets hold normalised floats (images.normalize), rounded here to
   the nearest pixel values (the JAX embedder gets the same pixels)."""
   if faces.dtype == np.uint8:
     return faces
-  pixels = faces * images.PIXEL_SCALE + images.PIXEL_CENTER
+  pixels = images.denormalize(faces, contract)
   return np.clip(np.round(pixels), 0, 255).astype(np.uint8)
 
 
@@ -93,7 +93,7 @@ def parity_faces(model: trained_run.Model, image_paths: list[str],
   parts, rows, start = [], {}, 0
   for name, (pixels, issame) in sets.items():
     keep = _pairs_kept(np.asarray(issame), max_pairs)
-    pixels = _pixels(np.asarray(pixels))
+    pixels = _pixels(np.asarray(pixels), model.contract)
     pairs = pixels.reshape((-1, 2) + pixels.shape[1:])[keep]
     parts.append(pairs.reshape((-1,) + pixels.shape[1:]))
     rows[name] = (slice(start, start + 2 * len(keep)),
@@ -192,7 +192,8 @@ def export_run(workdir: str, *, step: int | None = None,
   faces = parity_faces(model, list(image_paths), max_pairs)
   log(f'parity faces: {faces.what}')
   reference = model.embed(faces.images)
-  fn = export_formats.serving_function(model.module, model.variables, flip)
+  fn = export_formats.serving_function(model.module, model.variables, flip,
+                                       model.contract)
   folder = out.rstrip(os.sep) + f'.partial-{os.getpid()}'
   shutil.rmtree(folder, ignore_errors=True)
   os.makedirs(folder)

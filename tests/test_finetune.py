@@ -189,6 +189,10 @@ def test_faults_of_the_source_run_are_named(source, tmp_path):
         r"\{'width': 0.25\} here", **{'model_options.width': 0.25})
   fails(r'the image size is 32 there but 48 here \(use data prepared at '
         r'32x32', image_size=48)
+  fails(r"config.input is InputContract\(channels='RGB', center=127.5, "
+        r"scale=128.0\) there but .*channels='BGR'.* here \(use "
+        r'--config.input.channels=RGB --config.input.center=127.5 '
+        r'--config.input.scale=128.0\)', **{'input.channels': 'BGR'})
   assert check(_config(init_from=str(workdir), **{
       'model_options.impl': 'matmul'}), 32).step == 2  # same parameters
   fails(r'is not a directory: name the --workdir', init_from=str(

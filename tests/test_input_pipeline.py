@@ -272,6 +272,27 @@ def test_ordered_dataset(data):
       np.concatenate([b['label'] for b in batches]), data.labels)
 
 
+def test_the_input_contract_reaches_both_datasets(data, mesh):
+  """A BGR, (x - 127.5) / 127.5 network (AdaFace's) gets its pixels so
+  from the ordered and the training dataset: the same records, channels
+  reversed, the other scale."""
+  contract = images.InputContract('BGR', 127.5, 127.5)
+  plain = next(ip.ordered_dataset(data.path, 8).as_numpy_iterator())
+  bgr = next(ip.ordered_dataset(data.path, 8, contract=contract)
+             .as_numpy_iterator())
+  pixels = images.denormalize(plain['image'])
+  np.testing.assert_allclose(bgr['image'],
+                             (pixels[..., ::-1] - 127.5) / 127.5, atol=1e-5)
+  np.testing.assert_allclose(images.denormalize(bgr['image'], contract),
+                             pixels, atol=1e-3)
+  a = ip.train_stream(data.path, 8, mesh, flip=False).next_local()
+  b = ip.train_stream(data.path, 8, mesh, flip=False,
+                      contract=contract).next_local()
+  np.testing.assert_allclose(
+      b['image'], images.normalize(images.denormalize(a['image']), contract),
+      atol=1e-5)
+
+
 def test_not_a_dataset(tmp_path, mesh):
   with pytest.raises(FileNotFoundError, match='python -m data_prep train'):
     ip.dataset_info(tmp_path)

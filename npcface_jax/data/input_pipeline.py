@@ -585,7 +585,8 @@ class TrainIterator(Stream):
   def __init__(self, info: DatasetInfo, mesh: Mesh, global_batch_size: int, *,
                seed: int, start, flip: bool, dtype, shuffle_buffer: int,
                process_index: int, process_count: int, num_threads: int | None,
-               prefetch: int, strict: bool = False):
+               prefetch: int, strict: bool = False,
+               contract: images.InputContract | None = None):
     super().__init__(mesh, process_count)
     self.info = info
     self.batch_size = local_batch_size(global_batch_size, mesh, process_count)
@@ -600,7 +601,7 @@ class TrainIterator(Stream):
         epoch_length=self.epoch_length, flip=flip, dtype=dtype,
         shuffle_buffer=shuffle_buffer, process_index=process_index,
         process_count=process_count, num_threads=num_threads,
-        prefetch=prefetch)
+        prefetch=prefetch, contract=contract)
     self._it = self._open()
 
   def _open(self):
@@ -669,7 +670,9 @@ def train_stream(data_dir: str | os.PathLike, global_batch_size: int,
                  process_index: int | None = None,
                  process_count: int | None = None,
                  num_threads: int | None = None,
-                 prefetch: int = 2, strict: bool = False) -> TrainIterator:
+                 prefetch: int = 2, strict: bool = False,
+                 contract: images.InputContract | None = None
+                 ) -> TrainIterator:
   """Training batches {'image': (B, S, S, 3) dtype, 'label': (B,) int32} from
   data_prep's shards, sharded on the mesh's 'data' axis.
 
@@ -677,7 +680,8 @@ def train_stream(data_dir: str | os.PathLike, global_batch_size: int,
   then continues exactly where that run stood. ``num_threads`` bounds
   tf.data's private thread pool (None: TensorFlow's shared pool). A
   damaged record is skipped and named (``damaged``), or with ``strict``
-  raises DamagedShard.
+  raises DamagedShard. ``contract``: the run's input contract
+  (images.InputContract; None: this project's RGB, 127.5, 128).
   """
   index, count = processes(process_index, process_count)
   return TrainIterator(dataset_info(data_dir), mesh, global_batch_size,
@@ -685,7 +689,7 @@ def train_stream(data_dir: str | os.PathLike, global_batch_size: int,
                        dtype=dtype_name(dtype),
                        shuffle_buffer=shuffle_buffer, process_index=index,
                        process_count=count, num_threads=num_threads,
-                       prefetch=prefetch, strict=strict)
+                       prefetch=prefetch, strict=strict, contract=contract)
 
 
 def _options(tf, num_threads):
@@ -716,15 +720,15 @@ def _decode(tf, record, image_size):
   return image, tf.cast(ex['label'], tf.int32)
 
 
-def _normalize(tf, image, dtype):
+def _normalize(tf, image, dtype, contract=None):
   """The model's input (images.normalize), computed in float32."""
-  x = images.normalize(tf.cast(image, tf.float32))
+  x = images.normalize(tf.cast(image, tf.float32), contract)
   return tf.cast(x, {'float32': tf.float32, 'bfloat16': tf.bfloat16}[dtype])
 
 
 def _train_dataset(info, *, seed, start, batch_size, epoch_length, flip, dtype,
                    shuffle_buffer, process_index, process_count, num_threads,
-                   prefetch, intact, fill):
+                   prefetch, intact, fill, contract=None):
   """Epoch e of this process: its files in an order drawn from (seed, e),
   records (or every P-th record) shuffled with a seed from (seed, e,
   process), cut to the equal epoch length (filled up from its start where
@@ -770,7 +774,7 @@ def _train_dataset(info, *, seed, start, batch_size, epoch_length, flip, dtype,
     if flip:
       image = tf.image.stateless_random_flip_left_right(
           image, seed=fold(fold(key_flip, epoch), index))
-    return {'image': _normalize(tf, image, dtype), 'label': label}
+    return {'image': _normalize(tf, image, dtype, contract), 'label': label}
 
   ds = tf.data.Dataset.counter(start_epoch).flat_map(epoch_records)
   ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -779,7 +783,8 @@ def _train_dataset(info, *, seed, start, batch_size, epoch_length, flip, dtype,
 
 
 def ordered_dataset(data_dir: str | os.PathLike, batch_size: int | None = None,
-                    dtype: Any = np.float32):
+                    dtype: Any = np.float32,
+                    contract: images.InputContract | None = None):
   """All examples in file order, unshuffled and unaugmented, as a
   tf.data.Dataset of {'image', 'label'} (for embedding extraction); the last
   batch may be short."""
@@ -789,7 +794,7 @@ def ordered_dataset(data_dir: str | os.PathLike, batch_size: int | None = None,
 
   def example(record):
     image, label = _decode(tf, record, info.image_size)
-    return {'image': _normalize(tf, image, dtype), 'label': label}
+    return {'image': _normalize(tf, image, dtype, contract), 'label': label}
 
   ds = tf.data.TFRecordDataset(list(info.files)).map(
       example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -50,9 +50,11 @@ def prototypes(classes: Sequence[int], image_size: int = 112,
   return (127.5 + 70.0 * img).astype(np.float32)
 
 
-def _render(labels, rng, image_size, seed, noise, max_shift, dtype):
+def _render(labels, rng, image_size, seed, noise, max_shift, dtype,
+            contract=None):
   """Samples of the given identities: prototype shifted by up to max_shift
-  pixels, with a brightness offset and pixel noise, then normalised."""
+  pixels, with a brightness offset and pixel noise, then normalised by the
+  run's input contract."""
   uniq, inverse = np.unique(labels, return_inverse=True)
   protos = prototypes(uniq, image_size, seed)
   n = len(labels)
@@ -63,7 +65,7 @@ def _render(labels, rng, image_size, seed, noise, max_shift, dtype):
   out += rng.normal(0.0, 10.0, (n, 1, 1, 1)).astype(np.float32)
   out += noise * rng.standard_normal(out.shape, np.float32)
   np.clip(out, 0.0, 255.0, out=out)
-  out = images.normalize(out)
+  out = images.normalize(out, contract)
   dtype = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16}[
       input_pipeline.dtype_name(dtype)]
   return out.astype(dtype, copy=False), np.asarray(labels, np.int32)
@@ -72,7 +74,8 @@ def _render(labels, rng, image_size, seed, noise, max_shift, dtype):
 def synthetic_examples(classes: Sequence[int], samples_per_class: int,
                        image_size: int = 112, seed: int = 0, *,
                        noise: float = 24.0, max_shift: int = 4,
-                       dtype: Any = np.float32
+                       dtype: Any = np.float32,
+                       contract: images.InputContract | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
   """(images (N, S, S, 3), labels (N,) int32) of the given identities,
   samples_per_class each, grouped by class; for verification, pass classes
@@ -80,14 +83,16 @@ def synthetic_examples(classes: Sequence[int], samples_per_class: int,
   classes = [int(c) for c in classes]
   labels = np.repeat(np.asarray(classes, np.int64), samples_per_class)
   rng = np.random.default_rng([_HELDOUT, seed, samples_per_class, *classes])
-  return _render(labels, rng, image_size, seed, noise, max_shift, dtype)
+  return _render(labels, rng, image_size, seed, noise, max_shift, dtype,
+                 contract)
 
 
 class SyntheticIterator(input_pipeline.Stream):
   """Endless batches of random identities; ``state()`` is {'step'}."""
 
   def __init__(self, num_classes, global_batch_size, mesh, *, image_size, seed,
-               start, noise, max_shift, dtype, process_index, process_count):
+               start, noise, max_shift, dtype, process_index, process_count,
+               contract=None):
     super().__init__(mesh, process_count)
     self.batch_size = input_pipeline.local_batch_size(global_batch_size,
                                                       mesh, process_count)
@@ -95,7 +100,7 @@ class SyntheticIterator(input_pipeline.Stream):
       raise ValueError(f'num_classes must be positive, got {num_classes}')
     self.num_classes, self.image_size, self.seed = num_classes, image_size, seed
     self.noise, self.max_shift, self.dtype = noise, max_shift, dtype
-    self.process_index = process_index
+    self.process_index, self.contract = process_index, contract
     if isinstance(start, Mapping) and set(start) != {'step'}:
       raise ValueError(f'start {start!r} is not a state() of a synthetic '
                        "stream: it needs exactly the key 'step'")
@@ -112,7 +117,8 @@ class SyntheticIterator(input_pipeline.Stream):
         [_STREAM, self.seed, self._step, self.process_index])
     labels = rng.integers(0, self.num_classes, self.batch_size)
     images, labels = _render(labels, rng, self.image_size, self.seed,
-                             self.noise, self.max_shift, self.dtype)
+                             self.noise, self.max_shift, self.dtype,
+                             self.contract)
     self._step += 1
     return {'image': images, 'label': labels}
 
@@ -123,7 +129,9 @@ def synthetic_stream(num_classes: int, batch_size: int, mesh: Mesh,
                      noise: float = 24.0, max_shift: int = 4,
                      dtype: Any = np.float32,
                      process_index: int | None = None,
-                     process_count: int | None = None) -> SyntheticIterator:
+                     process_count: int | None = None,
+                     contract: images.InputContract | None = None
+                     ) -> SyntheticIterator:
   """Learnable batches without files or TensorFlow: each of num_classes
   identities is a fixed prototype from (seed, class), each sample that
   prototype shifted and noised; batch (global) k is drawn from (seed, k,
@@ -132,16 +140,18 @@ def synthetic_stream(num_classes: int, batch_size: int, mesh: Mesh,
   return SyntheticIterator(num_classes, batch_size, mesh,
                            image_size=image_size, seed=seed, start=start,
                            noise=noise, max_shift=max_shift, dtype=dtype,
-                           process_index=index, process_count=count)
+                           process_index=index, process_count=count,
+                           contract=contract)
 
 
 def synthetic_pairs(classes, samples_per_class: int, num_pairs: int,
-                    image_size: int, seed: int, noise: float):
+                    image_size: int, seed: int, noise: float,
+                    contract: images.InputContract | None = None):
   """(images (2N, S, S, 3), issame (N,)): half matched, half mismatched
   pairs of the given (held-out) identities, drawn from the seed."""
   classes = list(classes)
-  images, _ = synthetic_examples(classes, samples_per_class, image_size, seed,
-                                 noise=noise)
+  faces, _ = synthetic_examples(classes, samples_per_class, image_size, seed,
+                                noise=noise, contract=contract)
   rng = np.random.default_rng([seed, len(classes), num_pairs])
   k, n = samples_per_class, len(classes)
   index, issame = [], []
@@ -153,4 +163,4 @@ def synthetic_pairs(classes, samples_per_class: int, num_pairs: int,
               else rng.integers(k, size=2))
     index += [a * k + sa, b * k + sb]
     issame.append(same)
-  return images[np.asarray(index)], np.asarray(issame)
+  return faces[np.asarray(index)], np.asarray(issame)

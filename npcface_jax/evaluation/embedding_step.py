@@ -6,9 +6,9 @@ device of the mesh,
 optionally adding each image's mirror (flip test-time augmentation), to
 L2-normalised float32 numpy embeddings.
 
-Images are uint8 pixels (normalised on the device, so a verification set
-stays 4x smaller in host memory) or floats already normalised as the input
-pipeline does (images.normalize).
+Images are uint8 RGB pixels (normalised on the device by the run's input
+contract, so a verification set stays 4x smaller in host memory) or floats
+already normalised as the input pipeline does (images.normalize).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from npcface_jax.evaluation import protocols
-from npcface_jax.faces.images import normalize
+from npcface_jax.faces.images import InputContract, normalize
 from npcface_jax.common.arrays import l2_normalize
 
 ALL_DEVICES = P(('data', 'model'))
@@ -30,7 +30,8 @@ ALL_DEVICES = P(('data', 'model'))
 class Embedder:
   """``embedder(variables, images) -> (N, D) float32``, L2-normalised."""
 
-  def __init__(self, model, mesh: Mesh, batch_size: int, flip: bool = False):
+  def __init__(self, model, mesh: Mesh, batch_size: int, flip: bool = False,
+               contract: InputContract | None = None):
     devices = mesh.size
     if batch_size <= 0 or batch_size % devices:
       raise ValueError(f'evaluation batch {batch_size} does not divide over '
@@ -43,7 +44,7 @@ class Embedder:
     def embed(variables, images):
       x = images
       if x.dtype == jnp.uint8:
-        x = normalize(x.astype(jnp.float32))
+        x = normalize(x.astype(jnp.float32), contract)
       e = model.apply(variables, x, train=False)
       if flip:
         e = e + model.apply(variables, x[:, :, ::-1], train=False)

@@ -9,6 +9,7 @@ import logging
 import os
 
 from npcface_jax.data import synthetic
+from npcface_jax.faces import images
 from npcface_jax.evaluation import bin_format
 
 
@@ -38,5 +39,5 @@ def verification_sets(config, image_size: int) -> dict[str, tuple]:
     sets['synthetic_heldout'] = synthetic.synthetic_pairs(
         range(syn.num_classes, syn.num_classes + syn.heldout_identities),
         syn.heldout_samples, syn.heldout_pairs, syn.image_size, config.seed,
-        syn.noise)
+        syn.noise, images.input_contract(config))
   return sets

@@ -45,14 +45,65 @@ PIXEL_CENTER = 127.5
 PIXEL_SCALE = 128.0
 
 
-def normalize(pixels):
-  """Pixels in 0..255 as network inputs, (x - PIXEL_CENTER) / PIXEL_SCALE.
+class InputContract(NamedTuple):
+  """How a network wants its pixels: RGB or BGR, then (x - center) /
+  scale. This project's runs are RGB, 127.5, 128 (insightface's); a model
+  trained elsewhere brings its own (arcface_torch: RGB, 127.5, 127.5;
+  AdaFace: BGR, 127.5, 127.5). A run records it in its config
+  (``config.input``) and every path that feeds the network applies it."""
 
-  Plain arithmetic on the argument, so the same formula serves float NumPy,
-  JAX and TensorFlow arrays (each in its own float dtype). Cast integer
-  pixels to a float dtype first: TensorFlow does not promote uint8.
+  channels: str = 'RGB'
+  center: float = PIXEL_CENTER
+  scale: float = PIXEL_SCALE
+
+  def check(self, where: str = 'config.input') -> InputContract:
+    if self.channels not in ('RGB', 'BGR'):
+      raise ValueError(f"{where}.channels must be 'RGB' or 'BGR', got "
+                       f'{self.channels!r}')
+    if not (isinstance(self.scale, (int, float)) and self.scale > 0 and
+            isinstance(self.center, (int, float))):
+      raise ValueError(f'{where}: center must be a number and scale a '
+                       f'positive one, got center={self.center!r}, '
+                       f'scale={self.scale!r}')
+    return self
+
+  def describe(self) -> str:
+    return f'{self.channels}, (x - {self.center:g}) / {self.scale:g}'
+
+
+def input_contract(config) -> InputContract:
+  """A run's contract from its config; runs from before config.input
+  existed were fed RGB, (x - 127.5) / 128."""
+  fields = config.get('input') if hasattr(config, 'get') else None
+  if not fields:
+    return InputContract()
+  fields = dict(fields)
+  return InputContract(str(fields.get('channels', 'RGB')),
+                       fields.get('center', PIXEL_CENTER),
+                       fields.get('scale', PIXEL_SCALE)).check()
+
+
+def normalize(pixels, contract: InputContract | None = None):
+  """Pixels in 0..255 (RGB, as this layer decodes them) as network
+  inputs: the channels reordered if the contract says BGR, then (x -
+  center) / scale; the default is this project's RGB, 127.5, 128.
+
+  Plain arithmetic and slicing on the argument, so the same formula serves
+  float NumPy, JAX and TensorFlow arrays (each in its own float dtype).
+  Cast integer pixels to a float dtype first: TensorFlow does not promote
+  uint8.
   """
-  return (pixels - PIXEL_CENTER) / PIXEL_SCALE
+  c = contract or InputContract()
+  if c.channels == 'BGR':
+    pixels = pixels[..., ::-1]
+  return (pixels - c.center) / c.scale
+
+
+def denormalize(inputs, contract: InputContract | None = None):
+  """normalize's inverse: network inputs back to RGB pixels 0..255."""
+  c = contract or InputContract()
+  pixels = inputs * c.scale + c.center
+  return pixels[..., ::-1] if c.channels == 'BGR' else pixels
 
 
 class BadImage(Exception):

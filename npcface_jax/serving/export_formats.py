@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 
 from npcface_jax.common.arrays import l2_normalize
-from npcface_jax.faces.images import normalize
+from npcface_jax.faces.images import InputContract, normalize
 
 FORMATS = ('savedmodel', 'onnx', 'tflite')
 FILES = {'savedmodel': 'saved_model', 'onnx': 'model.onnx',
@@ -59,14 +59,17 @@ def require_onnx():
   return onnxruntime
 
 
-def serving_function(module, variables, flip: bool) -> Callable:
-  """uint8 faces (B, S, S, 3) -> L2-normalised float32 embeddings (B, D)."""
+def serving_function(module, variables, flip: bool,
+                     contract: InputContract | None = None) -> Callable:
+  """uint8 RGB faces (B, S, S, 3) -> L2-normalised float32 embeddings (B,
+  D); the run's input contract (a BGR network's channel swap included)
+  is inside the graph."""
   if hasattr(module, 'impl'):
     module = module.clone(impl='native')
   variables = jax.device_get(variables)
 
   def embed(images):
-    x = normalize(images.astype(jnp.float32))
+    x = normalize(images.astype(jnp.float32), contract)
     e = module.apply(variables, x, train=False)
     if flip:
       e = e + module.apply(variables, lax.rev(x, (2,)), train=False)

@@ -101,6 +101,7 @@ def _evaluation(workdir: str, step: int, flip: bool) -> dict | None:
 def describe(model, flip: bool) -> dict:
   """The card without parity and files: model is an inference.Model."""
   size, config = model.image_size, model.config
+  contract = images.input_contract(config)
   info = jsonfile.read_object(os.path.join(model.workdir, run_dir.RUN_INFO))
   params = model.variables['params']
   dim = int(config.embedding_dim)
@@ -119,9 +120,10 @@ def describe(model, flip: bool) -> dict:
                              'of its 5 landmarks (eyes, nose tip, mouth '
                              'corners) onto the template',
                 'template': np.round(alignment.template(size), 4).tolist(),
-                'normalisation': f'inside the graph: (x - '
-                                 f'{images.PIXEL_CENTER}) / '
-                                 f'{images.PIXEL_SCALE}',
+                'normalisation': 'inside the graph: ' + (
+                    'channels reordered to BGR, then ' if
+                    contract.channels == 'BGR' else '') + (
+                    f'(x - {contract.center:g}) / {contract.scale:g}'),
                 'flip': flip},
       'output': {'name': 'embeddings', 'dtype': 'float32',
                  'shape': ['batch', dim],

@@ -41,13 +41,18 @@ class Model(NamedTuple):
   def flip(self) -> bool:
     return self.embedder.flip
 
+  @property
+  def contract(self) -> images.InputContract:
+    """How the network wants its pixels (run.json's config.input)."""
+    return images.input_contract(self.config)
+
   def with_flip(self, flip: bool) -> Model:
     """The same model embedding with (or without) flip TTA."""
     if flip == self.flip:
       return self
     e = self.embedder
     return self._replace(embedder=embedding_step.Embedder(
-        self.module, e.mesh, e.batch_size, flip))
+        self.module, e.mesh, e.batch_size, flip, self.contract))
 
   def embed(self, pixels: np.ndarray) -> np.ndarray:
     return self.embedder(self.variables, pixels)
@@ -64,7 +69,8 @@ def open_model(workdir: str, step: int | None = None, flip: bool = False,
   batch = -(-batch // mesh.size) * mesh.size
   variables, step = run_dir.restore_variables(workdir, mesh, step)
   module = models.from_config(config, train_dtype=False)
-  embedder = embedding_step.Embedder(module, mesh, batch, flip)
+  embedder = embedding_step.Embedder(module, mesh, batch, flip,
+                                     images.input_contract(config))
   return Model(embedder, variables, config, image_size, step, workdir, module)
 
 

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 from npcface_jax import models
+from npcface_jax.faces import images
 from npcface_jax.loss import heads, registry
 
 _DTYPES = ('float32', 'bfloat16')
@@ -80,6 +81,10 @@ def _check_data_and_model(config, problems: _Problems) -> None:
        f'choose one of {models.names()}')
   need(config.dtype in _DTYPES, 'dtype', f'choose one of {list(_DTYPES)}')
   need(config.embedding_dim > 0, 'embedding_dim', 'must be positive')
+  try:
+    images.input_contract(config)
+  except ValueError as e:
+    problems.append(str(e))
   strict = _get(config, 'strict_records')  # None: a config from before it
   need(strict is None or isinstance(strict, bool), 'strict_records',
        'must be True (a damaged record stops the run) or False (it is '

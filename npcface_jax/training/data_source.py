@@ -11,6 +11,7 @@ import jax
 from jax.sharding import Mesh
 
 from npcface_jax.data import input_pipeline, synthetic
+from npcface_jax.faces import images
 from npcface_jax.training import config_checks
 
 
@@ -26,12 +27,14 @@ def open_data(config, mesh: Mesh) -> Data:
   """Sizes from data_prep's metadata (or the synthetic config), checked
   against config.num_classes."""
   image_dtype = 'bfloat16' if config.dtype == 'bfloat16' else 'float32'
+  contract = images.input_contract(config)
   if config.dataset == 'synthetic':
     syn = config.synthetic
     config_checks.check_num_classes(config, syn.num_classes)
     stream = functools.partial(
         synthetic.synthetic_stream, syn.num_classes, config.batch_size, mesh,
-        syn.image_size, config.seed, noise=syn.noise, dtype=image_dtype)
+        syn.image_size, config.seed, noise=syn.noise, dtype=image_dtype,
+        contract=contract)
     return Data(syn.num_classes, syn.image_size,
                 syn.epoch_examples // config.batch_size,
                 lambda start: stream(start=start))
@@ -43,7 +46,7 @@ def open_data(config, mesh: Mesh) -> Data:
         config.dataset, config.batch_size, mesh, seed=config.seed,
         start=start, flip=config.flip, dtype=image_dtype,
         shuffle_buffer=config.shuffle_buffer,
-        strict=bool(config.get('strict_records', False)))
+        strict=bool(config.get('strict_records', False)), contract=contract)
 
   steps = input_pipeline.steps_per_epoch(info, config.batch_size, mesh,
                                          jax.process_count())

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from npcface_jax.common.arrays import l2_normalize
 from npcface_jax.common import checkpoint
+from npcface_jax.faces import images
 from npcface_jax.serving import run_dir
 from npcface_jax.training import config_checks, setup
 
@@ -74,9 +75,13 @@ def _backbone_options(options) -> dict:
 
 def _check_same_backbone(spec, config, image_size, source, source_size):
   """The source's backbone must be this run's: model, its options, the
-  embedding's size and the image side."""
+  embedding's size, the input contract and the image side."""
   model, dim = source.get('model'), source.get('embedding_dim')
+  theirs_in = images.input_contract(source)
   pairs = [
+      ('config.input', theirs_in, images.input_contract(config),
+       ' '.join(f'--config.input.{k}={v}'
+                for k, v in theirs_in._asdict().items())),
       ('config.model', model, config.model, f'config.model={model!r}'),
       ('config.model_options', _backbone_options(source.get('model_options')),
        _backbone_options(config.model_options),

@@ -14,6 +14,7 @@ import numpy as np
 from npcface_jax import models
 from npcface_jax.common import jsonfile
 from npcface_jax.evaluation import embedding_step, protocols, run_sets
+from npcface_jax.faces import images
 from npcface_jax.training import config_checks, setup
 
 
@@ -29,7 +30,8 @@ class Verifier:
     self._say_folds()
     self.embedder = embedding_step.Embedder(
         models.from_config(config, train_dtype=False), mesh,
-        config.eval_batch_size, config.eval_flip)
+        config.eval_batch_size, config.eval_flip,
+        images.input_contract(config))
     self.writer = writer
     self.path = os.path.join(workdir, 'eval', 'verification.json')
     self.record = {'best': {}, 'history': []}
@@ -64,9 +66,9 @@ class Verifier:
 
   def __call__(self, step: int, state: setup.TrainState) -> dict[str, dict]:
     results = {}
-    for name, (images, issame) in self.sets.items():
+    for name, (faces, issame) in self.sets.items():
       results[name] = embedding_step.verify(
-          self.embedder, setup.eval_variables(state), images,
+          self.embedder, setup.eval_variables(state), faces,
           np.asarray(issame))
       self._one(step, name, results[name])
     if results and jax.process_index() == 0:
