@@ -67,7 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.dtype = 'float32'
   # The network's input contract (faces/images.InputContract): channel order
   # and (x - center) / scale, applied wherever pixels reach the network. A
-  # fine-tune takes its init_from run's; an imported model its source's.
+  # fine-tune must have its init_from run's (configs/finetune.py reads it);
+  # an imported model has its source's.
   c.input = ml_collections.ConfigDict(
       {'channels': 'RGB', 'center': 127.5, 'scale': 128.0})
 

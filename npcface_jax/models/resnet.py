@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+from jax import lax
 
 from npcface_jax.models.layers import (Conv, EmbeddingHead, PReLU, batch_norm,
                                        channels, check_face_size)
@@ -72,7 +73,9 @@ class _Unit(nn.Module):
     if self.se:
       y = _SqueezeExcite(dtype=self.dtype)(y)
     if x.shape[-1] == self.features and self.shortcut == 'subsample':
-      x = x[:, ::self.stride, ::self.stride]
+      # lax.slice: a strided index lowers to a gather, which ONNX lacks.
+      x = lax.slice(x, (0, 0, 0, 0), x.shape, (1, self.stride, self.stride,
+                                                1))
     elif self.stride != 1 or x.shape[-1] != self.features:
       x = bn()(conv(self.features, 1, self.stride)(x))
     return x + y

@@ -67,9 +67,15 @@ def serving_function(module, variables, flip: bool,
   if hasattr(module, 'impl'):
     module = module.clone(impl='native')
   variables = jax.device_get(variables)
+  contract = contract or InputContract()
+  bgr = contract.channels == 'BGR'
+  # The channels reversed by lax.rev (a reversing slice lowers to a gather,
+  # which the ONNX translation does not take), then normalised as RGB.
+  rgb = contract._replace(channels='RGB')
 
   def embed(images):
-    x = normalize(images.astype(jnp.float32), contract)
+    x = images.astype(jnp.float32)
+    x = normalize(lax.rev(x, (3,)) if bgr else x, rgb)
     e = module.apply(variables, x, train=False)
     if flip:
       e = e + module.apply(variables, lax.rev(x, (2,)), train=False)

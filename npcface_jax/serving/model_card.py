@@ -132,6 +132,7 @@ def describe(model, flip: bool) -> dict:
       'training': _training(config, info.get('num_classes'), model.step),
       'head_options': info.get('head_options'),
       'evaluation': _evaluation(model.workdir, model.step, flip),
+      'imported': info.get(run_dir.IMPORTED),  # None: trained here
   }
 
 
@@ -185,6 +186,22 @@ def _parity_lines(parity: dict) -> list[str]:
   return lines
 
 
+def _origin_lines(record: dict) -> list[str]:
+  """An imported model: where it came from, its licence as the user
+  stated it, and how its import was checked."""
+  parity = record.get('parity') or {}
+  return ['## Origin', '',
+          f'- Trained elsewhere: {record.get("made_by")}, imported from '
+          f'`{record.get("source")}` ({record.get("format")}, sha256 '
+          f'`{record.get("sha256")}`).',
+          f'- Licence, as stated at import: {record.get("license")}. '
+          'Released face models are mostly for non-commercial research: '
+          'the licence, not this card, says what you may do with it.',
+          f'- Import checked against {parity.get("against")}: minimum '
+          f'cosine {parity.get("min_cosine")} on {parity.get("faces")}.',
+          '']
+
+
 def markdown(card: dict) -> str:
   m, i, t = card['model'], card['input'], card['training']
   template = '; '.join(f'({x:g}, {y:g})' for x, y in i['template'])
@@ -203,13 +220,14 @@ def markdown(card: dict) -> str:
       f', {card["output"]["normalised"]}.'
       + (' Each face\'s mirror image is added (flip test-time '
          'augmentation).' if i['flip'] else ''), '',
-      '## Training', '',
-      f'- Data: {t["dataset"]}; {t["classes"]} classes, '
-      f'{t["images"] or "an unknown number of"} images '
-      f'{t.get("images_note", "")}'.rstrip() + '.',
-      f'- Head: {t["head"]} {card["head_options"] or ""}.',
-      f'- {t["steps"]} steps of batch {t["batch_size"]}'
-      + (f' ({t["epochs"]} epochs).' if t['epochs'] else '.'), '',
+      *(_origin_lines(card['imported']) if card.get('imported') else [
+          '## Training', '',
+          f'- Data: {t["dataset"]}; {t["classes"]} classes, '
+          f'{t["images"] or "an unknown number of"} images '
+          f'{t.get("images_note", "")}'.rstrip() + '.',
+          f'- Head: {t["head"]} {card["head_options"] or ""}.',
+          f'- {t["steps"]} steps of batch {t["batch_size"]}'
+          + (f' ({t["epochs"]} epochs).' if t['epochs'] else '.'), '']),
       '## Evaluation', '', *_evaluation_lines(card['evaluation']), '',
       '## Parity of the exported files', '', *_parity_lines(card['parity']),
       '', '## Files', '', '| file | bytes | sha256 |', '|---|---|---|',

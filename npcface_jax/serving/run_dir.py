@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import ml_collections
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -114,3 +115,49 @@ def restore_variables(workdir: str, mesh: Mesh, step: int | None = None):
     checkpoints.close()
   return {'params': state['params']['backbone'],
           'batch_stats': state['batch_stats']}, step
+
+
+IMPORTED = 'imported'
+
+
+def write_imported(workdir: str, config, variables: dict, image_size: int,
+                   record: dict) -> None:
+  """A run directory for a model trained elsewhere, which every command
+  that takes a trained run takes: run.json (its config, and under
+  'imported' the record of where it came from: source file, sha256,
+  format, parity, licence) and a checkpoint at step 0 holding its
+  backbone and BatchNorm statistics as training lays them out. Written
+  beside ``workdir`` and moved there whole; ``workdir`` must not exist or
+  be empty, so no run is overwritten."""
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and os.listdir(workdir):
+    raise FileExistsError(f'{workdir} is not empty: import into a new '
+                          '--workdir (nothing there is overwritten)')
+  partial = f'{workdir}.partial-{os.getpid()}'
+  shutil.rmtree(partial, ignore_errors=True)
+  os.makedirs(partial)
+  checkpoints = checkpoint.Checkpointer(
+      os.path.join(partial, 'checkpoints'), keep=1, every_steps=1,
+      asynchronous=False)
+  try:
+    checkpoints.save(0, {'params': {'backbone': variables['params']},
+                         'batch_stats': variables['batch_stats']}, {},
+                     force=True)
+    checkpoints.wait()
+  finally:
+    checkpoints.close()
+  jsonfile.write_object(os.path.join(partial, RUN_INFO), {
+      'config': json.loads(config.to_json_best_effort()), 'head_options': {},
+      'image_size': int(image_size), 'num_classes': None,
+      DAMAGED: _damage_field([]), IMPORTED: record})
+  if os.path.exists(workdir):
+    os.rmdir(workdir)  # empty, checked above
+  os.rename(partial, workdir)
+
+
+def imported(workdir: str) -> dict | None:
+  """The import record of a run made by import_model (None for a run
+  trained here)."""
+  info = jsonfile.read_object(os.path.join(workdir, RUN_INFO))
+  record = info.get(IMPORTED)
+  return record if isinstance(record, dict) else None

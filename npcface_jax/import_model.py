@@ -1,0 +1,194 @@
+"""Imports a face recognition model trained elsewhere as a run directory.
+
+    python -m npcface_jax.import_model SRC --workdir=DIR [--images=FACES]
+        [--license=TEXT] [--channels=RGB|BGR --center=X --scale=Y]
+
+SRC is a released PyTorch checkpoint: insightface arcface_torch's
+``backbone.pth`` (iresnet18-200, mbf, mbf_large), FaceX-Zoo's ``.pt``
+(IR / IR-SE ResNets, MobileFaceNet) or AdaFace's Lightning ``.ckpt`` (IR
+ResNets), in torch's zip or legacy format, read without torch and without
+running anything the file holds. The backbone and its variant come from
+the tensors' names and shapes, the input contract (channel order and
+normalisation) from the source's documented default, which the flags
+override.
+
+The import proves itself before anything is written: the imported
+backbone (float32, as every command runs it) and the source's own
+computation (a float64 NumPy forward of its architecture, written from its
+PyTorch code) embed the same faces (``--images``: aligned 112x112 crops; by
+default 16 faces of random pixels) and must agree to a minimum cosine of
+0.9999. Then DIR gets run.json (the config; under "imported": the source
+file's path, sha256 and format, the layout, the parity figure and the
+licence you state) and a checkpoint at step 0, and `evaluate`, `verify`,
+`embed`, `identify`, `export` and `--config.init_from` take DIR as a run
+trained here. Released face models mostly carry non-commercial licences:
+``--license`` records what yours says, and the model card repeats it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import sys
+
+import numpy as np
+
+from npcface_jax.common import run_log
+from npcface_jax.faces import images
+from npcface_jax.foreign import torch_checkpoint, torch_import, torch_layouts
+from npcface_jax.serving import run_dir, trained_run
+
+MIN_COSINE = 0.9999
+RANDOM_FACES = 16
+_MXNET_LIST_MAGIC = (0x112).to_bytes(8, 'little')
+
+
+def _sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _check_format(path: str) -> None:
+  """Formats this command does not read yet are named, not misread."""
+  with open(path, 'rb') as f:
+    head = f.read(8)
+  if head == _MXNET_LIST_MAGIC or path.endswith('.params'):
+    raise ValueError(f'{path} is an MXNet .params file: its reader exists '
+                     '(npcface_jax.foreign.mxnet_params) but importing MXNet '
+                     'models is not built yet; import a PyTorch checkpoint')
+  if path.endswith('.onnx'):
+    raise ValueError(f'{path} is an ONNX graph: importing ONNX models is not '
+                     'built yet; import a PyTorch checkpoint')
+
+
+def _contract(imported, channels, center, scale) -> images.InputContract:
+  """The source's contract with the flags' fields over it."""
+  base = imported.contract
+  if base is None and None in (channels, center, scale):
+    raise ValueError(
+        f'{imported.source}: its input contract is unknown (a bare state '
+        'dict): give --channels, --center and --scale as it was trained '
+        '(FaceX-Zoo: BGR 127.5 128; AdaFace: BGR 127.5 127.5)')
+  base = base or images.InputContract()
+  return images.InputContract(
+      channels or base.channels, base.center if center is None else center,
+      base.scale if scale is None else scale).check('--channels/--center/'
+                                                    '--scale')
+
+
+def _faces(paths: list[str]) -> tuple[np.ndarray, str]:
+  size = torch_import.IMAGE_SIZE
+  if not paths:
+    rng = np.random.default_rng(0)
+    return (rng.integers(0, 256, (RANDOM_FACES, size, size, 3), np.uint8),
+            f'{RANDOM_FACES} faces of random pixels (seed 0)')
+  root, names = trained_run.list_sources(paths)
+  found = [b for b in images.ImageBatches(names, size, 64, root=root)
+           if len(b)]
+  if not found:
+    raise ValueError(f'--images: no readable image among {len(names)}')
+  faces = np.concatenate(found)[:64]
+  return faces, f'{len(faces)} aligned crops from {", ".join(paths)}'
+
+
+def _config(imported, contract: images.InputContract):
+  from npcface_jax.training import run_flags  # noqa: PLC0415 (configs/)
+  config = run_flags.default_config()
+  config.model = imported.model
+  config.model_options = dict(imported.options)
+  config.embedding_dim = imported.embedding_dim
+  config.input = contract._asdict()
+  config.dataset = ''
+  config.verification_targets = ''
+  return config
+
+
+def import_model(source: str, workdir: str, image_paths=(), license=None,
+                 channels=None, center=None, scale=None,
+                 log=print) -> dict:
+  """Reads, checks and writes; returns the import record (run.json's
+  "imported"). ValueError naming the fault when the file is not a
+  checkpoint we read, the contract is unknown, or parity fails."""
+  _check_format(source)
+  imported = torch_import.load(source)
+  contract = _contract(imported, channels, center, scale)
+  log(f'{source}: {imported.source}, {imported.model} '
+      f'{imported.options or ""} {imported.embedding_dim}-d; input '
+      f'{contract.describe()}')
+  faces, what = _faces(list(image_paths))
+  cosines = torch_import.parity(imported, faces, contract)
+  parity = {'min_cosine': float(cosines.min()),
+            'mean_cosine': float(cosines.mean()), 'faces': what,
+            'required': MIN_COSINE,
+            'against': 'a float64 NumPy forward of the source architecture '
+                       '(npcface_jax/foreign/reference_nets.py)'}
+  log(f'parity on {what}: minimum cosine {parity["min_cosine"]:.7f} '
+      f'(required {MIN_COSINE})')
+  if not cosines.min() >= MIN_COSINE:
+    raise ValueError(f'{source}: the imported backbone does not reproduce the '
+                     f'source (minimum cosine {cosines.min():.6f} < '
+                     f'{MIN_COSINE}); nothing was written')
+  record = {
+      'source': os.path.abspath(source), 'sha256': _sha256(source),
+      'bytes': os.path.getsize(source),
+      'format': f'PyTorch checkpoint ({imported.checkpoint.format})',
+      'layout': imported.layout.family, 'made_by': imported.source,
+      'prefix': imported.layout.prefix,
+      'stored_dtypes': sorted(imported.checkpoint.dtypes),
+      'left_out': imported.layout.left_out[:20],
+      'left_out_count': len(imported.layout.left_out),
+      'input': contract._asdict(), 'parity': parity,
+      'license': license or 'not stated',
+      'imported_at': datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec='seconds')}
+  run_dir.write_imported(workdir, _config(imported, contract),
+                         imported.variables, torch_import.IMAGE_SIZE, record)
+  return record
+
+
+def main(argv) -> None:
+  from absl import flags  # noqa: PLC0415 (the command's flags only)
+  f = flags.FLAGS
+  if len(argv) != 2:
+    raise SystemExit('give one checkpoint: python -m npcface_jax.import_model '
+                     'SRC --workdir=DIR')
+  run_log.quiet_third_party(f.verbose)
+  try:
+    record = import_model(argv[1], f.workdir, f.images or (), f.license,
+                          f.channels, f.center, f.scale)
+  except (ValueError, OSError, torch_checkpoint.TorchFileError,
+          torch_layouts.LayoutError) as e:
+    raise SystemExit(f'error: {e}') from None
+  print(f'imported into {f.workdir} (licence: {record["license"]}); '
+        f'evaluate it with python -m npcface_jax.evaluate '
+        f'--workdir={f.workdir} --targets=PAIRS.bin', file=sys.stdout)
+
+
+def _define_flags() -> None:
+  from absl import flags  # noqa: PLC0415 (the command's flags only)
+  flags.DEFINE_string('workdir', None, 'A new (or empty) directory for the '
+                      'run.')
+  flags.DEFINE_list('images', None, 'Check parity on these aligned 112x112 '
+                    'face crops (a folder, a list file or files; at most '
+                    '64) instead of random pixels.')
+  flags.DEFINE_string('license', None, 'The licence the model was released '
+                      'under, as you read it (recorded in run.json and the '
+                      'model card).')
+  flags.DEFINE_enum('channels', None, ['RGB', 'BGR'], 'The channel order '
+                    "the model was trained on (default: the source's).")
+  flags.DEFINE_float('center', None, 'Inputs are (x - center) / scale '
+                     "(default: the source's).")
+  flags.DEFINE_float('scale', None, 'See --center.')
+  flags.DEFINE_bool('verbose', False, 'Also log the INFO lines of '
+                    'TensorFlow, orbax, absl and JAX.')
+  flags.mark_flags_as_required(['workdir'])
+
+
+if __name__ == '__main__':
+  from absl import app
+  _define_flags()
+  app.run(main)
