@@ -163,7 +163,8 @@ def _command(*args, timeout=600):
 @pytest.mark.slow
 def test_an_imported_run_evaluates_exports_and_finetunes(tmp_path):
   """An AdaFace-style import (BGR, /127.5) is evaluated on ORL pairs (the
-  shared folder's .bin), exported to ONNX with its contract inside the
+  shared folder's .bin), verifies two faces at that evaluation's
+  threshold, is exported to ONNX with its contract inside the
   graph and the card naming the licence and the source, and fine-tuned by
   configs/finetune.py:RUN (its backbone, options and contract taken from
   the run) for a few steps on synthetic faces."""
@@ -185,6 +186,10 @@ def test_an_imported_run_evaluates_exports_and_finetunes(tmp_path):
   for i in range(8):
     Image.fromarray(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8)).save(
         faces / f'{i}.png')
+  said = json.loads(_command('npcface_jax.verify', f'--workdir={run}',
+                             '--aligned', '--json', str(faces / '0.png'),
+                             str(faces / '1.png')))
+  assert 'orl_test' in json.dumps(said)  # its threshold: the evaluated set
   _command('npcface_jax.export', f'--workdir={run}', '--formats=onnx',
            f'--images={faces}', f'--out={tmp_path / "export"}')
   card = json.loads((tmp_path / 'export' / 'model_card.json').read_text())
