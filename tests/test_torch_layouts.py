@@ -153,3 +153,30 @@ def test_reference_conv_is_pytorchs_convolution():
         want[0, o, y, z] = (xp[0, 2 * g:2 * g + 2, 2 * y:2 * y + 3,
                                2 * z:2 * z + 3] * w[o]).sum()
   np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_damaged_state_dicts_are_refused_by_name(case):
+  """A layer dropped, renamed or reshaped at random, 30 times per layout:
+  the import either still fits (a dropped num_batches_tracked) or stops
+  with a LayoutError, never another exception."""
+  make = CASES[case][0]
+  rng, _ = fresh_rng()
+  base = make(rng)
+  for _ in range(30):
+    tensors = dict(base)
+    name = list(tensors)[rng.integers(len(tensors))]
+    how = rng.integers(3)
+    if how == 0:
+      del tensors[name]
+    elif how == 1:
+      tensors[name.replace('.', '.x', 1)] = tensors.pop(name)
+    else:
+      v = tensors[name]
+      tensors[name] = np.ones((v.shape[0] + 1,) + v.shape[1:], 'f4') if (
+          v.ndim) else np.ones(2, 'f4')
+    try:
+      _flax_embeddings(torch_layouts.detect(tensors),
+                       np.zeros((1, 3, 112, 112)))
+    except torch_layouts.LayoutError:
+      pass

@@ -231,18 +231,23 @@ def detect(tensors: dict) -> Layout:
   sd = {n[len(prefix):]: v for n, v in tensors.items()
         if n.startswith(prefix) and not n.endswith('num_batches_tracked')}
   left_out = sorted(n for n in tensors if not n.startswith(prefix))
-  if family == 'face.evoLVe IR':
-    sd = _canonical_evolve(sd)
-  elif family == 'arcface_torch mbf':
-    sd = {_mbf_name(n): v for n, v in sd.items()}
   try:
+    if family == 'face.evoLVe IR':
+      sd = _canonical_evolve(sd)
+    elif family == 'arcface_torch mbf':
+      sd = {_mbf_name(n): v for n, v in sd.items()}
     if family in ('arcface_torch iresnet', 'face.evoLVe IR'):
       model, options, dim = _ir_variant(sd)
     else:
       model, options, dim = _mbf_variant(sd)
+  except LayoutError:
+    raise
   except KeyError as e:
     raise LayoutError(f'{family} without the layer {e.args[0]!r} (under '
                       f"prefix '{prefix}')") from None
+  except (AttributeError, IndexError, ValueError, TypeError) as e:
+    raise LayoutError(f'{family} (under prefix {prefix!r}) has a malformed '
+                      f'layer: {type(e).__name__}: {e}') from None
   return Layout(family, prefix, model, options, dim, sd, left_out)
 
 
@@ -355,7 +360,12 @@ def to_variables(layout: Layout, shapes: dict) -> dict:
     if not any(n.startswith(src + '.') for n in sd):
       raise LayoutError(f'{layout.family}: the layer {src!r} is missing '
                         f'(expected by {layout.model} {layout.options})')
-    for (collection, leaf), value in _converted(sd, src, kind).items():
+    try:
+      converted = _converted(sd, src, kind)
+    except (KeyError, AttributeError, IndexError, ValueError, TypeError) as e:
+      raise LayoutError(f'{layout.family}: the layer {src!r} is incomplete or '
+                        f'malformed ({type(e).__name__}: {e})') from None
+    for (collection, leaf), value in converted.items():
       node = shapes.get(collection, {})
       for key in (*path, leaf):
         node = node.get(key) if isinstance(node, dict) else None
