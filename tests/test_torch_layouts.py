@@ -16,13 +16,22 @@ from tests import released_nets
 from tests.helpers import fresh_rng
 
 
-def _flax_embeddings(layout, images_nchw):
+_SHAPES = {}
+
+
+def _variables(layout, x):
   model = models.create(layout.model, embedding_dim=layout.embedding_dim,
                         **layout.options)
+  key = (repr(model), x.shape)
+  if key not in _SHAPES:
+    _SHAPES[key] = jax.eval_shape(lambda: model.init(jax.random.key(0), x,
+                                                     train=False))
+  return model, torch_layouts.to_variables(layout, _SHAPES[key])
+
+
+def _flax_embeddings(layout, images_nchw):
   x = jnp.asarray(images_nchw.transpose(0, 2, 3, 1), jnp.float32)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x,
-                                             train=False))
-  variables = torch_layouts.to_variables(layout, shapes)
+  model, variables = _variables(layout, x)
   return np.asarray(model.apply(variables, x, train=False), np.float64)
 
 
@@ -176,7 +185,7 @@ def test_damaged_state_dicts_are_refused_by_name(case):
       tensors[name] = np.ones((v.shape[0] + 1,) + v.shape[1:], 'f4') if (
           v.ndim) else np.ones(2, 'f4')
     try:
-      _flax_embeddings(torch_layouts.detect(tensors),
-                       np.zeros((1, 3, 112, 112)))
+      _variables(torch_layouts.detect(tensors),
+                 jnp.zeros((1, 112, 112, 3)))
     except torch_layouts.LayoutError:
       pass

@@ -216,6 +216,10 @@ def _mbf_variant(sd: dict) -> tuple[str, dict, int]:
   stages = [round(sd[f'{b}.project.conv.weight'].shape[0] / width)
             for b in ('conv_23', 'conv_34', 'conv_45')]
   blocks = [first] + [_count(sd, b) for b in ('conv_3', 'conv_4', 'conv_5')]
+  for stage, count in zip(('conv2_dw / conv_2', 'conv_3', 'conv_4', 'conv_5'),
+                          blocks):
+    if count < 1:
+      raise LayoutError(f'a MobileFaceNet without its {stage} layers')
   if stages != [64, 128, 128]:
     options['stages'] = stages
   if blocks != [1, 4, 6, 2]:
