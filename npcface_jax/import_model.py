@@ -28,7 +28,6 @@ trained here. Released face models mostly carry non-commercial licences:
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
 import sys
 
@@ -37,19 +36,11 @@ import numpy as np
 from npcface_jax.common import run_log
 from npcface_jax.faces import images
 from npcface_jax.foreign import torch_checkpoint, torch_import, torch_layouts
-from npcface_jax.serving import run_dir, trained_run
+from npcface_jax.serving import model_card, run_dir, trained_run
 
 MIN_COSINE = 0.9999
 RANDOM_FACES = 16
 _MXNET_LIST_MAGIC = (0x112).to_bytes(8, 'little')
-
-
-def _sha256(path: str) -> str:
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def _check_format(path: str) -> None:
@@ -133,7 +124,7 @@ def import_model(source: str, workdir: str, image_paths=(), license=None,
                      f'source (minimum cosine {cosines.min():.6f} < '
                      f'{MIN_COSINE}); nothing was written')
   record = {
-      'source': os.path.abspath(source), 'sha256': _sha256(source),
+      'source': os.path.abspath(source), 'sha256': model_card.sha256(source),
       'bytes': os.path.getsize(source),
       'format': f'PyTorch checkpoint ({imported.checkpoint.format})',
       'layout': imported.layout.family, 'made_by': imported.source,

@@ -160,6 +160,17 @@ def _command(*args, timeout=600):
   return run.stdout
 
 
+def _orl_and_adaface(tmp_path):
+  """(ORL's pairs .bin in the shared folder, an AdaFace-style .ckpt, the
+  rng); skips where the shared faces are absent."""
+  bin_path = SHARED_DATA / 'orl_bin' / 'orl_test.bin'
+  if not bin_path.is_file():
+    pytest.skip(f'{bin_path} not found: the shared test faces are absent')
+  rng, _ = fresh_rng()
+  return bin_path, _write(tmp_path, 'adaface.ckpt', _adaface(rng),
+                          wrapper='lightning'), rng
+
+
 @pytest.mark.slow
 def test_an_imported_run_evaluates_exports_and_finetunes(tmp_path):
   """An AdaFace-style import (BGR, /127.5) is evaluated on ORL pairs (the
@@ -168,12 +179,7 @@ def test_an_imported_run_evaluates_exports_and_finetunes(tmp_path):
   graph and the card naming the licence and the source, and fine-tuned by
   configs/finetune.py:RUN (its backbone, options and contract taken from
   the run) for a few steps on synthetic faces."""
-  bin_path = SHARED_DATA / 'orl_bin' / 'orl_test.bin'
-  if not bin_path.is_file():
-    pytest.skip(f'{bin_path} not found: the shared test faces are absent')
-  rng, _ = fresh_rng()
-  source = _write(tmp_path, 'adaface.ckpt', _adaface(rng),
-                  wrapper='lightning')
+  bin_path, source, rng = _orl_and_adaface(tmp_path)
   run = str(tmp_path / 'run')
   import_model.import_model(source, run, license='research only', log=id)
   _command('npcface_jax.evaluate', f'--workdir={run}',
@@ -214,12 +220,7 @@ def test_evaluate_reproduces_the_sources_accuracy(tmp_path):
   10-fold accuracy through evaluate's embedding step equals the accuracy
   of the source's own computation (its float64 forward) on the same
   decoded faces, to 0.1 point; the issue's bar for a real release."""
-  bin_path = SHARED_DATA / 'orl_bin' / 'orl_test.bin'
-  if not bin_path.is_file():
-    pytest.skip(f'{bin_path} not found: the shared test faces are absent')
-  rng, _ = fresh_rng()
-  source = _write(tmp_path, 'adaface.ckpt', _adaface(rng),
-                  wrapper='lightning')
+  bin_path, source, _ = _orl_and_adaface(tmp_path)
   import_model.import_model(source, str(tmp_path / 'run'), log=id)
   model = trained_run.open_model(str(tmp_path / 'run'))
   pairs = bin_format.load_pairs(bin_path, 112)
