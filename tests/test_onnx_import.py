@@ -123,6 +123,32 @@ def test_import_writes_a_run_that_embeds_as_onnxruntime(case, tmp_path):
   assert _cos(run.embed(faces), want).min() > 0.9999
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['w600k_r50', 'w600k_mbf'])
+def test_full_size_released_structures(name, tmp_path):
+  """At full size the graphs are the released recognisers' networks
+  (iresnet50: 174 MB of float32 weights, as w600k_r50.onnx; arcface_torch's
+  mbf, 512-d) and are found as our presets: resnet50 without options, the
+  mbf's doubled channels and grouped stem."""
+  rng, _ = fresh_rng()
+  if name == 'w600k_r50':
+    model = onnx_files.iresnet(released_nets.arcface_iresnet(
+        rng, (3, 4, 14, 3), dim=512, width=1.0))
+    want = ('resnet50', {})
+  else:
+    model = onnx_files.mobilefacenet(released_nets.mobilefacenet(
+        rng, dim=512, width=1.0, scale=2, stem_groups=64,
+        arcface_torch=True), linear='matmul')
+    want = ('mobilefacenet', {'stem': 128, 'stem_groups': 64,
+                              'stages': [128, 256, 256]})
+  record = import_model.import_model(_save(tmp_path, model, f'{name}.onnx'),
+                                     str(tmp_path / 'run'), log=id)
+  assert record['parity']['min_cosine'] >= 0.9999
+  config = json.loads((tmp_path / 'run' / 'run.json').read_text())['config']
+  assert (config['model'], config['model_options']) == want
+  assert config['embedding_dim'] == 512
+
+
 def _ir_model(rng):
   return onnx_files.iresnet(released_nets.arcface_iresnet(rng))
 

@@ -64,8 +64,8 @@ def load(path: str) -> Imported:
   layout = found.layout
   imported = Imported(layout.model, layout.options, layout.embedding_dim,
                       {}, DEFAULT_CONTRACT,
-                      f'ONNX graph ({model.producer}, opset {model.opset}): '
-                      f'{layout.model}', layout, model, found.origin)
+                      f'ONNX graph ({model.producer}, opset {model.opset})',
+                      layout, model, found.origin)
   net = torch_import.module(imported)
   shapes = jax.eval_shape(lambda: net.init(
       jax.random.key(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)),
