@@ -12,13 +12,24 @@ the tensors' names and shapes, the input contract (channel order and
 normalisation) from the source's documented default, which the flags
 override.
 
+Or SRC is an ONNX face recogniser (told by its ``.onnx`` extension or by
+being a ModelProto that onnx parses; the ``[export]`` extra):
+insightface's ``w600k_r50.onnx``, ``glintr100.onnx`` (iresnet50/100) and
+``w600k_mbf.onnx``, as arcface_torch's torch2onnx.py exports them (BNs
+folded into convs or not). The backbone is read from the graph's
+structure, not its names (foreign/onnx_layouts.py); the input contract
+defaults to arcface_torch's RGB, (x - 127.5) / 127.5, which insightface
+applies outside these graphs.
+
 The import proves itself before anything is written: the imported
 backbone (float32, as every command runs it) and the source's own
-computation (a float64 NumPy forward of its architecture, written from its
-PyTorch code) embed the same faces (``--images``: aligned 112x112 crops; by
-default 16 faces of random pixels) and must agree to a minimum cosine of
-0.9999. Then DIR gets run.json (the config; under "imported": the source
-file's path, sha256 and format, the layout, the parity figure and the
+computation (for a checkpoint a float64 NumPy forward of its architecture,
+written from its PyTorch code; for ONNX the graph itself under
+onnxruntime, fed NCHW float32) embed the same faces (``--images``: aligned
+112x112 crops; by default 16 faces of random pixels) and must agree to a
+minimum cosine of 0.9999. Then DIR gets run.json (the config; under
+"imported": the source file's path, sha256 and format (with an ONNX
+graph's opset and producer), the layout, the parity figure and the
 licence you state) and a checkpoint at step 0, and `evaluate`, `verify`,
 `embed`, `identify`, `export` and `--config.init_from` take DIR as a run
 trained here. Released face models mostly carry non-commercial licences:
@@ -35,7 +46,8 @@ import numpy as np
 
 from npcface_jax.common import run_log
 from npcface_jax.faces import images
-from npcface_jax.foreign import torch_checkpoint, torch_import, torch_layouts
+from npcface_jax.foreign import (onnx_import, onnx_layouts, torch_checkpoint,
+                                 torch_import, torch_layouts)
 from npcface_jax.serving import model_card, run_dir, trained_run
 
 MIN_COSINE = 0.9999
@@ -50,10 +62,33 @@ def _check_format(path: str) -> None:
   if head == _MXNET_LIST_MAGIC or path.endswith('.params'):
     raise ValueError(f'{path} is an MXNet .params file: its reader exists '
                      '(npcface_jax.foreign.mxnet_params) but importing MXNet '
-                     'models is not built yet; import a PyTorch checkpoint')
-  if path.endswith('.onnx'):
-    raise ValueError(f'{path} is an ONNX graph: importing ONNX models is not '
-                     'built yet; import a PyTorch checkpoint')
+                     'models is not built yet; import a PyTorch checkpoint '
+                     'or an ONNX graph')
+
+
+def _load(source: str) -> tuple:
+  """(imported, its parity function, what parity is against, the record's
+  format fields), for an ONNX graph or a PyTorch checkpoint."""
+  if onnx_layouts.looks_like_onnx(source):
+    imported = onnx_import.load(source)
+    m, layout = imported.onnx, imported.layout
+    return imported, onnx_import.parity, onnx_import.against(), {
+        'format': 'ONNX', 'opset': m.opset, 'producer': m.producer,
+        'ir_version': m.ir_version, 'graph_input': m.input_name,
+        'layout': layout.family, 'made_by': imported.source,
+        'stored_dtypes': sorted(m.dtypes),
+        'left_out': layout.left_out[:20],
+        'left_out_count': len(layout.left_out)}
+  imported = torch_import.load(source)
+  return imported, torch_import.parity, (
+      'a float64 NumPy forward of the source architecture '
+      '(npcface_jax/foreign/reference_nets.py)'), {
+          'format': f'PyTorch checkpoint ({imported.checkpoint.format})',
+          'layout': imported.layout.family, 'made_by': imported.source,
+          'prefix': imported.layout.prefix,
+          'stored_dtypes': sorted(imported.checkpoint.dtypes),
+          'left_out': imported.layout.left_out[:20],
+          'left_out_count': len(imported.layout.left_out)}
 
 
 def _contract(imported, channels, center, scale) -> images.InputContract:
@@ -105,18 +140,16 @@ def import_model(source: str, workdir: str, image_paths=(), license=None,
   "imported"). ValueError naming the fault when the file is not a
   checkpoint we read, the contract is unknown, or parity fails."""
   _check_format(source)
-  imported = torch_import.load(source)
+  imported, check, against, fields = _load(source)
   contract = _contract(imported, channels, center, scale)
   log(f'{source}: {imported.source}, {imported.model} '
       f'{imported.options or ""} {imported.embedding_dim}-d; input '
       f'{contract.describe()}')
   faces, what = _faces(list(image_paths))
-  cosines = torch_import.parity(imported, faces, contract)
+  cosines = check(imported, faces, contract)
   parity = {'min_cosine': float(cosines.min()),
             'mean_cosine': float(cosines.mean()), 'faces': what,
-            'required': MIN_COSINE,
-            'against': 'a float64 NumPy forward of the source architecture '
-                       '(npcface_jax/foreign/reference_nets.py)'}
+            'required': MIN_COSINE, 'against': against}
   log(f'parity on {what}: minimum cosine {parity["min_cosine"]:.7f} '
       f'(required {MIN_COSINE})')
   if not cosines.min() >= MIN_COSINE:
@@ -125,13 +158,7 @@ def import_model(source: str, workdir: str, image_paths=(), license=None,
                      f'{MIN_COSINE}); nothing was written')
   record = {
       'source': os.path.abspath(source), 'sha256': model_card.sha256(source),
-      'bytes': os.path.getsize(source),
-      'format': f'PyTorch checkpoint ({imported.checkpoint.format})',
-      'layout': imported.layout.family, 'made_by': imported.source,
-      'prefix': imported.layout.prefix,
-      'stored_dtypes': sorted(imported.checkpoint.dtypes),
-      'left_out': imported.layout.left_out[:20],
-      'left_out_count': len(imported.layout.left_out),
+      'bytes': os.path.getsize(source), **fields,
       'input': contract._asdict(), 'parity': parity,
       'license': license or 'not stated',
       'imported_at': datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -145,14 +172,14 @@ def main(argv) -> None:
   from absl import flags  # noqa: PLC0415 (the command's flags only)
   f = flags.FLAGS
   if len(argv) != 2:
-    raise SystemExit('give one checkpoint: python -m npcface_jax.import_model '
-                     'SRC --workdir=DIR')
+    raise SystemExit('give one checkpoint or ONNX graph: python -m '
+                     'npcface_jax.import_model SRC --workdir=DIR')
   run_log.quiet_third_party(f.verbose)
   try:
     record = import_model(argv[1], f.workdir, f.images or (), f.license,
                           f.channels, f.center, f.scale)
   except (ValueError, OSError, torch_checkpoint.TorchFileError,
-          torch_layouts.LayoutError) as e:
+          torch_layouts.LayoutError, onnx_layouts.MissingExtra) as e:
     raise SystemExit(f'error: {e}') from None
   print(f'imported into {f.workdir} (licence: {record["license"]}); '
         f'evaluate it with python -m npcface_jax.evaluate '

@@ -102,11 +102,19 @@ def parity(imported: Imported, pixels: np.ndarray,
   computation (float64), both fed ``pixels`` (uint8 RGB, N x 112 x 112)
   through ``contract``."""
   inputs = images.normalize(np.asarray(pixels, np.float32), contract)
+  return cosines(embed(imported, inputs), reference(imported, inputs))
+
+
+def embed(imported, inputs: np.ndarray) -> np.ndarray:
+  """Our backbone (float32) on normalised NHWC inputs, as float64; any
+  import's ``imported`` (model, options, embedding_dim, variables)."""
   net = module(imported)
   apply = jax.jit(lambda v, x: net.apply(v, x, train=False))
-  ours = np.concatenate([np.asarray(apply(imported.variables,
+  return np.concatenate([np.asarray(apply(imported.variables,
                                           inputs[i:i + 32]), np.float64)
                          for i in range(0, len(inputs), 32)])
-  theirs = reference(imported, inputs)
+
+
+def cosines(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
   return (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) *
                                    np.linalg.norm(theirs, axis=1))

@@ -240,7 +240,23 @@ def detect(tensors: dict) -> Layout:
       sd = _canonical_evolve(sd)
     elif family == 'arcface_torch mbf':
       sd = {_mbf_name(n): v for n, v in sd.items()}
-    if family in ('arcface_torch iresnet', 'face.evoLVe IR'):
+  except (AttributeError, IndexError, ValueError, TypeError) as e:
+    raise LayoutError(f'{family} (under prefix {prefix!r}) has a malformed '
+                      f'layer name: {type(e).__name__}: {e}') from None
+  architecture = ('iresnet' if family in ('arcface_torch iresnet',
+                                          'face.evoLVe IR') else
+                  'mobilefacenet')
+  return canonical_layout(family, architecture, sd, prefix, left_out)
+
+
+def canonical_layout(family: str, architecture: str, sd: dict,
+                     prefix: str = '', left_out=()) -> Layout:
+  """The Layout of tensors already in canonical names (``architecture``
+  'iresnet': arcface_torch's; 'mobilefacenet': FaceX-Zoo's), its variant
+  read from their names and shapes; ``detect`` and the ONNX import
+  (onnx_layouts) both end here."""
+  try:
+    if architecture == 'iresnet':
       model, options, dim = _ir_variant(sd)
     else:
       model, options, dim = _mbf_variant(sd)
@@ -252,7 +268,7 @@ def detect(tensors: dict) -> Layout:
   except (AttributeError, IndexError, ValueError, TypeError) as e:
     raise LayoutError(f'{family} (under prefix {prefix!r}) has a malformed '
                       f'layer: {type(e).__name__}: {e}') from None
-  return Layout(family, prefix, model, options, dim, sd, left_out)
+  return Layout(family, prefix, model, options, dim, sd, list(left_out))
 
 
 def _ir_entries(sd: dict, units, options: dict):
@@ -351,18 +367,19 @@ def _set(tree: dict, path: tuple, value) -> None:
   tree[path[-1]] = value
 
 
-def to_variables(layout: Layout, shapes: dict) -> dict:
+def to_variables(layout: Layout, shapes: dict, label=None) -> dict:
   """{'params', 'batch_stats'} for the backbone whose ``jax.eval_shape``d
   variables are ``shapes``, from ``layout.tensors``; LayoutError naming
-  the layer and both shapes where one differs, or what is missing or
+  the layer (``label(layer)`` where given: the ONNX import names its
+  node) and both shapes where one differs, or what is missing or
   unused."""
-  sd = layout.tensors
+  sd, label = layout.tensors, label or (lambda src: src)
   entries = (_mbf_entries(sd) if layout.model == 'mobilefacenet' else
              _ir_entries(sd, _stage_units(sd), layout.options))
   out, used = {}, set()
   for src, path, kind in entries:
     if not any(n.startswith(src + '.') for n in sd):
-      raise LayoutError(f'{layout.family}: the layer {src!r} is missing '
+      raise LayoutError(f'{layout.family}: the layer {label(src)!r} is missing '
                         f'(expected by {layout.model} {layout.options})')
     try:
       converted = _converted(sd, src, kind)
@@ -375,7 +392,7 @@ def to_variables(layout: Layout, shapes: dict) -> dict:
         node = node.get(key) if isinstance(node, dict) else None
       if node is None or tuple(node.shape) != value.shape:
         want = 'no such variable' if node is None else tuple(node.shape)
-        raise LayoutError(f'{layout.family}: {src} gives {collection} '
+        raise LayoutError(f'{layout.family}: {label(src)} gives {collection} '
                           f'{"/".join((*path, leaf))} the shape '
                           f'{value.shape}; {layout.model} needs {want}')
       _set(out.setdefault(collection, {}), (*path, leaf), value)
