@@ -57,6 +57,13 @@ class Layout(NamedTuple):
   embedding_dim: int
   tensors: dict  # canonical name -> array (float32 or as stored)
   left_out: list  # checkpoint names outside the backbone
+  # canonical layer or tensor -> the source's name, for errors (a layout
+  # renamed from another framework's names: mxnet_layouts); None: as is
+  names: dict | None = None
+
+
+def _shown(layout: Layout, name: str) -> str:
+  return (layout.names or {}).get(name, name)
 
 
 def _find_prefix(names) -> tuple[str, str]:
@@ -353,7 +360,8 @@ def to_variables(layout: Layout, shapes: dict) -> dict:
   out, used = {}, set()
   for src, path, kind in entries:
     if not any(n.startswith(src + '.') for n in sd):
-      raise LayoutError(f'{layout.family}: the layer {src!r} is missing '
+      raise LayoutError(f'{layout.family}: the layer '
+                        f'{_shown(layout, src)!r} is missing '
                         f'(expected by {layout.model} {layout.options})')
     for (collection, leaf), value in _converted(sd, src, kind).items():
       node = shapes.get(collection, {})
@@ -361,7 +369,8 @@ def to_variables(layout: Layout, shapes: dict) -> dict:
         node = node.get(key) if isinstance(node, dict) else None
       if node is None or tuple(node.shape) != value.shape:
         want = 'no such variable' if node is None else tuple(node.shape)
-        raise LayoutError(f'{layout.family}: {src} gives {collection} '
+        raise LayoutError(f'{layout.family}: {_shown(layout, src)} gives '
+                          f'{collection} '
                           f'{"/".join((*path, leaf))} the shape '
                           f'{value.shape}; {layout.model} needs {want}')
       _set(out.setdefault(collection, {}), (*path, leaf), value)
@@ -384,4 +393,5 @@ def _check_complete(layout: Layout, shapes: dict, out: dict,
         f'{layout.family} onto {layout.model} {layout.options}: '
         + (f'nothing for {sorted("/".join(m) for m in missing)[:5]} ' if
            missing else '')
-        + (f'unused tensors {sorted(unused)[:5]}' if unused else ''))
+        + (f'unused tensors {sorted(_shown(layout, n) for n in unused)[:5]}'
+           if unused else ''))
