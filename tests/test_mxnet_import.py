@@ -7,8 +7,10 @@ do not fit are refused naming the node or the layer and both shapes."""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -232,3 +234,27 @@ def test_command_line_with_the_symbol_file(tmp_path):
                      'only'):  # this .py is not MXNet: read as PyTorch
     import_model.import_model(__file__, str(tmp_path / 'c'),
                               symbol=str(moved), log=id)
+
+
+@pytest.mark.slow
+def test_the_model_zoos_full_structures():
+  """LResNet50E-IR at full width (64 ... 512, units 3, 4, 14, 3, 512-d)
+  and y1 at full width (blocks 1, 4, 6, 2, 128-d) are our defaults with the
+  graphs' eps and biases, and compute as their graphs (2 faces; the
+  float64 interpreter takes ~7 s a face for the r50)."""
+  rng, seed = fresh_rng()
+  cases = [(mxnet_files.lresnet(rng, (64, 64, 128, 256, 512), (3, 4, 14, 3),
+                                emb=512, side=7),
+            'resnet50', {'bn_epsilon': 2e-5}),
+           (mxnet_files.mobilefacenet(rng, width=64, blocks=(4, 6, 2),
+                                      emb=128),
+            'mobilefacenet', {'bn_epsilon': 1e-3, 'head_bn_epsilon': 2e-5,
+                              'fc_bias': True})]
+  for (symbol, params), model, options in cases:
+    with tempfile.TemporaryDirectory() as folder:
+      imported = _load(pathlib.Path(folder), symbol, params)
+    assert (imported.model, imported.options) == (model, options)
+    side = imported.image_size
+    faces = rng.integers(0, 256, (2, side, side, 3), dtype=np.uint8)
+    cosines = import_model.mxnet_import.parity(imported, faces, INSIGHTFACE)
+    assert cosines.min() > 0.9999, (seed, cosines)
