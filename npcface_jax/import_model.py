@@ -1,16 +1,23 @@
 """Imports a face recognition model trained elsewhere as a run directory.
 
-    python -m npcface_jax.import_model SRC --workdir=DIR [--images=FACES]
-        [--license=TEXT] [--channels=RGB|BGR --center=X --scale=Y]
+    python -m npcface_jax.import_model SRC [SRC2] --workdir=DIR
+        [--images=FACES] [--license=TEXT]
+        [--channels=RGB|BGR --center=X --scale=Y]
 
 SRC is a released PyTorch checkpoint: insightface arcface_torch's
 ``backbone.pth`` (iresnet18-200, mbf, mbf_large), FaceX-Zoo's ``.pt``
 (IR / IR-SE ResNets, MobileFaceNet) or AdaFace's Lightning ``.ckpt`` (IR
-ResNets), in torch's zip or legacy format, read without torch and without
-running anything the file holds. The backbone and its variant come from
-the tensors' names and shapes, the input contract (channel order and
-normalisation) from the source's documented default, which the flags
-override.
+ResNets), in torch's zip or legacy format; or an insightface MXNet model
+zoo model: SRC the ``.params`` and SRC2 its ``-symbol.json`` (default:
+the one beside it, ``model-0000.params`` -> ``model-symbol.json``), the
+LResNet-IR models of fresnet.py ('E' output: LResNet34/50/100E-IR, r100
+ArcFace) and MobileFaceNet "y1" (fmobilefacenet.py, 'GDC'). The format is
+read from the file's first bytes. Both are read without their frameworks
+and without running anything the files hold. The backbone and its
+variant come from the tensors' names and shapes (MXNet: and the graph's
+nodes); the input contract (channel order and normalisation) from the
+source's documented default (MXNet: the graph's own preprocessing, RGB),
+which the flags override.
 
 Or SRC is an ONNX face recogniser (told by its ``.onnx`` extension or by
 being a ModelProto that onnx parses; the ``[export]`` extra):
@@ -23,17 +30,18 @@ applies outside these graphs.
 
 The import proves itself before anything is written: the imported
 backbone (float32, as every command runs it) and the source's own
-computation (for a checkpoint a float64 NumPy forward of its architecture,
-written from its PyTorch code; for ONNX the graph itself under
-onnxruntime, fed NCHW float32) embed the same faces (``--images``: aligned
-112x112 crops; by default 16 faces of random pixels) and must agree to a
-minimum cosine of 0.9999. Then DIR gets run.json (the config; under
-"imported": the source file's path, sha256 and format (with an ONNX
-graph's opset and producer), the layout, the parity figure and the
-licence you state) and a checkpoint at step 0, and `evaluate`, `verify`,
-`embed`, `identify`, `export` and `--config.init_from` take DIR as a run
-trained here. Released face models mostly carry non-commercial licences:
-``--license`` records what yours says, and the model card repeats it.
+computation (PyTorch: a float64 NumPy forward of its architecture,
+written from its PyTorch code; MXNet: the symbol graph itself computed in
+float64 NumPy from MXNet's operator semantics; ONNX: the graph itself
+under onnxruntime, fed NCHW float32) embed the same faces
+(``--images``: aligned crops; by default 16 faces of random pixels) and
+must agree to a minimum cosine of 0.9999. Then DIR gets run.json (the
+config; under "imported": the source files' paths, sha256 and format, the
+layout, the parity figure and the licence you state) and a checkpoint at
+step 0, and `evaluate`, `verify`, `embed`, `identify`, `export` and
+`--config.init_from` take DIR as a run trained here. Released face models
+mostly carry non-commercial licences: ``--license`` records what yours
+says, and the model card repeats it.
 """
 
 from __future__ import annotations
@@ -46,8 +54,9 @@ import numpy as np
 
 from npcface_jax.common import run_log
 from npcface_jax.faces import images
-from npcface_jax.foreign import (onnx_import, onnx_layouts, torch_checkpoint,
-                                 torch_import, torch_layouts)
+from npcface_jax.foreign import (mxnet_import, onnx_import, onnx_layouts,
+                                 torch_checkpoint, torch_import,
+                                 torch_layouts)
 from npcface_jax.serving import model_card, run_dir, trained_run
 
 MIN_COSINE = 0.9999
@@ -55,40 +64,28 @@ RANDOM_FACES = 16
 _MXNET_LIST_MAGIC = (0x112).to_bytes(8, 'little')
 
 
-def _check_format(path: str) -> None:
-  """Formats this command does not read yet are named, not misread."""
+def _file_record(path: str) -> dict:
+  return {'source': os.path.abspath(path), 'sha256': model_card.sha256(path),
+          'bytes': os.path.getsize(path)}
+
+
+def _format(path: str) -> str:
+  """'mxnet' or 'torch', from the file's first bytes; formats this command
+  does not read are named, not misread."""
   with open(path, 'rb') as f:
     head = f.read(8)
-  if head == _MXNET_LIST_MAGIC or path.endswith('.params'):
-    raise ValueError(f'{path} is an MXNet .params file: its reader exists '
-                     '(npcface_jax.foreign.mxnet_params) but importing MXNet '
-                     'models is not built yet; import a PyTorch checkpoint '
-                     'or an ONNX graph')
-
-
-def _load(source: str) -> tuple:
-  """(imported, its parity function, what parity is against, the record's
-  format fields), for an ONNX graph or a PyTorch checkpoint."""
-  if onnx_layouts.looks_like_onnx(source):
-    imported = onnx_import.load(source)
-    m, layout = imported.onnx, imported.layout
-    return imported, onnx_import.parity, onnx_import.against(), {
-        'format': 'ONNX', 'opset': m.opset, 'producer': m.producer,
-        'ir_version': m.ir_version, 'graph_input': m.input_name,
-        'layout': layout.family, 'made_by': imported.source,
-        'stored_dtypes': sorted(m.dtypes),
-        'left_out': layout.left_out[:20],
-        'left_out_count': len(layout.left_out)}
-  imported = torch_import.load(source)
-  return imported, torch_import.parity, (
-      'a float64 NumPy forward of the source architecture '
-      '(npcface_jax/foreign/reference_nets.py)'), {
-          'format': f'PyTorch checkpoint ({imported.checkpoint.format})',
-          'layout': imported.layout.family, 'made_by': imported.source,
-          'prefix': imported.layout.prefix,
-          'stored_dtypes': sorted(imported.checkpoint.dtypes),
-          'left_out': imported.layout.left_out[:20],
-          'left_out_count': len(imported.layout.left_out)}
+  if head == _MXNET_LIST_MAGIC:
+    return 'mxnet'
+  if head.lstrip()[:1] == b'{':
+    raise ValueError(f'{path} is JSON (an MXNet -symbol.json?): give the '
+                     '.params file first and the symbol file second')
+  if path.endswith('.params'):
+    raise ValueError(f'{path} is named .params but does not start with '
+                     "MXNet's NDArray list magic 0x112: not an MXNet params "
+                     'file')
+  if onnx_layouts.looks_like_onnx(path):
+    return 'onnx'
+  return 'torch'
 
 
 def _contract(imported, channels, center, scale) -> images.InputContract:
@@ -106,8 +103,7 @@ def _contract(imported, channels, center, scale) -> images.InputContract:
                                                     '--scale')
 
 
-def _faces(paths: list[str]) -> tuple[np.ndarray, str]:
-  size = torch_import.IMAGE_SIZE
+def _faces(paths: list[str], size: int) -> tuple[np.ndarray, str]:
   if not paths:
     rng = np.random.default_rng(0)
     return (rng.integers(0, 256, (RANDOM_FACES, size, size, 3), np.uint8),
@@ -133,20 +129,68 @@ def _config(imported, contract: images.InputContract):
   return config
 
 
+def _load_onnx(source: str):
+  imported = onnx_import.load(source)
+  m, layout = imported.onnx, imported.layout
+  return imported, onnx_import.parity, torch_import.IMAGE_SIZE, (
+      onnx_import.against()), {
+          'format': 'ONNX', 'opset': m.opset, 'producer': m.producer,
+          'ir_version': m.ir_version, 'graph_input': m.input_name,
+          'layout': layout.family, 'made_by': imported.source,
+          'stored_dtypes': sorted(m.dtypes),
+          'left_out': layout.left_out[:20],
+          'left_out_count': len(layout.left_out)}
+
+
+def _load(source: str, symbol: str | None):
+  """(imported, its parity function, input side, what parity is against,
+  the format's part of the record)."""
+  if _format(source) == 'mxnet':
+    imported = mxnet_import.load(source, symbol)
+    layout = imported.layout
+    return imported, mxnet_import.parity, imported.image_size, (
+        'the MXNet graph itself, computed in float64 NumPy from MXNet\'s '
+        'operator semantics (npcface_jax/foreign/mxnet_graph.py)'), {
+            'format': 'MXNet (symbol + params)',
+            'symbol': _file_record(imported.symbol),
+            'layout': layout.family, 'made_by': imported.source,
+            'graph_input': layout.input_from,
+            'stored_dtypes': sorted({str(a.dtype) for a in
+                                     imported.params.values()}),
+            'fixed_gamma': layout.fixed_gamma,
+            'left_out': layout.left_out[:20],
+            'left_out_count': len(layout.left_out)}
+  if symbol:
+    raise ValueError(f'{symbol}: a second file is for MXNet models only '
+                     f'(the -symbol.json of a .params); {source} is not one')
+  if _format(source) == 'onnx':
+    return _load_onnx(source)
+  imported = torch_import.load(source)
+  return imported, torch_import.parity, torch_import.IMAGE_SIZE, (
+      'a float64 NumPy forward of the source architecture '
+      '(npcface_jax/foreign/reference_nets.py)'), {
+          'format': f'PyTorch checkpoint ({imported.checkpoint.format})',
+          'layout': imported.layout.family, 'made_by': imported.source,
+          'prefix': imported.layout.prefix,
+          'stored_dtypes': sorted(imported.checkpoint.dtypes),
+          'left_out': imported.layout.left_out[:20],
+          'left_out_count': len(imported.layout.left_out)}
+
+
 def import_model(source: str, workdir: str, image_paths=(), license=None,
-                 channels=None, center=None, scale=None,
+                 channels=None, center=None, scale=None, symbol=None,
                  log=print) -> dict:
   """Reads, checks and writes; returns the import record (run.json's
-  "imported"). ValueError naming the fault when the file is not a
-  checkpoint we read, the contract is unknown, or parity fails."""
-  _check_format(source)
-  imported, check, against, fields = _load(source)
+  "imported"). ``symbol``: an MXNet model's -symbol.json (default: the one
+  beside ``source``). ValueError naming the fault when the file is not a
+  model we read, the contract is unknown, or parity fails."""
+  imported, parity_of, size, against, about = _load(source, symbol)
   contract = _contract(imported, channels, center, scale)
   log(f'{source}: {imported.source}, {imported.model} '
       f'{imported.options or ""} {imported.embedding_dim}-d; input '
       f'{contract.describe()}')
-  faces, what = _faces(list(image_paths))
-  cosines = check(imported, faces, contract)
+  faces, what = _faces(list(image_paths), size)
+  cosines = parity_of(imported, faces, contract)
   parity = {'min_cosine': float(cosines.min()),
             'mean_cosine': float(cosines.mean()), 'faces': what,
             'required': MIN_COSINE, 'against': against}
@@ -157,27 +201,28 @@ def import_model(source: str, workdir: str, image_paths=(), license=None,
                      f'source (minimum cosine {cosines.min():.6f} < '
                      f'{MIN_COSINE}); nothing was written')
   record = {
-      'source': os.path.abspath(source), 'sha256': model_card.sha256(source),
-      'bytes': os.path.getsize(source), **fields,
+      **_file_record(source), **about,
       'input': contract._asdict(), 'parity': parity,
       'license': license or 'not stated',
       'imported_at': datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec='seconds')}
   run_dir.write_imported(workdir, _config(imported, contract),
-                         imported.variables, torch_import.IMAGE_SIZE, record)
+                         imported.variables, size, record)
   return record
 
 
 def main(argv) -> None:
   from absl import flags  # noqa: PLC0415 (the command's flags only)
   f = flags.FLAGS
-  if len(argv) != 2:
-    raise SystemExit('give one checkpoint or ONNX graph: python -m '
-                     'npcface_jax.import_model SRC --workdir=DIR')
+  if len(argv) not in (2, 3):
+    raise SystemExit('give one model: python -m npcface_jax.import_model '
+                     'SRC [SRC2] --workdir=DIR (SRC2: an MXNet .params\'s '
+                     '-symbol.json)')
   run_log.quiet_third_party(f.verbose)
   try:
     record = import_model(argv[1], f.workdir, f.images or (), f.license,
-                          f.channels, f.center, f.scale)
+                          f.channels, f.center, f.scale,
+                          argv[2] if len(argv) == 3 else None)
   except (ValueError, OSError, torch_checkpoint.TorchFileError,
           torch_layouts.LayoutError, onnx_layouts.MissingExtra) as e:
     raise SystemExit(f'error: {e}') from None
@@ -190,9 +235,10 @@ def _define_flags() -> None:
   from absl import flags  # noqa: PLC0415 (the command's flags only)
   flags.DEFINE_string('workdir', None, 'A new (or empty) directory for the '
                       'run.')
-  flags.DEFINE_list('images', None, 'Check parity on these aligned 112x112 '
-                    'face crops (a folder, a list file or files; at most '
-                    '64) instead of random pixels.')
+  flags.DEFINE_list('images', None, 'Check parity on these aligned face crops '
+                    "(at the model's size, 112x112 for released ones; a "
+                    'folder, a list file or files; at most 64) instead of '
+                    'random pixels.')
   flags.DEFINE_string('license', None, 'The licence the model was released '
                       'under, as you read it (recorded in run.json and the '
                       'model card).')

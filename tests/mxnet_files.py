@@ -188,14 +188,18 @@ def _fc1_e(b: Builder, x, c, size, emb):
   return b.bn(fc, 'fc1', emb, fix_gamma=True)
 
 
-def lresnet(rng, filters=(8, 8, 16), units=(1, 2), emb=16, spelling='attrs'):
+def lresnet(rng, filters=(8, 8, 16), units=(1, 2), emb=16, spelling='attrs',
+            side=4, preprocess=True):
   """(symbol JSON object, params) of a small LResNet-IR ('E' output):
   filters[0] for conv0, filters[i + 1] and units[i] per stage, each
-  stage's first unit at stride 2. Input: (N, 3, 4 * 2**len(units), same)
-  RGB 0-255, so the last feature map is 4 x 4."""
+  stage's first unit at stride 2. Input: (N, 3, side * 2**len(units),
+  same) RGB 0-255, so the last feature map is side x side (the model
+  zoo's: four stages, side 7, 112 x 112 faces); ``preprocess=False``
+  leaves out the in-graph normalisation (the graph takes 'data' as is)."""
   b = Builder(rng)
   add_op = 'elemwise_add' if spelling == 'attrs' else '_Plus'
-  x = b.preprocess(b.var('data'))
+  x = b.var('data')
+  x = b.preprocess(x) if preprocess else x
   x = b.conv(x, 'conv0', 3, filters[0])
   x = b.bn(x, 'bn0', filters[0])
   x = b.prelu(x, 'relu0', filters[0])
@@ -205,7 +209,7 @@ def lresnet(rng, filters=(8, 8, 16), units=(1, 2), emb=16, spelling='attrs'):
       x = _residual_unit_v3(b, x, c, filters[i + 1], 2 if j == 0 else 1,
                             f'stage{i + 1}_unit{j + 1}', add_op)
       c = filters[i + 1]
-  return b.symbol([_fc1_e(b, x, c, 4, emb)], spelling), b.params
+  return b.symbol([_fc1_e(b, x, c, side, emb)], spelling), b.params
 
 
 def _mfn_conv(b, x, name, c_in, c_out, kernel=1, stride=1, pad=0, group=1,

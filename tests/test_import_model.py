@@ -88,8 +88,9 @@ def test_import_writes_a_run_that_embeds_as_the_source(case, tmp_path):
 
 def test_the_record_and_refusals(tmp_path):
   """A non-empty workdir, a bare face.evoLVe state dict without a stated
-  contract, MXNet and ONNX files and a backbone that does not reproduce its
-  source are refused naming why; no run directory is left behind."""
+  contract, an MXNet .params without its symbol file and a backbone that
+  does not reproduce its source are refused naming why; no run directory
+  is left behind."""
   rng, _ = fresh_rng()
   source = _write(tmp_path, 'backbone.pth', released_nets.arcface_iresnet(rng))
   (tmp_path / 'full').mkdir()
@@ -107,7 +108,8 @@ def test_the_record_and_refusals(tmp_path):
                              'scale': 128.0}
   params = tmp_path / 'model-0000.params'
   params.write_bytes((0x112).to_bytes(8, 'little') + bytes(16))
-  with pytest.raises(ValueError, match='MXNet .params file: .* not built yet'):
+  with pytest.raises(ValueError, match=r'its symbol file .*model-symbol\.json '
+                     'is not there'):
     import_model.import_model(str(params), str(tmp_path / 'c'), log=id)
   assert not (tmp_path / 'a').exists() and not (tmp_path / 'c').exists()
 

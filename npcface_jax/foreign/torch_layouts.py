@@ -57,6 +57,13 @@ class Layout(NamedTuple):
   embedding_dim: int
   tensors: dict  # canonical name -> array (float32 or as stored)
   left_out: list  # checkpoint names outside the backbone
+  # canonical layer or tensor -> the source's name, for errors (a layout
+  # renamed from another framework's names: mxnet_layouts); None: as is
+  names: dict | None = None
+
+
+def _shown(layout: Layout, name: str) -> str:
+  return (layout.names or {}).get(name, name)
 
 
 def _find_prefix(names) -> tuple[str, str]:
@@ -373,7 +380,8 @@ def to_variables(layout: Layout, shapes: dict, label=None) -> dict:
   the layer (``label(layer)`` where given: the ONNX import names its
   node) and both shapes where one differs, or what is missing or
   unused."""
-  sd, label = layout.tensors, label or (lambda src: src)
+  sd = layout.tensors
+  label = label or (lambda src: _shown(layout, src))
   entries = (_mbf_entries(sd) if layout.model == 'mobilefacenet' else
              _ir_entries(sd, _stage_units(sd), layout.options))
   out, used = {}, set()
@@ -384,8 +392,9 @@ def to_variables(layout: Layout, shapes: dict, label=None) -> dict:
     try:
       converted = _converted(sd, src, kind)
     except (KeyError, AttributeError, IndexError, ValueError, TypeError) as e:
-      raise LayoutError(f'{layout.family}: the layer {src!r} is incomplete or '
-                        f'malformed ({type(e).__name__}: {e})') from None
+      raise LayoutError(f'{layout.family}: the layer {label(src)!r} is '
+                        f'incomplete or malformed ({type(e).__name__}: '
+                        f'{e})') from None
     for (collection, leaf), value in converted.items():
       node = shapes.get(collection, {})
       for key in (*path, leaf):
@@ -415,4 +424,5 @@ def _check_complete(layout: Layout, shapes: dict, out: dict,
         f'{layout.family} onto {layout.model} {layout.options}: '
         + (f'nothing for {sorted("/".join(m) for m in missing)[:5]} ' if
            missing else '')
-        + (f'unused tensors {sorted(unused)[:5]}' if unused else ''))
+        + (f'unused tensors {sorted(_shown(layout, n) for n in unused)[:5]}'
+           if unused else ''))

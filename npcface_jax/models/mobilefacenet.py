@@ -18,8 +18,9 @@ Released variants load onto the same network through options: arcface_torch's
 its second conv grouped by 2 channels (``stem_groups=64``), the bottlenecks'
 expansions unchanged; its "mbf_large" (``blocks=(2, 8, 12, 4)``, 4x the
 channels) replaces that conv with residual blocks; insightface's MXNet
-"y1" has BatchNorm's eps 1e-3 (``bn_epsilon``) and a bias on the linear
-(``fc_bias``).
+"y1" has BatchNorm's eps 1e-3 in its body (``bn_epsilon``) but 2e-5 in
+the embedding's final BatchNorm (``head_bn_epsilon``: symbol_utils' fc1),
+and a bias on the linear (``fc_bias``).
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ class MobileFaceNet(nn.Module):
   blocks: Sequence[int] = (1, 4, 6, 2)  # [0] > 1: residual blocks at the stem
   bn_epsilon: float = 1e-5
   fc_bias: bool = False
+  head_bn_epsilon: float | None = None  # the last BN's eps; None: bn_epsilon
 
   @nn.compact
   def __call__(self, images, train: bool):
@@ -144,5 +146,7 @@ class MobileFaceNet(nn.Module):
     x = x.reshape(x.shape[0], -1)
     x = nn.Dense(self.embedding_dim, use_bias=self.fc_bias,
                  dtype=self.dtype)(x)
-    return batch_norm(train, self.dtype, self.impl,
-                      self.bn_epsilon)(x).astype(jnp.float32)
+    eps = (self.bn_epsilon if self.head_bn_epsilon is None else
+           self.head_bn_epsilon)
+    return batch_norm(train, self.dtype, self.impl, eps)(x).astype(
+        jnp.float32)
