@@ -97,6 +97,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.momentum = 0.9
   c.weight_decay = 5e-4
   c.grad_clip_norm = 0.0  # > 0: clip the gradients' global norm
+  # Whose norm grad_clip_norm clips: 'all' (every gradient) or 'backbone'
+  # (the backbone's alone, by PyTorch's clip_grad_norm_ rule; classifier
+  # and head unclipped), as arcface_torch's train_v2.py does.
+  c.grad_clip_scope = 'all'
+  # Parameters that never change (no update, no weight decay, no momentum,
+  # out of the clipped norm), as PyTorch's requires_grad=False: comma-
+  # separated regular expressions searched in each parameter's path, e.g.
+  # 'backbone/EmbeddingHead_0/BatchNorm_1/scale'; '' none. arcface_torch's
+  # iresnet freezes its last BatchNorm's weight (features.weight) at 1:
+  # 'EmbeddingHead_0/BatchNorm_1/scale'.
+  c.frozen_params = ''
+  # The classifier's initial rows: 0 unit-norm random (FaceX-Zoo's renorm
+  # init); > 0 normal(0, std) entries, as arcface_torch's PartialFC_V2
+  # (0.01). The loss normalises the rows, but their norm sets the size of
+  # their gradients and so how fast they move.
+  c.classifier_init_std = 0.0
   # A NaN or infinite loss is never applied; 'stop' ends the run naming the
   # step (the newest checkpoint is the last good state), 'skip' goes on (the
   # skipped batch counts as a step: the learning rate schedule moves on).

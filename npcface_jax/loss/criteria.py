@@ -57,6 +57,18 @@ def softmax_cross_entropy(logits: Array, labels: Array, *, axis_name=None,
       logits, labels, axis_name=axis_name, num_classes=num_classes))
 
 
+def softmax_reduce(ce: Array, min_prob: float = 0.0) -> Array:
+  """The mean of per-sample cross-entropy l = -log p_y. With ``min_prob``
+  > 0 each sample's loss is reported as -log(max(p_y, min_prob)), its
+  gradient left the unclamped one's: arcface_torch's DistCrossEntropy
+  (clamp_min(1e-30) in its forward, a hand-written backward that ignores
+  it); off (0), the loss as it is."""
+  if min_prob > 0:
+    cap = jnp.float32(-math.log(min_prob))
+    ce = jnp.where(ce > cap, (ce - lax.stop_gradient(ce)) + cap, ce)
+  return jnp.mean(ce)
+
+
 def focal_reduce(ce: Array, gamma: float = 2.0) -> Array:
   """F-softmax from per-sample cross-entropy l = -log p_y:
   mean of (1 - p_y)^gamma * l = (1 - exp(-l))^gamma * l, full gradient."""

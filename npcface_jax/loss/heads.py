@@ -90,17 +90,36 @@ def cos_add(c: Array, m) -> Array:
   return c * jnp.cos(m) - safe_sin(c) * jnp.sin(m)
 
 
-def arc_positive(c_y: Array, m, easy_margin: bool = False) -> Array:
+def arc_positive(c_y: Array, m, easy_margin: bool = False, *,
+                 monotone: bool = True,
+                 straight_through: bool = False) -> Array:
   """ArcFace's positive cosine cos(theta_y + m), unscaled.
 
   Where theta_y + m > pi the angle would wrap and the logit grow again; there
-  ArcFace's monotone fallback cos_y - m*sin(m) is used. With ``easy_margin``
-  no margin is applied where cos_y <= 0 (insightface's easy_margin, which
-  FaceX-Zoo's NPCFace also uses).
+  ArcFace's monotone fallback cos_y - m*sin(m) is used (``monotone``, the
+  original ArcFace and insightface's ArcFace class); ``monotone=False``
+  lets it wrap, as arcface_torch's CombinedMarginLoss does. With
+  ``easy_margin`` no margin is applied where cos_y <= 0 (insightface's
+  easy_margin, which FaceX-Zoo's NPCFace also uses).
+
+  ``straight_through``: the value as above, computed as
+  cos(arccos(c_y) + m), but its gradient that of c_y itself (d/dc_y = 1),
+  as arcface_torch's CombinedMarginLoss has it (its margin is applied
+  under torch.no_grad()); off, the gradient is the margin's own.
   """
   theta = jnp.arccos(jnp.clip(lax.stop_gradient(c_y), -1.0, 1.0))
+  if straight_through:
+    value = jnp.cos(theta + m)
+    if easy_margin:
+      value = jnp.where(lax.stop_gradient(c_y) > 0, value, c_y)
+    elif monotone:
+      value = jnp.where(theta + m > math.pi, c_y - m * jnp.sin(m), value)
+    # The value exactly (0 + value), with c_y's gradient.
+    return (c_y - lax.stop_gradient(c_y)) + lax.stop_gradient(value)
   if easy_margin:
     return jnp.where(lax.stop_gradient(c_y) > 0, cos_add(c_y, m), c_y)
+  if not monotone:
+    return cos_add(c_y, m)
   return jnp.where(theta + m > math.pi, c_y - m * jnp.sin(m), cos_add(c_y, m))
 
 
@@ -395,18 +414,26 @@ class AMSoftmax(CosFace):
 
 @dataclasses.dataclass(frozen=True)
 class ArcFace(Head):
-  """ArcFace: positive s*cos(theta_y + m), monotone fallback past pi."""
+  """ArcFace: positive s*cos(theta_y + m), monotone fallback past pi.
+
+  arcface_torch's CombinedMarginLoss (its train_v2.py's ArcFace) is
+  ``monotone=False, straight_through=True``: no fallback (the angle
+  wraps past pi) and the margin applied without gradient (arc_positive).
+  """
 
   name: ClassVar[str] = 'arcface'
   scale: float = 64.0
   margin: float = 0.5
   easy_margin: bool = False
+  monotone: bool = True
+  straight_through: bool = False
 
   def parts(self):
     scale, margin, easy = self.scale, self.margin, self.easy_margin
+    kw = {'monotone': self.monotone, 'straight_through': self.straight_through}
     return MarginParts(
         _no_row, _plain_negative(scale),
-        lambda c_y, row, sums: scale * arc_positive(c_y, margin, easy))
+        lambda c_y, row, sums: scale * arc_positive(c_y, margin, easy, **kw))
 
 
 def _chebyshev(c, m: int):

@@ -24,7 +24,6 @@ import inspect
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 
 from npcface_jax.loss import criteria, heads
 # Where these were before heads became one object each (release 0.1.0).
@@ -35,7 +34,7 @@ Array = jax.Array
 
 # Each criterion is a reduction of the per-sample cross-entropy.
 _CRITERIA: dict[str, Callable[..., Array]] = {
-    'softmax': lambda ce: jnp.mean(ce),
+    'softmax': criteria.softmax_reduce,
     'focal': criteria.focal_reduce,
     'ohem': criteria.ohem_reduce,
 }
@@ -97,7 +96,4 @@ def get_criterion(name: str, **options) -> Criterion:
   if name not in _CRITERIA:
     raise ValueError(f'unknown criterion {name!r}; choose one of '
                      f'{criterion_names()}')
-  if name == 'softmax' and options:
-    raise ValueError(
-        f'criterion softmax takes no options, got {sorted(options)}')
   return Criterion(name, _options('criterion', name, _CRITERIA[name], options))

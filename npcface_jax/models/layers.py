@@ -223,6 +223,9 @@ class BatchNorm(nn.Module):
   epsilon: float = 1e-5
   dtype: Dtype | None = None
   impl: str = 'auto'
+  # The running variance from the unbiased batch variance (n / (n - 1)
+  # times the biased one normalisation uses), as torch.nn.BatchNorm's.
+  unbiased_running_var: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -241,6 +244,9 @@ class BatchNorm(nn.Module):
     if not self.is_initializing():
       m = self.momentum
       ra_mean.value = m * ra_mean.value + (1 - m) * lax.stop_gradient(mean)
+      if self.unbiased_running_var:
+        n = x.size // c
+        var = var * (n / max(n - 1, 1))
       ra_var.value = m * ra_var.value + (1 - m) * lax.stop_gradient(var)
     return y
 
@@ -303,8 +309,10 @@ batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 def batch_norm(train: bool, dtype: Dtype | None = None,
-               impl: str = 'auto', epsilon: float = 1e-5) -> BatchNorm:
-  return BatchNorm(train, dtype=dtype, impl=impl, epsilon=epsilon)
+               impl: str = 'auto', epsilon: float = 1e-5,
+               unbiased_running_var: bool = False) -> BatchNorm:
+  return BatchNorm(train, dtype=dtype, impl=impl, epsilon=epsilon,
+                   unbiased_running_var=unbiased_running_var)
 
 
 def channels(n: int, width: float) -> int:
@@ -330,11 +338,12 @@ class EmbeddingHead(nn.Module):
   dtype: Dtype | None = None
   impl: str = 'auto'
   bn_epsilon: float = 1e-5
+  unbiased_running_var: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     bn = functools.partial(batch_norm, train, self.dtype, self.impl,
-                           self.bn_epsilon)
+                           self.bn_epsilon, self.unbiased_running_var)
     x = bn()(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     x = nn.Dense(self.embedding_dim, dtype=self.dtype)(

@@ -59,12 +59,13 @@ class _Unit(nn.Module):
   bn_epsilon: float = 1e-5
   shortcut: str = 'conv'
   middle_bn: bool = True
+  unbiased_running_var: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     conv = functools.partial(Conv, impl=self.impl, dtype=self.dtype)
     bn = functools.partial(batch_norm, train, self.dtype, self.impl,
-                           self.bn_epsilon)
+                           self.bn_epsilon, self.unbiased_running_var)
     y = bn()(x)
     y = conv(self.features, 3)(y)
     y = PReLU()(bn()(y) if self.middle_bn else y)
@@ -94,6 +95,9 @@ class IResNet(nn.Module):
   bn_epsilon: float = 1e-5
   shortcut: str = 'conv'  # or 'subsample' (face.evoLVe's), module docstring
   middle_bn: bool = True
+  # BatchNorm's running variance from the unbiased batch variance, as
+  # PyTorch keeps it (layers.BatchNorm); training's forward is unchanged.
+  unbiased_running_var: bool = False
 
   @nn.compact
   def __call__(self, images, train: bool):
@@ -104,14 +108,16 @@ class IResNet(nn.Module):
     c = functools.partial(channels, width=self.width)
     x = images.astype(self.dtype or images.dtype)
     x = Conv(c(64), 3, impl=self.impl, dtype=self.dtype)(x)
-    x = PReLU()(batch_norm(train, self.dtype, self.impl, self.bn_epsilon)(x))
+    x = PReLU()(batch_norm(train, self.dtype, self.impl, self.bn_epsilon,
+                           self.unbiased_running_var)(x))
     for features, units in zip((64, 128, 256, 512), self.units):
       for i in range(units):
         x = _Unit(c(features), 2 if i == 0 else 1, self.se, self.impl,
                   self.dtype, self.bn_epsilon, self.shortcut,
-                  self.middle_bn)(x, train)
+                  self.middle_bn, self.unbiased_running_var)(x, train)
     return EmbeddingHead(self.embedding_dim, self.dropout, self.dtype,
-                         self.impl, self.bn_epsilon)(x, train)
+                         self.impl, self.bn_epsilon,
+                         self.unbiased_running_var)(x, train)
 
 
 # arcface_torch's iresnet18 ... iresnet200 (resnet101 is its iresnet100).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any
 
 from npcface_jax import models
@@ -151,6 +152,16 @@ def _check_optimizer(config, problems: _Problems) -> None:
        'use 0 (off) or a positive norm')
   need(config.nonfinite in ('stop', 'skip'), 'nonfinite',
        "must be 'stop' or 'skip'")
+  need(config.get('grad_clip_scope', 'all') in ('all', 'backbone'),
+       'grad_clip_scope', "must be 'all' or 'backbone'")
+  need(config.get('classifier_init_std', 0.0) >= 0, 'classifier_init_std',
+       'use 0 (unit-norm rows) or a positive std')
+  for pattern in (config.get('frozen_params', '') or '').split(','):
+    try:
+      re.compile(pattern.strip())
+    except re.error as e:
+      need(False, 'frozen_params', f'{pattern.strip()!r} is not a regular '
+           f'expression ({e})')
 
 
 def _check_logging(config, problems: _Problems) -> None:

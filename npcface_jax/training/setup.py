@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from typing import Any, Callable
 
 import flax
@@ -54,6 +55,7 @@ class Task:
   chunk_size: int | None
   seed: int
   num_sample: int | None = None  # Partial FC: rows each shard scores
+  classifier_init_std: float = 0.0  # 0: unit-norm rows, else normal(0, std)
 
   @property
   def padded_classes(self) -> int:
@@ -78,17 +80,85 @@ def learning_rate_schedule(config, steps_per_epoch: int):
   return schedule
 
 
+def _path_keys(path) -> list:
+  return [getattr(k, 'key', getattr(k, 'name', None)) for k in path]
+
+
+def param_name(path) -> str:
+  """A parameter's path as 'backbone/EmbeddingHead_0/BatchNorm_1/scale'
+  (what config.frozen_params' patterns are matched against)."""
+  return '/'.join(str(k) for k in _path_keys(path))
+
+
+def clip_by_global_norm_of(max_norm: float, scope: str
+                           ) -> optax.GradientTransformation:
+  """Clips the global norm of the gradients in ``scope``: 'all' (optax's
+  clip_by_global_norm) or 'backbone', the backbone's gradients alone,
+  clipped by PyTorch's rule (scaled by max_norm / (norm + 1e-6) where
+  that is below 1), the classifier's and the head's left as they are,
+  as arcface_torch's train_v2.py does
+  (``clip_grad_norm_(backbone.parameters(), 5)``)."""
+  if scope == 'all':
+    return optax.clip_by_global_norm(max_norm)
+  if scope != 'backbone':
+    raise ValueError(f"grad_clip_scope must be 'all' or 'backbone', got "
+                     f'{scope!r}')
+
+  def update(updates, state, params=None):
+    del params
+    inside = [x for p, x in jax.tree_util.tree_leaves_with_path(updates)
+              if 'backbone' in _path_keys(p)]
+    norm = optax.tree.norm(inside)
+    coef = jnp.minimum(max_norm / (norm + 1e-6), 1.0)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: x * coef.astype(x.dtype)
+        if 'backbone' in _path_keys(p) else x, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(),
+                                      update)
+
+
+def frozen_patterns(config) -> list[str]:
+  spec = config.get('frozen_params', '') or ''
+  return [p.strip() for p in spec.split(',') if p.strip()]
+
+
 def create_optimizer(config, steps_per_epoch: int):
   """SGD with momentum and weight decay on every parameter, as the paper's
-  PyTorch recipe (decay added to the gradient, after optional clipping)."""
+  PyTorch recipe (decay added to the gradient, after optional clipping,
+  over every parameter or the backbone's: grad_clip_scope). Parameters
+  matching config.frozen_params get no update at all (no decay, no
+  momentum, left out of the clipped norm), as PyTorch's
+  ``requires_grad=False``."""
   schedule = learning_rate_schedule(config, steps_per_epoch)
   parts = []
   if config.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+    parts.append(clip_by_global_norm_of(
+        config.grad_clip_norm, config.get('grad_clip_scope', 'all')))
   if config.weight_decay > 0:
     parts.append(optax.add_decayed_weights(config.weight_decay))
   parts.append(optax.sgd(schedule, momentum=config.momentum or None))
-  return optax.chain(*parts), schedule
+  tx = optax.chain(*parts)
+  patterns = frozen_patterns(config)
+  if patterns:
+    compiled = [re.compile(p) for p in patterns]
+
+    def labels(params):
+      names = [param_name(p)
+               for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+      for c in compiled:
+        if not any(c.search(n) for n in names):
+          raise config_checks.ConfigError(
+              f'config.frozen_params: {c.pattern!r} matches no parameter '
+              f'(they are named like {names[0]!r})')
+      return jax.tree_util.tree_map_with_path(
+          lambda p, _: 'frozen' if any(c.search(param_name(p))
+                                       for c in compiled) else 'train',
+          params)
+
+    tx = optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
+                               labels)
+  return tx, schedule
 
 
 def _model(config):
@@ -124,7 +194,8 @@ def make_task(config, mesh: Mesh, data) -> Task:
       tx=tx, schedule=schedule, num_classes=data.num_classes,
       image_size=data.image_size, embedding_dim=config.embedding_dim,
       chunk_size=config.chunk_size or None, seed=config.seed,
-      num_sample=_num_sample(config, mesh, head, data.num_classes))
+      num_sample=_num_sample(config, mesh, head, data.num_classes),
+      classifier_init_std=float(config.get('classifier_init_std', 0.0)))
 
 
 def _sharding_of(path, leaf, mesh, per_class: frozenset[str]):
@@ -148,10 +219,12 @@ def _init_state(task: Task, key: Array) -> TrainState:
   images = jnp.zeros((1, task.image_size, task.image_size, 3), jnp.float32)
   variables = task.model.init(k_model, images, train=False)
   rows, c = task.padded_classes, task.num_classes
-  # Unit-norm random class centres (FaceX-Zoo's renorm init), then zero
-  # padding rows, which the heads mask out and which stay zero.
+  # Unit-norm random class centres (FaceX-Zoo's renorm init), or normal(0,
+  # std) entries (arcface_torch's PartialFC_V2: 0.01), then zero padding
+  # rows, which the heads mask out and which stay zero.
   w = jax.random.normal(k_cls, (c, task.embedding_dim), jnp.float32)
-  w = l2_normalize(w)
+  w = (w * task.classifier_init_std if task.classifier_init_std > 0
+       else l2_normalize(w))
   w = jnp.pad(w, [(0, rows - c), (0, 0)])
   pad_rows = lambda a: jnp.pad(  # noqa: E731
       a, [(0, rows - c)] + [(0, 0)] * (a.ndim - 1))
