@@ -112,6 +112,7 @@ def jax_config(model: str, dtype: str, impl: str, options: dict):
       criterion_options={}, chunk_size=0, sample_rate=1.0, learning_rate=LR,
       lr_boundaries=(16, 24, 28), lr_decay=0.1, warmup_epochs=0.0,
       momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, grad_clip_norm=0.0,
+      grad_clip_scope='all', frozen_params='', classifier_init_std=0.0,
       seed=0, batch_size=0)  # the batch checks Partial FC only: rate 1
 
 

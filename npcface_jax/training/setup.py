@@ -119,7 +119,7 @@ def clip_by_global_norm_of(max_norm: float, scope: str
 
 
 def frozen_patterns(config) -> list[str]:
-  spec = config.get('frozen_params', '') or ''
+  spec = getattr(config, 'frozen_params', '') or ''
   return [p.strip() for p in spec.split(',') if p.strip()]
 
 
@@ -134,7 +134,7 @@ def create_optimizer(config, steps_per_epoch: int):
   parts = []
   if config.grad_clip_norm > 0:
     parts.append(clip_by_global_norm_of(
-        config.grad_clip_norm, config.get('grad_clip_scope', 'all')))
+        config.grad_clip_norm, getattr(config, 'grad_clip_scope', 'all')))
   if config.weight_decay > 0:
     parts.append(optax.add_decayed_weights(config.weight_decay))
   parts.append(optax.sgd(schedule, momentum=config.momentum or None))
@@ -195,7 +195,7 @@ def make_task(config, mesh: Mesh, data) -> Task:
       image_size=data.image_size, embedding_dim=config.embedding_dim,
       chunk_size=config.chunk_size or None, seed=config.seed,
       num_sample=_num_sample(config, mesh, head, data.num_classes),
-      classifier_init_std=float(config.get('classifier_init_std', 0.0)))
+      classifier_init_std=float(getattr(config, 'classifier_init_std', 0.0)))
 
 
 def _sharding_of(path, leaf, mesh, per_class: frozenset[str]):
