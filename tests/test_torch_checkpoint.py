@@ -209,6 +209,14 @@ def _hostile_files(marker: pathlib.Path) -> dict[str, tuple[bytes, str]]:
   legacy, _ = tf.checkpoint(_arrays(3), fmt='legacy')
   out['legacy_cut_storage'] = (legacy[:-7], 'at byte .*truncated')
   out['legacy_cut_pickle'] = (legacy[:300], 'at byte .*truncated')
+  # Storage keys of mixed types (found by the fuzzer: sorting them raised).
+  p = tf.plan(_arrays(2))
+  info = {'protocol_version': 1001, 'little_endian': True,
+          'type_sizes': {'short': 2, 'int': 4, 'long': 4}}
+  out['legacy_mixed_keys'] = (
+      b''.join(tf.Emitter().dumps(v) for v in (tf.MAGIC, 1001, info))
+      + tf.Emitter(legacy=True).dumps(p.obj) + tf.Emitter().dumps([0, 'x']),
+      'storage keys')
   out['torchscript'] = (_zip({'archive/data.pkl': b'\x80\x02.',
                               'archive/constants.pkl': b'\x80\x02).'}),
                         'TorchScript')

@@ -621,9 +621,12 @@ def _legacy_header(data) -> int:
 def _legacy_storages(data, pos: int, keys, storages: dict) -> dict:
   """key -> view of its bytes; each is an int64 element count (checked
   against the persistent id) and the elements, in the keys' order."""
-  if not (type(keys) is list and sorted(keys) == sorted(storages)):
+  if not (type(keys) is list and all(type(k) is str for k in keys)
+          and len(set(keys)) == len(keys) and set(keys) == set(storages)):
+    # (compared as sets of strings: a forged list may mix types, which
+    # sorting would not survive)
     raise _Refused(f'storage keys {_describe(keys)} where the pickle used '
-                   f'{_describe(sorted(storages))}')
+                   f'{_describe(list(storages))}')
   raws = {}
   for key in keys:
     storage = storages[key]
