@@ -83,7 +83,14 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize('case', CASES)
+# The quick tier runs one layout of each architecture and source; the
+# full suite all of them.
+QUICK = ('arcface_torch iresnet', 'AdaFace IR', 'arcface_torch mbf')
+
+
+@pytest.mark.parametrize('case', [
+    c if c in QUICK else pytest.param(c, marks=pytest.mark.slow)
+    for c in CASES])
 def test_each_layout_computes_the_sources_forward(case):
   """Recognised with its variant, and the Flax backbone's embeddings equal
   the source architecture's in float64 to a cosine of 0.99999 (float32
