@@ -27,7 +27,8 @@ from tests import fuzzing  # noqa: E402
 
 MODULES = ('tests.test_verification_bin', 'tests.test_hostile_inputs',
            'tests.test_hostile_text', 'tests.test_damaged_records',
-           'tests.test_mxnet_files', 'tests.test_torch_checkpoint')
+           'tests.test_mxnet_files', 'tests.test_torch_checkpoint',
+           'tests.test_onnx_import')
 
 
 def cases() -> list[dict]:

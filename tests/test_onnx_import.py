@@ -22,7 +22,7 @@ from npcface_jax.faces import images
 from npcface_jax.foreign import (onnx_layouts, reference_nets, torch_import,
                                  torch_layouts)
 from npcface_jax.serving import run_dir, trained_run
-from tests import onnx_files, released_nets
+from tests import fuzzing, onnx_files, released_nets
 from tests.helpers import fresh_rng
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -352,3 +352,49 @@ def test_command_line(tmp_path):
       timeout=300, cwd=ROOT)
   assert run.returncode == 1 and 'error: ' in run.stderr
   assert 'not an ONNX model' in run.stderr
+
+
+def _read_and_lay_out(path):
+  """The fuzz target: the file read and walked as the import does."""
+  onnx_layouts.layout(onnx_layouts.read(path))
+
+
+def fuzz_cases() -> list[dict]:
+  """fuzzing.fuzz's arguments (less workdir and seed) for a small IR
+  recogniser's bytes: protobuf fields, initializer sizes and the graph's
+  wiring mutated. A refusal is OnnxFileError (naming the file) or
+  LayoutError (naming the node, so the file is not required in it)."""
+  rng = np.random.default_rng(0)
+  _, model, _ = _case('w600k_r50-like (folded, Gemm)', rng)
+  return [dict(name='onnx_recogniser', target=f'{__name__}:_read_and_lay_out',
+               files={'model.onnx': model.SerializeToString()},
+               mutate_file='model.onnx', must_name='',
+               expected=['npcface_jax.foreign.onnx_layouts:OnnxFileError',
+                         'npcface_jax.foreign.torch_layouts:LayoutError'],
+               tokens=[b'Conv', b'PRelu', b'Gemm', b'BatchNormalization',
+                       b'Add', b'Flatten', b'input.1'], count=400)]
+
+
+@pytest.mark.slow
+def test_fuzz(tmp_path, record_property):
+  case = dict(fuzz_cases()[0])
+  summary = fuzzing.fuzz(workdir=tmp_path, **case)
+  record_property('fuzz', summary.line())
+  print(summary.line())
+  assert summary.problems() == '', f'{summary.line()}\n{summary.problems()}'
+  assert summary.refused > 0, summary.line()
+
+
+def test_a_mistyped_attribute_is_refused_naming_the_node(tmp_path):
+  """An attribute declared with another type than ONNX gives it (the
+  fuzzer's find: a Conv's strides as a float) is a LayoutError naming the
+  node, not a TypeError deep in the walk."""
+  model = _ir_model(np.random.default_rng(0))
+  conv = next(n for n in model.graph.node if n.op_type == 'Conv')
+  strides = next(a for a in conv.attribute if a.name == 'strides')
+  strides.CopyFrom(helper.make_attribute('strides', 1.0))
+  path = _save(tmp_path, model)
+  with pytest.raises(torch_layouts.LayoutError,
+                     match=r"node 0 .*\(Conv\): attribute 'strides' declared "
+                     'of type 1, where ONNX has INTS'):
+    onnx_layouts.layout(onnx_layouts.read(path))

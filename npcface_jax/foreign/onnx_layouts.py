@@ -209,9 +209,26 @@ class _Node(NamedTuple):
   label: str  # "node 12 'Conv_12' (Conv)"
 
 
-def _attrs(onnx, node) -> dict:
-  return {a.name: onnx.helper.get_attribute_value(a)
-          for a in node.attribute}
+# The attribute types the walk reads; a file that declares another type
+# for one of them (a damaged or forged file) is refused, not misread.
+_ATTR_TYPES = {**dict.fromkeys(('kernel_shape', 'strides', 'pads',
+                                'dilations'), 'INTS'),
+               **dict.fromkeys(('group', 'axis', 'transA', 'transB', 'to',
+                                'spatial'), 'INT'),
+               **dict.fromkeys(('epsilon', 'momentum', 'alpha', 'beta'),
+                               'FLOAT'),
+               'auto_pad': 'STRING', 'value': 'TENSOR'}
+
+
+def _attrs(onnx, node, label: str) -> dict:
+  out = {}
+  for a in node.attribute:
+    want = _ATTR_TYPES.get(a.name)
+    if want is not None and a.type != getattr(onnx.AttributeProto, want):
+      raise LayoutError(f'{label}: attribute {a.name!r} declared of type '
+                        f'{a.type}, where ONNX has {want}')
+    out[a.name] = onnx.helper.get_attribute_value(a)
+  return out
 
 
 class _Graph:
@@ -227,7 +244,7 @@ class _Graph:
       if proto.domain not in ('', 'ai.onnx'):
         raise LayoutError(f'{label}: operator domain {proto.domain!r}, '
                           'not ONNX\'s own')
-      attrs = _attrs(onnx, proto)
+      attrs = _attrs(onnx, proto, label)
       if proto.op_type == 'Constant' and 'value' in attrs:
         self.arrays[proto.output[0]] = tensor_array(attrs['value'], label)
         continue
