@@ -70,8 +70,8 @@ def _file_record(path: str) -> dict:
 
 
 def _format(path: str) -> str:
-  """'mxnet' or 'torch', from the file's first bytes; formats this command
-  does not read are named, not misread."""
+  """'mxnet', 'onnx' or 'torch', from the file's first bytes (ONNX: or
+  its extension); files named for a format they are not are refused."""
   with open(path, 'rb') as f:
     head = f.read(8)
   if head == _MXNET_LIST_MAGIC:
@@ -129,52 +129,46 @@ def _config(imported, contract: images.InputContract):
   return config
 
 
-def _load_onnx(source: str):
-  imported = onnx_import.load(source)
-  m, layout = imported.onnx, imported.layout
-  return imported, onnx_import.parity, torch_import.IMAGE_SIZE, (
-      onnx_import.against()), {
-          'format': 'ONNX', 'opset': m.opset, 'producer': m.producer,
-          'ir_version': m.ir_version, 'graph_input': m.input_name,
-          'layout': layout.family, 'made_by': imported.source,
-          'stored_dtypes': sorted(m.dtypes),
-          'left_out': layout.left_out[:20],
+def _layout_fields(imported, dtypes) -> dict:
+  """The record's fields every format has: what was found, and what was
+  left out of the backbone."""
+  layout = imported.layout
+  return {'layout': layout.family, 'made_by': imported.source,
+          'stored_dtypes': sorted(dtypes), 'left_out': layout.left_out[:20],
           'left_out_count': len(layout.left_out)}
 
 
 def _load(source: str, symbol: str | None):
   """(imported, its parity function, input side, what parity is against,
   the format's part of the record)."""
-  if _format(source) == 'mxnet':
-    imported = mxnet_import.load(source, symbol)
-    layout = imported.layout
-    return imported, mxnet_import.parity, imported.image_size, (
-        'the MXNet graph itself, computed in float64 NumPy from MXNet\'s '
-        'operator semantics (npcface_jax/foreign/mxnet_graph.py)'), {
-            'format': 'MXNet (symbol + params)',
-            'symbol': _file_record(imported.symbol),
-            'layout': layout.family, 'made_by': imported.source,
-            'graph_input': layout.input_from,
-            'stored_dtypes': sorted({str(a.dtype) for a in
-                                     imported.params.values()}),
-            'fixed_gamma': layout.fixed_gamma,
-            'left_out': layout.left_out[:20],
-            'left_out_count': len(layout.left_out)}
-  if symbol:
+  kind = _format(source)
+  if symbol and kind != 'mxnet':
     raise ValueError(f'{symbol}: a second file is for MXNet models only '
                      f'(the -symbol.json of a .params); {source} is not one')
-  if _format(source) == 'onnx':
-    return _load_onnx(source)
+  if kind == 'mxnet':
+    imported = mxnet_import.load(source, symbol)
+    dtypes = {str(a.dtype) for a in imported.params.values()}
+    return imported, mxnet_import.parity, imported.image_size, (
+        mxnet_import.AGAINST), {
+            'format': 'MXNet (symbol + params)',
+            'symbol': _file_record(imported.symbol),
+            'graph_input': imported.layout.input_from,
+            'fixed_gamma': imported.layout.fixed_gamma,
+            **_layout_fields(imported, dtypes)}
+  if kind == 'onnx':
+    imported = onnx_import.load(source)
+    m = imported.onnx
+    return imported, onnx_import.parity, onnx_import.IMAGE_SIZE, (
+        onnx_import.against()), {
+            'format': 'ONNX', 'opset': m.opset, 'producer': m.producer,
+            'ir_version': m.ir_version, 'graph_input': m.input_name,
+            **_layout_fields(imported, m.dtypes)}
   imported = torch_import.load(source)
   return imported, torch_import.parity, torch_import.IMAGE_SIZE, (
-      'a float64 NumPy forward of the source architecture '
-      '(npcface_jax/foreign/reference_nets.py)'), {
+      torch_import.AGAINST), {
           'format': f'PyTorch checkpoint ({imported.checkpoint.format})',
-          'layout': imported.layout.family, 'made_by': imported.source,
           'prefix': imported.layout.prefix,
-          'stored_dtypes': sorted(imported.checkpoint.dtypes),
-          'left_out': imported.layout.left_out[:20],
-          'left_out_count': len(imported.layout.left_out)}
+          **_layout_fields(imported, imported.checkpoint.dtypes)}
 
 
 def import_model(source: str, workdir: str, image_paths=(), license=None,

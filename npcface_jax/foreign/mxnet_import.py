@@ -20,14 +20,15 @@ import os
 import re
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from npcface_jax import models
 from npcface_jax.faces import images
-from npcface_jax.foreign import mxnet_graph, mxnet_layouts, mxnet_params
+from npcface_jax.foreign import (backbone, mxnet_graph, mxnet_layouts,
+                                 mxnet_params)
 
+
+AGAINST = ('the MXNet graph itself, computed in float64 NumPy from MXNet\'s '
+           'operator semantics (npcface_jax/foreign/mxnet_graph.py)')
 
 class Imported(NamedTuple):
   """A backbone ready to write as a run: what to build and its weights."""
@@ -50,11 +51,6 @@ def symbol_beside(params_path: str) -> str:
   return f'{base}-symbol.json'
 
 
-def module(imported: Imported):
-  return models.create(imported.model, embedding_dim=imported.embedding_dim,
-                       **imported.options)
-
-
 def load(params_path: str, symbol_path: str | None = None) -> Imported:
   """The model as a backbone; MxnetFileError for files that are not what
   MXNet writes, LayoutError for a graph that is not a backbone this
@@ -73,12 +69,9 @@ def load(params_path: str, symbol_path: str | None = None) -> Imported:
   imported = Imported(layout.model, layout.options, layout.embedding_dim, {},
                       layout.contract, f'insightface MXNet ({layout.family})',
                       layout, layout.image_size, params, symbol_path)
-  net = module(imported)
-  side = layout.image_size
-  shapes = jax.eval_shape(lambda: net.init(
-      jax.random.key(0), jnp.zeros((1, side, side, 3)), train=False))
   try:
-    variables = mxnet_layouts.to_variables(layout, shapes)
+    variables = mxnet_layouts.to_variables(
+        layout, backbone.variable_shapes(imported, layout.image_size))
   except mxnet_layouts.LayoutError as e:
     raise mxnet_layouts.LayoutError(
         f'{params_path} with {symbol_path}: {e}') from None
@@ -101,11 +94,5 @@ def parity(imported: Imported, pixels: np.ndarray,
   (float64), both fed ``pixels`` (uint8 RGB, N x S x S) through
   ``contract``."""
   inputs = images.normalize(np.asarray(pixels, np.float32), contract)
-  net = module(imported)
-  apply = jax.jit(lambda v, x: net.apply(v, x, train=False))
-  ours = np.concatenate([np.asarray(apply(imported.variables,
-                                          inputs[i:i + 32]), np.float64)
-                         for i in range(0, len(inputs), 32)])
-  theirs = reference(imported, inputs)
-  return (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) *
-                                   np.linalg.norm(theirs, axis=1))
+  return backbone.cosines(backbone.embed(imported, inputs),
+                           reference(imported, inputs))

@@ -18,12 +18,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from npcface_jax.faces import images
-from npcface_jax.foreign import onnx_layouts, torch_import, torch_layouts
+from npcface_jax.foreign import (backbone, onnx_layouts, torch_import,
+                                 torch_layouts)
 
 DEFAULT_CONTRACT = torch_import.ARCFACE_TORCH
 IMAGE_SIZE = onnx_layouts.IMAGE_SIZE
@@ -66,12 +65,9 @@ def load(path: str) -> Imported:
                       {}, DEFAULT_CONTRACT,
                       f'ONNX graph ({model.producer}, opset {model.opset})',
                       layout, model, found.origin)
-  net = torch_import.module(imported)
-  shapes = jax.eval_shape(lambda: net.init(
-      jax.random.key(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)),
-      train=False))
   try:
-    variables = torch_layouts.to_variables(layout, shapes, found.label)
+    variables = torch_layouts.to_variables(
+        layout, backbone.variable_shapes(imported, IMAGE_SIZE), found.label)
   except torch_layouts.LayoutError as e:
     raise torch_layouts.LayoutError(f'{path}: {e}') from None
   return imported._replace(variables=variables)
@@ -105,8 +101,8 @@ def parity(imported: Imported, pixels: np.ndarray,
   running the source graph, both fed ``pixels`` (uint8 RGB, N x 112 x
   112) through ``contract``."""
   inputs = images.normalize(np.asarray(pixels, np.float32), contract)
-  return torch_import.cosines(torch_import.embed(imported, inputs),
-                              reference(imported, inputs))
+  return backbone.cosines(backbone.embed(imported, inputs),
+                           reference(imported, inputs))
 
 
 def against() -> str:

@@ -21,18 +21,18 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from npcface_jax import models
 from npcface_jax.faces import images
-from npcface_jax.foreign import reference_nets, torch_checkpoint, torch_layouts
+from npcface_jax.foreign import (backbone, reference_nets, torch_checkpoint,
+                                 torch_layouts)
 
 ARCFACE_TORCH = images.InputContract('RGB', 127.5, 127.5)
 FACEX_ZOO = images.InputContract('BGR', 127.5, 128.0)
 ADAFACE = images.InputContract('BGR', 127.5, 127.5)
 IMAGE_SIZE = 112  # every layout here: the IR's 7x7 map, MobileFaceNet's GDC
+AGAINST = ('a float64 NumPy forward of the source architecture '
+           '(npcface_jax/foreign/reference_nets.py)')
 
 
 class Imported(NamedTuple):
@@ -60,11 +60,6 @@ def _source(layout: torch_layouts.Layout) -> tuple[str, Any]:
   return 'face.evoLVe IR (origin unknown)', None
 
 
-def module(imported: Imported):
-  return models.create(imported.model, embedding_dim=imported.embedding_dim,
-                       **imported.options)
-
-
 def load(path: str) -> Imported:
   """The checkpoint at ``path`` as a backbone; TorchFileError for a file
   that is not a safe PyTorch checkpoint, LayoutError for one whose
@@ -74,12 +69,9 @@ def load(path: str) -> Imported:
   source, contract = _source(layout)
   imported = Imported(layout.model, layout.options, layout.embedding_dim,
                       {}, contract, source, layout, ckpt)
-  net = module(imported)
-  shapes = jax.eval_shape(lambda: net.init(
-      jax.random.key(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)),
-      train=False))
   try:
-    variables = torch_layouts.to_variables(layout, shapes)
+    variables = torch_layouts.to_variables(
+        layout, backbone.variable_shapes(imported, IMAGE_SIZE))
   except torch_layouts.LayoutError as e:
     raise torch_layouts.LayoutError(f'{path}: {e}') from None
   return imported._replace(variables=variables)
@@ -102,19 +94,5 @@ def parity(imported: Imported, pixels: np.ndarray,
   computation (float64), both fed ``pixels`` (uint8 RGB, N x 112 x 112)
   through ``contract``."""
   inputs = images.normalize(np.asarray(pixels, np.float32), contract)
-  return cosines(embed(imported, inputs), reference(imported, inputs))
-
-
-def embed(imported, inputs: np.ndarray) -> np.ndarray:
-  """Our backbone (float32) on normalised NHWC inputs, as float64; any
-  import's ``imported`` (model, options, embedding_dim, variables)."""
-  net = module(imported)
-  apply = jax.jit(lambda v, x: net.apply(v, x, train=False))
-  return np.concatenate([np.asarray(apply(imported.variables,
-                                          inputs[i:i + 32]), np.float64)
-                         for i in range(0, len(inputs), 32)])
-
-
-def cosines(ours: np.ndarray, theirs: np.ndarray) -> np.ndarray:
-  return (ours * theirs).sum(1) / (np.linalg.norm(ours, axis=1) *
-                                   np.linalg.norm(theirs, axis=1))
+  return backbone.cosines(backbone.embed(imported, inputs),
+                           reference(imported, inputs))
