@@ -108,19 +108,19 @@ def arc_positive(c_y: Array, m, easy_margin: bool = False, *,
   under torch.no_grad()); off, the gradient is the margin's own.
   """
   theta = jnp.arccos(jnp.clip(lax.stop_gradient(c_y), -1.0, 1.0))
+  # Straight-through computes the value as arcface_torch does (through
+  # arccos); its gradient comes from c_y alone, below.
+  shifted = jnp.cos(theta + m) if straight_through else cos_add(c_y, m)
+  if easy_margin:
+    value = jnp.where(lax.stop_gradient(c_y) > 0, shifted, c_y)
+  elif monotone:
+    value = jnp.where(theta + m > math.pi, c_y - m * jnp.sin(m), shifted)
+  else:
+    value = shifted
   if straight_through:
-    value = jnp.cos(theta + m)
-    if easy_margin:
-      value = jnp.where(lax.stop_gradient(c_y) > 0, value, c_y)
-    elif monotone:
-      value = jnp.where(theta + m > math.pi, c_y - m * jnp.sin(m), value)
     # The value exactly (0 + value), with c_y's gradient.
     return (c_y - lax.stop_gradient(c_y)) + lax.stop_gradient(value)
-  if easy_margin:
-    return jnp.where(lax.stop_gradient(c_y) > 0, cos_add(c_y, m), c_y)
-  if not monotone:
-    return cos_add(c_y, m)
-  return jnp.where(theta + m > math.pi, c_y - m * jnp.sin(m), cos_add(c_y, m))
+  return value
 
 
 def finish(logits: Array, cols: class_shards.Columns, dtype) -> Array:
