@@ -24,15 +24,20 @@ def _problem(rng, num_classes):
   return jnp.float32(x), jnp.float32(w), labels
 
 
-def _both(head, x, w, y, chunk_size, state):
-  """Both paths under jit, the head's state traced like a train step's."""
+def _both(head, x, w, y, chunk_size, state, params=None, head_key=None):
+  """Both paths under jit, the head's state traced like a train step's;
+  gradients in the embeddings, the classifier and the head's parameters,
+  the loss the train step's (with the head's aux_loss)."""
+  params = {} if params is None else params
+
   def loss(chunk):
-    def f(x, w, state):
-      ce, out = classifier.classifier_loss(x, w, y, head, state, {},
-                                           chunk_size=chunk)
-      return jnp.mean(ce), out
-    grad_fn = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
-    return jax.jit(grad_fn)(x, w, state)
+    def f(x, w, params, state):
+      ce, out = classifier.classifier_loss(x, w, y, head, state, params,
+                                           chunk_size=chunk,
+                                           head_key=head_key)
+      return jnp.mean(ce) + out.aux_loss, out
+    grad_fn = jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True)
+    return jax.jit(grad_fn)(x, w, params, state)
   return loss(None), loss(chunk_size)
 
 
@@ -54,7 +59,13 @@ def test_equals_full_logits(name, num_classes, chunk_size):
     state = {'step': jnp.int32(40)}
   if name == 'curricularface':
     state = {'t': jnp.float32(0.3)}
-  full, chunked = _both(head, x, w, y, chunk_size, state)
+  if name == 'adaface':  # statistics the norms of x straddle
+    state = {'norm_mean': jnp.float32(4.0), 'norm_std': jnp.float32(1.5)}
+  params = head.init_params(jax.random.key(seed), num_classes)
+  if name == 'magface':  # norms across MagFace's clipped range [10, 110]
+    x = x * jnp.float32(rng.uniform(2.0, 30.0, (B, 1)))
+  full, chunked = _both(head, x, w, y, chunk_size, state, params,
+                        jax.random.key(seed))
   assert chunked[0][1].logits is None
   assert_same_step(chunked, full, loss_rtol=2e-6,
                    msg=f'{name} C={num_classes} chunk={chunk_size} seed {seed}')

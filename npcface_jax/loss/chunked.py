@@ -124,12 +124,15 @@ def _chunked(xn, w, labels, context, parts: MarginParts, chunk_size: int,
 
 def _forward(xn, w, labels, context, parts, chunk_size, axis_name,
              num_classes):
-  """``context``: the head's (state, Given), which get no gradient."""
+  """``context``: the head's (state, Given); only the Given's params and
+  (where the head keeps their gradient) norms get a gradient, through the
+  row."""
   batch = xn.shape[0]
   shard = _Shard(w, labels, axis_name, num_classes)
   wy, inv_y = shard.target_rows(w)
   c_y = shard.psum(jnp.where(shard.owned, jnp.sum(xn * wy, axis=-1), 0.0))
   row = parts.row(c_y, *context)
+  one_vs_all = parts.one_vs_all is not None
 
   def block(w_block, start, carry):
     run_max, run_sum, sums, nearest = carry
@@ -138,8 +141,12 @@ def _forward(xn, w, labels, context, parts, chunk_size, axis_name,
     logits, block_sums = parts.negative(cos, row, is_negative)
     logits = jnp.where(is_negative, logits, -jnp.inf)
     new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))
-    run_sum = (run_sum * jnp.exp(run_max - new_max)
-               + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=-1))
+    if one_vs_all:  # the negatives' binary losses simply add up
+      run_sum = run_sum + jnp.sum(
+          jnp.where(is_negative, jax.nn.softplus(logits), 0.0), axis=-1)
+    else:  # an online log-sum-exp
+      run_sum = (run_sum * jnp.exp(run_max - new_max)
+                 + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=-1))
     sums = jax.tree.map(jnp.add, sums, block_sums)
     nearest = jnp.maximum(nearest, jnp.max(
         jnp.where(is_negative, cos, -jnp.inf), axis=-1))
@@ -169,54 +176,89 @@ def _forward(xn, w, labels, context, parts, chunk_size, axis_name,
     cos_rest, carry = block(w[full * chunk_size:], full * chunk_size, carry)
   run_max, run_sum, sums, nearest = carry
   sums = shard.psum(sums)
-  if axis_name is not None:  # merge the shards' running log-sum-exps
+  if axis_name is not None:  # merge the shards' running sums
     top = lax.pmax(run_max, axis_name)
-    run_sum, run_max = shard.psum(run_sum * jnp.exp(run_max - top)), top
+    run_sum = shard.psum(run_sum if one_vs_all
+                         else run_sum * jnp.exp(run_max - top))
+    run_max = top
     nearest = lax.pmax(nearest, axis_name)
   z_y = parts.positive(c_y, row, sums)
-  lse = jnp.logaddexp(run_max + jnp.log(run_sum), z_y)
-  ce = lse - z_y
+  if one_vs_all:
+    weights = parts.one_vs_all
+    lse = run_sum  # (unused by the backward; kept for one residual layout)
+    ce = (weights.positive_weight * jax.nn.softplus(-z_y)
+          + weights.negative_weight * run_sum)
+  else:
+    lse = jnp.logaddexp(run_max + jnp.log(run_sum), z_y)
+    ce = lse - z_y
   top1 = z_y >= run_max  # the target beats every negative logit
   residuals = (xn, w, labels, wy, inv_y, c_y, row, sums, lse, z_y,
-               cos_store, cos_rest)
+               cos_store, cos_rest, context)
   return Chunked(ce, row, sums, top1, c_y, nearest), residuals
 
 
 def _backward(parts, chunk_size, axis_name, num_classes, residuals,
               cotangents):
   (xn, w, labels, wy, inv_y, c_y, row, sums, lse, z_y, cos_store,
-   cos_rest) = residuals
+   cos_rest, (state, given)) = residuals
   g = cotangents[0]  # the rest is for logging and analysis, not for grads
   shard = _Shard(w, labels, axis_name, num_classes)
   full, rest = _blocks(w.shape[0], chunk_size)
+  weights = parts.one_vs_all
+  # The row's gradient is followed only to what can have one (heads.py).
+  row_has_gradient = bool(jax.tree.leaves(given.params)) or (
+      given.norms is not None)
+
+  def negative_weight(logits):
+    """dLoss/dlogit of each negative, per unit of g."""
+    if weights is not None:
+      return weights.negative_weight * jax.nn.sigmoid(logits)
+    return jnp.exp(logits - lse[:, None])
 
   def block(w_block, start, cos):
     wn, inv = _normalize_rows(w_block)
     is_negative = shard.is_negative(start, cos.shape[1])
-    logits, dlogits = jax.jvp(lambda c: parts.negative(c, row, is_negative)[0],
-                              (cos,), (jnp.ones_like(cos),))
-    prob = jnp.where(is_negative, jnp.exp(logits - lse[:, None]), 0.0)
-    dcos = (g[:, None] * prob) * dlogits
+    if row_has_gradient:
+      logits, pull = jax.vjp(
+          lambda c, r: parts.negative(c, r, is_negative)[0], cos, row)
+    else:
+      logits, pull = jax.vjp(
+          lambda c: parts.negative(c, row, is_negative)[0], cos)
+    dlogits = jnp.where(is_negative, g[:, None] * negative_weight(logits), 0.0)
+    dcos, *drow = pull(dlogits)
     dw_block = _normalize_rows_vjp(wn, inv, dcos.T @ xn)
-    return dcos @ wn, dw_block
+    return dcos @ wn, dw_block, drow
 
   def body(k, grads):
-    dxn, dw = grads
+    dxn, dw, drow = grads
     start = k * chunk_size
-    dx_k, dw_k = block(lax.dynamic_slice_in_dim(w, start, chunk_size), start,
-                       cos_store[k])
-    return dxn + dx_k, lax.dynamic_update_slice_in_dim(dw, dw_k, start, 0)
+    dx_k, dw_k, drow_k = block(lax.dynamic_slice_in_dim(w, start, chunk_size),
+                               start, cos_store[k])
+    return (dxn + dx_k, lax.dynamic_update_slice_in_dim(dw, dw_k, start, 0),
+            jax.tree.map(jnp.add, drow, drow_k))
 
-  grads = (jnp.zeros_like(xn), lax.empty(w.shape, jnp.float32))
-  dxn, dw = lax.fori_loop(0, full, body, shard.varying(grads, xn, w))
+  drow0 = [jax.tree.map(jnp.zeros_like, row)] if row_has_gradient else []
+  grads = (jnp.zeros_like(xn), lax.empty(w.shape, jnp.float32), drow0)
+  dxn, dw, drow = lax.fori_loop(0, full, body, shard.varying(grads, xn, w))
   if rest:
-    dx_r, dw_r = block(w[full * chunk_size:], full * chunk_size, cos_rest)
+    dx_r, dw_r, drow_r = block(w[full * chunk_size:], full * chunk_size,
+                               cos_rest)
     dxn = dxn + dx_r
     dw = lax.dynamic_update_slice_in_dim(dw, dw_r, full * chunk_size, 0)
-  # The target logits: dCE/dz_y = p_y - 1, through the positive's derivative,
-  # on the shard that holds each target row.
-  dpos = jax.grad(lambda c: jnp.sum(parts.positive(c, row, sums)))(c_y)
-  dc_y = jnp.where(shard.owned, g * (jnp.exp(z_y - lse) - 1.0) * dpos, 0.0)
+    drow = jax.tree.map(jnp.add, drow, drow_r)
+  # The target logits: dLoss/dz_y (p_y - 1 for the softmax), through the
+  # positive's derivative, on the shard that holds each target row.
+  if weights is not None:
+    dz_y = -weights.positive_weight * jax.nn.sigmoid(-z_y)
+  else:
+    dz_y = jnp.exp(z_y - lse) - 1.0
+  if row_has_gradient:
+    _, pull = jax.vjp(lambda c, r: parts.positive(c, r, sums), c_y, row)
+    dc_y, drow_y = pull(g * dz_y)
+  else:
+    _, pull = jax.vjp(lambda c: parts.positive(c, row, sums), c_y)
+    (dc_y,) = pull(g * dz_y)
+  dc_y = jnp.where(shard.owned, dc_y, 0.0)
   dxn = dxn + dc_y[:, None] * wy
   dw = dw.at[shard.local_label].add(
       _normalize_rows_vjp(wy, inv_y, dc_y[:, None] * xn))
@@ -224,9 +266,30 @@ def _backward(parts, chunk_size, axis_name, num_classes, residuals,
   batch_axes = tuple(sorted(_varying_axes(xn) - _varying_axes(w)))
   if batch_axes:
     dw = lax.psum(dw, batch_axes)
-  # The head's state (a batch statistic's history, a step) and what it is
-  # given (norms, a key) get no gradient.
-  return shard.psum(dxn), dw, None, None
+  # The head's state (a batch statistic's history, a step) and its key get
+  # no gradient; its params and norms get the row's, pulled back.
+  dgiven = None
+  if row_has_gradient:
+    # The negatives' share from every class shard, the target's (the
+    # same on each) once.
+    drow = jax.tree.map(jnp.add, shard.psum(drow[0]), drow_y)
+    dgiven = _row_vjp(parts, c_y, state, given, drow)
+  return shard.psum(dxn), dw, None, (None, dgiven)
+
+
+def _row_vjp(parts, c_y, state, given, drow):
+  """The cotangent of the Given (its params and norms) from the row's."""
+  _, pull = jax.vjp(
+      lambda norms, params: parts.row(
+          c_y, state, given._replace(norms=norms, params=params)),
+      given.norms, given.params)
+  dnorms, dparams = pull(drow)
+  # Parameters shared by a batch split over shards: their gradient sums.
+  dparams = jax.tree.map(
+      lambda d, p: (lax.psum(d, axes) if (axes := tuple(sorted(
+          _varying_axes(d) - _varying_axes(p)))) else d),
+      dparams, given.params)
+  return given._replace(norms=dnorms, key=None, params=dparams)
 
 
 _chunked.defvjp(_forward, _backward)
@@ -244,7 +307,10 @@ def chunked_cross_entropy(embeddings: Array, weights: Array, labels: Array,
   time.
   ``state`` is the head's state (SphereFace, CurricularFace) and ``given``
   what it needs besides cosines (heads.Given), both passed to the parts'
-  ``row``, neither differentiated.
+  ``row``; only the Given's params and norms are differentiated, through
+  the row (where a head's row has no gradient, theirs is zero). A head
+  with ``one_vs_all`` parts gets its binary loss instead of the softmax
+  cross-entropy, the same way.
 
   ``embeddings`` (B, D) and ``weights`` (C, D) need not be normalised; both
   are, as in ``classifier.cosine``. Arithmetic is float32. With

@@ -120,17 +120,33 @@ def _sampled(key, weights, labels, params, num_sample, axis_name,
   return weights[rows], labels, params
 
 
-def given(head: Head, embeddings: Array, key: Array | None) -> Given:
+def _norms(embeddings: Array) -> Array:
+  return jnp.linalg.norm(embeddings.astype(jnp.float32), axis=-1)
+
+
+def given(head: Head, embeddings: Array, key: Array | None,
+          params=None) -> Given:
   """What the head needs besides cosines (``head.needs``), from the
-  embeddings (each sample's norm, without gradient) and the step's key for
-  the head; ValueError when it needs a key and none was passed."""
+  embeddings (each sample's norm, without gradient unless the head keeps
+  it, ``norm_gradient``), the step's key for the head and the head's
+  parameters; ValueError when it needs a key and none was passed."""
   norms = None
   if 'norms' in head.needs:
-    norms = lax.stop_gradient(jnp.linalg.norm(
-        embeddings.astype(jnp.float32), axis=-1))
+    norms = _norms(embeddings)
+    if not head.norm_gradient:
+      norms = lax.stop_gradient(norms)
   if 'key' in head.needs and key is None:
     raise ValueError(f'head {head.name!r} draws at random: pass head_key')
-  return Given(norms, key if 'key' in head.needs else None)
+  return Given(norms, key if 'key' in head.needs else None, params)
+
+
+def with_norm_loss(head: Head, embeddings: Array, out: HeadOutput
+                   ) -> HeadOutput:
+  """The head's output with its norm regulariser (MagFace's) added to its
+  aux_loss, from the whole batch's embeddings (the global view)."""
+  penalty = head.norm_loss(_norms(embeddings))
+  return out if penalty is None else out._replace(
+      aux_loss=out.aux_loss + penalty)
 
 
 def classifier_loss(embeddings: Array, weights: Array, labels: Array,
@@ -159,31 +175,38 @@ def classifier_loss(embeddings: Array, weights: Array, labels: Array,
 
   ``head_key`` is the step's key for a head that draws at random
   (``head.needs``); a head that needs norms gets them from ``embeddings``.
+  Unsharded (``axis_name`` None), the output's aux_loss includes the
+  head's norm regulariser (with_norm_loss); sharded, the caller adds it in
+  the global view.
   """
-  extra = given(head, embeddings, head_key)
   if num_sample is not None:
     if key is None:
       raise ValueError(f'num_sample={num_sample} draws classes at random: '
                        'pass a key')
-    weights, labels, params = _sampled(key, weights, labels, params,
-                                       num_sample, axis_name, num_classes)
-    num_classes = None
+    weights, labels, sampled = _sampled(key, weights, labels, params,
+                                        num_sample, axis_name, num_classes)
+    params, num_classes = sampled, None
+  extra = given(head, embeddings, head_key, params)
   if chunk_size is not None:
-    out = chunked.chunked_cross_entropy(
+    fused = chunked.chunked_cross_entropy(
         embeddings, weights, labels, head.parts(), state, given=extra,
         chunk_size=chunk_size, axis_name=axis_name, num_classes=num_classes)
-    new_state, metrics = head.after(state, out.row, out.sums)
-    return out.ce, HeadOutput(None, new_state, jnp.zeros((), jnp.float32), {
-        **metrics, 'top1': out.top1, 'cos_target': out.cos_target,
-        'cos_nearest': out.cos_nearest})
-  cos = cosine(embeddings, weights)
-  out = head(cos, labels, state, params, given=extra, axis_name=axis_name,
-             num_classes=num_classes)
-  ce, top1 = criteria.cross_entropy_and_top1(out.logits, labels,
-                                             axis_name=axis_name)
-  return ce, out._replace(metrics={
-      **out.metrics, 'top1': top1,
-      **target_and_nearest(cos, labels, axis_name, num_classes)})
+    new_state, metrics = head.after(state, fused.row, fused.sums)
+    ce, out = fused.ce, HeadOutput(None, new_state, jnp.zeros((), jnp.float32),
+                                   {**metrics, 'top1': fused.top1,
+                                    'cos_target': fused.cos_target,
+                                    'cos_nearest': fused.cos_nearest})
+  else:
+    cos = cosine(embeddings, weights)
+    out = head(cos, labels, state, params, given=extra, axis_name=axis_name,
+               num_classes=num_classes)
+    ce, top1 = head.per_sample_loss(out.logits, labels, axis_name=axis_name)
+    out = out._replace(metrics={
+        **out.metrics, 'top1': top1,
+        **target_and_nearest(cos, labels, axis_name, num_classes)})
+  if axis_name is None:
+    out = with_norm_loss(head, embeddings, out)
+  return ce, out
 
 
 def target_and_nearest(cos: Array, labels: Array, axis_name=None,
@@ -240,6 +263,9 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
   _check_sharded_options(head, batch_axis, return_logits, chunk_size)
 
   def local(embeddings, weights, labels, state, params, key, head_key):
+    if head_key is not None and batch_axis is not None:
+      # Each shard of the batch draws for its own rows: from its own key.
+      head_key = jax.random.fold_in(head_key, lax.axis_index(batch_axis))
     ce, out = classifier_loss(embeddings, weights, labels, head, state, params,
                               axis_name=axis, num_classes=num_classes,
                               chunk_size=chunk_size, num_sample=num_sample,
@@ -250,18 +276,23 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
 
   rows = P(batch_axis)
   logits_spec = P(batch_axis, axis) if return_logits else P()
-  in_specs = (rows, P(axis), rows, P(), P(axis), P(), P())
-  mapped = jax.shard_map(
-      local, mesh=mesh, in_specs=in_specs,
-      out_specs=(rows, HeadOutput(logits_spec, P(), P(), rows)))
 
   def loss(embeddings, weights, labels, state, params, key=None,
            head_key=None):
     if (key is None) != (num_sample is None):
       raise ValueError('a key is needed exactly when classes are sampled '
                        f'(num_sample={num_sample})')
+    # A head's per-class parameters split like the classifier's rows; the
+    # others (a learnt bias) replicated.
+    param_specs = {k: P(axis) if k in head.per_class_params else P()
+                   for k in params}
+    in_specs = (rows, P(axis), rows, P(), param_specs, P(), P())
+    mapped = jax.shard_map(
+        local, mesh=mesh, in_specs=in_specs,
+        out_specs=(rows, HeadOutput(logits_spec, P(), P(), rows)))
     args = (embeddings, weights, labels, state, params, key, head_key)
-    return mapped(*_laid_out(mesh, args, in_specs))
+    ce, out = mapped(*_laid_out(mesh, args, in_specs))
+    return ce, with_norm_loss(head, embeddings, out)
 
   return loss
 
@@ -295,5 +326,6 @@ def _laid_out(mesh: Mesh, args, in_specs):
   before shard_map; an Auto mesh reshards itself."""
   if AxisType.Explicit not in mesh.axis_types:
     return args
-  return [jax.tree.map(lambda a, s=spec: jax.reshard(a, NamedSharding(mesh, s)),
-                       arg) for arg, spec in zip(args, in_specs)]
+  return [jax.tree.map(lambda s, a: jax.reshard(a, NamedSharding(mesh, s)),
+                       spec, arg, is_leaf=lambda x: isinstance(x, P))
+          for arg, spec in zip(args, in_specs)]

@@ -50,6 +50,28 @@ def cross_entropy_and_top1(logits: Array, labels: Array, *, axis_name=None,
   return jnp.log(sumexp) + (zmax - target), lax.stop_gradient(target >= zmax)
 
 
+def one_vs_all_and_top1(logits: Array, labels: Array, weights, *,
+                        axis_name=None, num_classes: int | None = None
+                        ) -> tuple[Array, Array]:
+  """The per-sample one-vs-all binary loss of SphereFace2 and UniFace,
+  ``w.positive_weight * softplus(-z_y) + w.negative_weight * sum_{j != y}
+  softplus(z_j)`` over the real classes (heads.OneVsAll), and whether the
+  target logit is the largest; classes optionally sharded (psum, pmax)."""
+  z = logits.astype(jnp.float32)
+  cols = class_shards.columns(labels, z.shape[-1], axis_name, num_classes)
+  negative = class_shards.negatives(cols.is_target, cols.valid)
+  z_neg = jnp.where(negative, z, -jnp.inf)
+  neg_sum = jnp.sum(jnp.where(negative, jax.nn.softplus(z_neg), 0.0), axis=-1)
+  top = jnp.max(z_neg, axis=-1)
+  target = class_shards.take_target(z, cols)
+  if axis_name is not None:
+    neg_sum, target = lax.psum((neg_sum, target), axis_name)
+    top = lax.pmax(top, axis_name)
+  loss = (weights.positive_weight * jax.nn.softplus(-target)
+          + weights.negative_weight * neg_sum)
+  return loss, lax.stop_gradient(target >= top)
+
+
 def softmax_cross_entropy(logits: Array, labels: Array, *, axis_name=None,
                           num_classes: int | None = None) -> Array:
   """Mean softmax cross-entropy over the batch."""

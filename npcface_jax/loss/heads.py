@@ -31,11 +31,18 @@ trainer needs, each with a default for heads that need none of it:
   each sample's embedding ``norms`` (B,) and a PRNG ``key`` for the step.
   The classifier fills them in on every path (full, chunked, class-sharded,
   Partial FC: the norm is per sample, so it travels with the batch); they
-  reach ``parts().row`` and ``__call__`` without gradient. The key is the
-  same on every shard: where the batch is split over 'data', each shard
-  draws for its own rows from it, so per-sample draws differ from one
-  layout to another (each is a valid draw; a head that needs them equal
-  folds the shard's place in, lax.axis_index).
+  reach ``parts().row`` and ``__call__`` without gradient, except the
+  norms of a head with ``norm_gradient`` (MagFace). ``Given.params`` holds
+  the head's parameters (SphereFace2's and UniFace's bias), with gradient.
+  The key is the same on every class shard, so the shards of one batch
+  draw alike; where the batch is also split over 'data', the classifier
+  folds each data shard's index into it, so each draws for its own rows
+  (per-sample draws then differ from one layout to another; each is a
+  valid draw).
+- ``one_vs_all`` (SphereFace2, UniFace): the head is its own criterion,
+  one binary classification per class, not a softmax (``OneVsAll``,
+  ``per_sample_loss``); ``norm_loss(norms)``: a regulariser of the norms
+  with gradient (MagFace's g), added in the global view.
 
 Adding a head is one class here and its name in ``HEADS``; registry.py
 binds names and options, the trainer names no head. The ``*_logits``
@@ -61,7 +68,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from npcface_jax.loss import class_shards
+from npcface_jax.loss import class_shards, criteria
 
 Array = jax.Array
 
@@ -135,11 +142,24 @@ def _f32(cos: Array) -> Array:
 
 
 class Given(NamedTuple):
-  """What a head may be given besides cosines (``Head.needs``), without
-  gradient; None where the head does not need it."""
+  """What a head is given besides cosines (``Head.needs``); None (or {})
+  where the head does not need it."""
 
-  norms: Array | None = None  # (B,) each sample's embedding norm
-  key: Array | None = None  # a PRNG key for this step
+  # (B,) each sample's embedding norm: without gradient, unless the head
+  # sets ``norm_gradient`` (MagFace's margin and regulariser move the norm)
+  norms: Array | None = None
+  key: Array | None = None  # a PRNG key for this step, the same on shards
+  params: dict | None = None  # the head's parameters, with their gradient
+
+
+class OneVsAll(NamedTuple):
+  """A head whose criterion is not a softmax but one binary classification
+  per class (SphereFace2, UniFace): each sample's loss is
+  ``positive_weight * softplus(-z_y) + negative_weight * sum_{j != y}
+  softplus(z_j)`` over its logits z (criteria.one_vs_all_and_top1)."""
+
+  positive_weight: float
+  negative_weight: float
 
 
 class HeadOutput(NamedTuple):
@@ -164,12 +184,16 @@ class HeadOutput(NamedTuple):
 #   positive(c_y, row, sums) -> the scaled target logit (B,).
 # The logits' Jacobian in cos is diagonal (masks, margins and batch
 # statistics are constants for the gradient), which the fused path relies on.
+# The row is constant in c_y for the gradient and the sums are constants;
+# the row's gradient reaches only what the head is given with one: its
+# parameters (a learnt bias) and, with ``norm_gradient``, the norms.
 
 
 class MarginParts(NamedTuple):
   row: Callable[[Array, Any, Given], Any]
   negative: Callable[[Array, Any, Array], tuple[Array, tuple[Array, ...]]]
   positive: Callable[[Array, Any, tuple[Array, ...]], Array]
+  one_vs_all: OneVsAll | None = None  # None: the softmax cross-entropy
 
 
 def assemble(parts: MarginParts, cos: Array, labels: Array, *, state=None,
@@ -216,6 +240,7 @@ class Head:
   batch_statistics: ClassVar[bool] = False
   per_class_params: ClassVar[frozenset[str]] = frozenset()
   needs: ClassVar[frozenset[str]] = frozenset()  # of Given's fields
+  norm_gradient: ClassVar[bool] = False  # the norms keep their gradient
 
   @classmethod
   def create(cls, **options) -> Head:
@@ -246,6 +271,27 @@ class Head:
     """The new state and per-sample metrics from the parts' row and sums."""
     return {}, {}
 
+  @property
+  def one_vs_all(self) -> OneVsAll | None:
+    """The head's binary criterion's weights; None for a softmax head."""
+    return None
+
+  def per_sample_loss(self, logits: Array, labels: Array, *, axis_name=None
+                      ) -> tuple[Array, Array]:
+    """Each sample's loss (B,) from the full logits and whether its target
+    logit is the largest: the softmax cross-entropy, or the one-vs-all
+    binary loss of a head that has one."""
+    if self.one_vs_all is None:
+      return criteria.cross_entropy_and_top1(logits, labels,
+                                             axis_name=axis_name)
+    return criteria.one_vs_all_and_top1(logits, labels, self.one_vs_all,
+                                        axis_name=axis_name)
+
+  def norm_loss(self, norms: Array) -> Array | None:
+    """A regulariser of the embeddings' norms (B,), with gradient, added to
+    the loss in the global view (MagFace's g(a)); None: none."""
+    return None
+
   def init_state(self, num_classes: int) -> dict[str, Array]:
     return {}
 
@@ -274,7 +320,8 @@ class Head:
                given: Given = Given(), axis_name=None,
                num_classes: int | None = None) -> HeadOutput:
     logits, row, sums = assemble(self.parts(), cos, labels, state=state,
-                                 given=given, axis_name=axis_name,
+                                 given=given._replace(params=params),
+                                 axis_name=axis_name,
                                  num_classes=num_classes)
     new_state, metrics = self.after(state, row, sums)
     return HeadOutput(logits, new_state, jnp.zeros((), jnp.float32), metrics)
@@ -703,11 +750,327 @@ class CurricularFace(Head):
     return {'t': row[1]}, {}
 
 
+# --------------------------------------------------------------------------
+# The heads after the paper
+# --------------------------------------------------------------------------
+
+
+def adaface_init_state() -> dict[str, Array]:
+  """AdaFace's running norm statistics start at mean 20, std 100, as in
+  its official code."""
+  return {'norm_mean': jnp.asarray(20.0, jnp.float32),
+          'norm_std': jnp.asarray(100.0, jnp.float32)}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaFace(Head):
+  """AdaFace (Kim et al., CVPR 2022, eqs. 11-13): the margin adapts to
+  each sample's feature norm, read as image quality.
+
+  z_i = clip(h * (||x_i|| - mu) / (sigma + eps), -1, 1) from the norm
+  (clipped to [0.001, 100], without gradient) and running statistics mu,
+  sigma of the batch's norms (sigma the unbiased std; each an EMA with
+  ``momentum``, updated before use: the state, a statistic of the whole
+  batch). The positive is s*(cos(theta_y + g_angle) - g_add) with
+  g_angle = -m*z_i and g_add = m + m*z_i, the angle kept in [eps, pi-eps]
+  and cos_y clamped to [-1+eps, 1-eps] first (the official code's
+  stability clamps; zero gradient past them); negatives s*cos.
+  Metrics: 'norm' and the margin scaler 'quality' z_i per sample.
+  """
+
+  name: ClassVar[str] = 'adaface'
+  needs: ClassVar[frozenset[str]] = frozenset({'norms'})
+  batch_statistics: ClassVar[bool] = True
+  scale: float = 64.0
+  margin: float = 0.4
+  h: float = 0.333
+  momentum: float = 0.01
+  eps: float = 1e-3
+
+  def init_state(self, num_classes):
+    return adaface_init_state()
+
+  def parts(self):
+    scale, m, eps, alpha = self.scale, self.margin, self.eps, self.momentum
+
+    def row(c_y, state, given):
+      norms = jnp.clip(given.norms, 0.001, 100.0)
+      mean = alpha * jnp.mean(norms) + (1.0 - alpha) * state['norm_mean']
+      std = (alpha * jnp.std(norms, ddof=1)
+             + (1.0 - alpha) * state['norm_std'])
+      z = jnp.clip(self.h * (norms - mean) / (std + eps), -1.0, 1.0)
+      return lax.stop_gradient((z, mean, std, norms))
+
+    def positive(c_y, row, sums):
+      z = row[0]
+      g_angle, g_add = -m * z, m + m * z
+      c = jnp.clip(c_y, -1.0 + eps, 1.0 - eps)
+      angle = jnp.arccos(lax.stop_gradient(c)) + g_angle
+      inside = (angle > eps) & (angle < math.pi - eps)
+      value = jnp.where(inside, cos_add(c, g_angle),
+                        jnp.cos(jnp.clip(angle, eps, math.pi - eps)))
+      return scale * (value - g_add)
+
+    return MarginParts(row, _plain_negative(scale), positive)
+
+  def after(self, state, row, sums):
+    z, mean, std, norms = row
+    return {'norm_mean': mean, 'norm_std': std}, {'norm': norms,
+                                                  'quality': z}
+
+  def summarize(self, metrics):
+    return {'norm': jnp.mean(metrics['norm']),
+            'quality': jnp.mean(metrics['quality'])}
+
+
+@dataclasses.dataclass(frozen=True)
+class MagFace(Head):
+  """MagFace (Meng et al., CVPR 2021, eqs. 3-5): the margin a linear
+  function of the feature norm a = clip(||x||, l_a, u_a),
+  m(a) = l_m + (u_m - l_m) * (a - l_a) / (u_a - l_a), positive
+  s*cos(theta_y + m(a)) (ArcFace's fallback past pi, or ``easy_margin``),
+  negatives s*cos, and the regulariser lambda_g * mean g(a) with
+  g(a) = 1/a + a/u_a^2 (``norm_loss``). The norm keeps its gradient through
+  both (``norm_gradient``): their balance is what makes the norm a
+  quality score. Metrics: 'norm' a and 'margin' m(a) per sample.
+  """
+
+  name: ClassVar[str] = 'magface'
+  needs: ClassVar[frozenset[str]] = frozenset({'norms'})
+  norm_gradient: ClassVar[bool] = True
+  scale: float = 64.0
+  l_a: float = 10.0
+  u_a: float = 110.0
+  l_m: float = 0.45
+  u_m: float = 0.8
+  lambda_g: float = 35.0
+  easy_margin: bool = False
+
+  def _norm(self, norms):
+    return jnp.clip(norms, self.l_a, self.u_a)
+
+  def parts(self):
+    scale, easy = self.scale, self.easy_margin
+    slope = (self.u_m - self.l_m) / (self.u_a - self.l_a)
+
+    def row(c_y, state, given):
+      a = self._norm(given.norms)
+      return self.l_m + slope * (a - self.l_a), a
+
+    return MarginParts(
+        row, _plain_negative(scale),
+        lambda c_y, row, sums: scale * arc_positive(c_y, row[0], easy))
+
+  def norm_loss(self, norms):
+    a = self._norm(norms)
+    return self.lambda_g * jnp.mean(1.0 / a + a / self.u_a ** 2)
+
+  def after(self, state, row, sums):
+    margin, a = lax.stop_gradient(row)
+    return {}, {'margin': margin, 'norm': a}
+
+  def summarize(self, metrics):
+    return {'margin': jnp.mean(metrics['margin']),
+            'norm': jnp.mean(metrics['norm'])}
+
+
+def elastic_margins(key: Array, cos_target: Array, mean: float, sigma: float,
+                    by_difficulty: bool) -> Array:
+  """ElasticFace's per-sample margins, drawn from N(mean, sigma); with
+  ``by_difficulty`` (the "+" variants) sorted and handed out by rank, the
+  smallest to the sample closest to its class centre (largest cos_y) and
+  the largest to the hardest, which needs the whole batch. (The official
+  code indexes the sorted margins by the cosines' ranking order instead of
+  its inverse; this is the assignment its paper describes.)"""
+  margins = mean + sigma * jax.random.normal(key, cos_target.shape)
+  if not by_difficulty:
+    return margins
+  order = jnp.argsort(-lax.stop_gradient(cos_target))
+  return jnp.zeros_like(margins).at[order].set(jnp.sort(margins))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Elastic(Head):
+  """ElasticFace (Boutros et al., CVPRW 2022): ArcFace's (``angular``)
+  or CosFace's margin, drawn per sample from N(margin, sigma) each step
+  from the step's key (so a resumed run draws the same); the "+" variants
+  assign the drawn margins by difficulty (elastic_margins). The arc
+  positive is s*cos(theta_y + m_i), letting the angle pass pi as the
+  official code does. Metrics: the drawn 'margin' per sample."""
+
+  needs: ClassVar[frozenset[str]] = frozenset({'key'})
+  angular: ClassVar[bool] = True
+  by_difficulty: ClassVar[bool] = False
+  scale: float = 64.0
+  margin: float = 0.5
+  sigma: float = 0.05
+
+  def parts(self):
+    scale = self.scale
+
+    def row(c_y, state, given):
+      return lax.stop_gradient(elastic_margins(
+          given.key, c_y, self.margin, self.sigma, self.by_difficulty))
+
+    def positive(c_y, m, sums):
+      if self.angular:
+        return scale * arc_positive(c_y, m, monotone=False)
+      return scale * (c_y - m)
+
+    return MarginParts(row, _plain_negative(scale), positive)
+
+  def after(self, state, row, sums):
+    return {}, {'margin': row}
+
+  def summarize(self, metrics):
+    return {'margin': jnp.mean(metrics['margin']),
+            'margin_std': jnp.std(metrics['margin'])}
+
+
+@dataclasses.dataclass(frozen=True)
+class ElasticArcFace(_Elastic):
+  """ElasticFace-Arc: m ~ N(0.5, 0.05)."""
+
+  name: ClassVar[str] = 'elasticface_arc'
+
+
+@dataclasses.dataclass(frozen=True)
+class ElasticCosFace(_Elastic):
+  """ElasticFace-Cos: m ~ N(0.35, 0.05)."""
+
+  name: ClassVar[str] = 'elasticface_cos'
+  angular: ClassVar[bool] = False
+  margin: float = 0.35
+
+
+@dataclasses.dataclass(frozen=True)
+class ElasticArcFacePlus(_Elastic):
+  """ElasticFace-Arc+: m ~ N(0.5, 0.0175), assigned by difficulty."""
+
+  name: ClassVar[str] = 'elasticface_arc_plus'
+  by_difficulty: ClassVar[bool] = True
+  batch_statistics: ClassVar[bool] = True
+  sigma: float = 0.0175
+
+
+@dataclasses.dataclass(frozen=True)
+class ElasticCosFacePlus(_Elastic):
+  """ElasticFace-Cos+: m ~ N(0.35, 0.02), assigned by difficulty."""
+
+  name: ClassVar[str] = 'elasticface_cos_plus'
+  angular: ClassVar[bool] = False
+  by_difficulty: ClassVar[bool] = True
+  batch_statistics: ClassVar[bool] = True
+  margin: float = 0.35
+  sigma: float = 0.02
+
+
+def sphereface2_bias(num_classes: int, scale: float, margin: float, t: float,
+                     lam: float) -> float:
+  """SphereFace2-C's initial bias (its official code): the b at which the
+  loss's gradient balances for a sample at 90 degrees from every class."""
+  if num_classes < 2:
+    raise ValueError(f'SphereFace2 needs num_classes >= 2, got {num_classes}')
+  z = lam / ((1.0 - lam) * (num_classes - 1.0))
+  a_y = scale * (2.0 * 0.5 ** t - 1.0 - margin)
+  a_i = scale * (2.0 * 0.5 ** t - 1.0 + margin)
+  root = math.sqrt((1.0 - z) ** 2 + 4.0 * z * math.exp(a_y - a_i))
+  return math.log(2.0 * z) - a_i - math.log(1.0 - z + root)
+
+
+@dataclasses.dataclass(frozen=True)
+class SphereFace2(Head):
+  """SphereFace2-C (Wen et al., ICLR 2022, eqs. 5-10): one binary
+  classification per class instead of a softmax (``one_vs_all``). Logits
+  z_j = r*(g(cos_j) + m) + b for negatives and r*(g(cos_y) - m) + b for the
+  target, with the similarity adjustment g(c) = 2((c + 1)/2)^t - 1 and a
+  learnt bias b (``init_params``: sphereface2_bias); the loss is
+  (loss_weight / r) * [lam * softplus(-z_y) + (1 - lam) * sum_{j != y}
+  softplus(z_j)], as the official code's weighted BCE. With
+  ``straight_through`` (the official code) g and m change only the value:
+  the gradient in cos is r, as without them.
+
+  Criteria: it is its own criterion. 'softmax' (the mean) and 'ohem' (the
+  hardest samples by this loss) reduce it; 'focal' is refused, since
+  exp(-loss) is no probability of the target here.
+  """
+
+  name: ClassVar[str] = 'sphereface2'
+  scale: float = 40.0
+  margin: float = 0.4
+  t: float = 3.0
+  lam: float = 0.7
+  loss_weight: float = 50.0
+  straight_through: bool = True
+
+  def init_params(self, key, num_classes):
+    return {'bias': jnp.asarray(sphereface2_bias(
+        num_classes, self.scale, self.margin, self.t, self.lam), jnp.float32)}
+
+  @property
+  def one_vs_all(self):
+    w = self.loss_weight / self.scale
+    return OneVsAll(w * self.lam, w * (1.0 - self.lam))
+
+  def parts(self):
+    r, m, t = self.scale, self.margin, self.t
+
+    def adjusted(c, shift):
+      g = 2.0 * ((jnp.clip(c, -1.0, 1.0) + 1.0) / 2.0) ** t - 1.0 + shift
+      return c + lax.stop_gradient(g - c) if self.straight_through else g
+
+    def row(c_y, state, given):
+      return given.params['bias']
+
+    return MarginParts(
+        row, lambda c, b, is_negative: (r * adjusted(c, m) + b, ()),
+        lambda c_y, b, sums: r * adjusted(c_y, -m) + b,
+        one_vs_all=self.one_vs_all)
+
+
+@dataclasses.dataclass(frozen=True)
+class UniFace(Head):
+  """UniFace (Zhou et al., ICCV 2023): the unified cross-entropy with a
+  margin (UCE-m, the paper's recommended form). Logits s*(cos_y - m) - b for
+  the target and s*cos_j - b for the others, with one learnt bias b that
+  plays the role of a threshold shared by all samples (``init_params``:
+  log(10 * r * C), its official initialisation); the loss is
+  softplus(-z_y) + lam * sum_{j != y} softplus(z_j) (``one_vs_all``; lam
+  and r are the paper's balancing variants, 1 by default). The official
+  code also clamps each logit to [-s, s]; the paper's loss does not.
+  Criteria: as SphereFace2's.
+  """
+
+  name: ClassVar[str] = 'uniface'
+  scale: float = 64.0
+  margin: float = 0.4
+  lam: float = 1.0
+  r: float = 1.0
+
+  def init_params(self, key, num_classes):
+    return {'bias': jnp.asarray(math.log(10.0 * self.r * num_classes),
+                                jnp.float32)}
+
+  @property
+  def one_vs_all(self):
+    return OneVsAll(1.0, self.lam)
+
+  def parts(self):
+    s, m = self.scale, self.margin
+    return MarginParts(
+        lambda c_y, state, given: given.params['bias'],
+        lambda c, b, is_negative: (s * c - b, ()),
+        lambda c_y, b, sums: s * (c_y - m) - b,
+        one_vs_all=self.one_vs_all)
+
+
 # The registry: every head by its name (registry.get_head binds options).
 HEADS: dict[str, type[Head]] = {
     head.name: head for head in (
         Softmax, SphereFace, CosFace, AMSoftmax, ArcFace, AdaCos, AdaMSoftmax,
-        MVAMSoftmax, MVArcSoftmax, ArcNegFace, CurricularFace, NPCFace)}
+        MVAMSoftmax, MVArcSoftmax, ArcNegFace, CurricularFace, NPCFace,
+        AdaFace, MagFace, ElasticArcFace, ElasticCosFace, ElasticArcFacePlus,
+        ElasticCosFacePlus, SphereFace2, UniFace)}
 
 
 # --------------------------------------------------------------------------
