@@ -79,7 +79,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.criterion = 'softmax'
   c.criterion_options = _options(registry.criterion_names(),
                                  registry.get_criterion)
-  c.chunk_size = 0  # classes per block of the fused chunked loss; 0: off
+  # The fused chunked loss (loss/chunked.py: no (B, C) logits in memory),
+  # this many classes per block: -1 (default) 4096 for every head that has
+  # a chunked form and the full logits for the others (AdaCos,
+  # AdaM-softmax); 0 the full logits; > 0 that block size.
+  c.chunk_size = -1
   c.model_parallel = 1  # devices on the 'model' axis, splitting the classes
   # Partial FC: each step scores every target class and a random share of
   # the others, per 'model' shard; 1.0 scores all (README, "Partial FC").

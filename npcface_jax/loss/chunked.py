@@ -215,12 +215,16 @@ def _backward(parts, chunk_size, axis_name, num_classes, residuals,
       return weights.negative_weight * jax.nn.sigmoid(logits)
     return jnp.exp(logits - lse[:, None])
 
+  # The row's cotangent is summed per shard, then over the shards once:
+  # differentiated as varying, so that no block sums it over the shards.
+  row_here = shard.varying(row, xn, w)
+
   def block(w_block, start, cos):
     wn, inv = _normalize_rows(w_block)
     is_negative = shard.is_negative(start, cos.shape[1])
     if row_has_gradient:
       logits, pull = jax.vjp(
-          lambda c, r: parts.negative(c, r, is_negative)[0], cos, row)
+          lambda c, r: parts.negative(c, r, is_negative)[0], cos, row_here)
     else:
       logits, pull = jax.vjp(
           lambda c: parts.negative(c, row, is_negative)[0], cos)
@@ -252,9 +256,11 @@ def _backward(parts, chunk_size, axis_name, num_classes, residuals,
     dz_y = -weights.positive_weight * jax.nn.sigmoid(-z_y)
   else:
     dz_y = jnp.exp(z_y - lse) - 1.0
-  if row_has_gradient:
-    _, pull = jax.vjp(lambda c, r: parts.positive(c, r, sums), c_y, row)
-    dc_y, drow_y = pull(g * dz_y)
+  if row_has_gradient:  # this shard's targets only, as for the negatives
+    _, pull = jax.vjp(lambda c, r: parts.positive(c, r, sums),
+                      *shard.varying((c_y, row), xn, w))
+    dc_y, drow_y = pull(jnp.where(shard.owned, g * dz_y, 0.0))
+    drow = jax.tree.map(jnp.add, drow[0], drow_y)
   else:
     _, pull = jax.vjp(lambda c: parts.positive(c, row, sums), c_y)
     (dc_y,) = pull(g * dz_y)
@@ -270,25 +276,22 @@ def _backward(parts, chunk_size, axis_name, num_classes, residuals,
   # no gradient; its params and norms get the row's, pulled back.
   dgiven = None
   if row_has_gradient:
-    # The negatives' share from every class shard, the target's (the
-    # same on each) once.
-    drow = jax.tree.map(jnp.add, shard.psum(drow[0]), drow_y)
-    dgiven = _row_vjp(parts, c_y, state, given, drow)
+    dgiven = _row_vjp(parts, c_y, state, given, shard.psum(drow))
   return shard.psum(dxn), dw, None, (None, dgiven)
 
 
 def _row_vjp(parts, c_y, state, given, drow):
   """The cotangent of the Given (its params and norms) from the row's."""
-  _, pull = jax.vjp(
+  row, pull = jax.vjp(
       lambda norms, params: parts.row(
           c_y, state, given._replace(norms=norms, params=params)),
       given.norms, given.params)
+  # A row constant shared by a batch split over shards (a learnt bias):
+  # its gradient sums over them.
+  drow = jax.tree.map(
+      lambda d, r: (lax.psum(d, axes) if (axes := tuple(sorted(
+          _varying_axes(d) - _varying_axes(r)))) else d), drow, row)
   dnorms, dparams = pull(drow)
-  # Parameters shared by a batch split over shards: their gradient sums.
-  dparams = jax.tree.map(
-      lambda d, p: (lax.psum(d, axes) if (axes := tuple(sorted(
-          _varying_axes(d) - _varying_axes(p)))) else d),
-      dparams, given.params)
   return given._replace(norms=dnorms, key=None, params=dparams)
 
 

@@ -107,7 +107,7 @@ def sample_classes(key: Array, labels: Array, shard, num_rows: int,
   return jnp.sort(lax.top_k(score, num_sample)[1])
 
 
-def _sampled(key, weights, labels, params, num_sample, axis_name,
+def _sampled(key, weights, labels, params, per_class, num_sample, axis_name,
              num_classes):
   """The sampled rows of the weights (and per-class head parameters), and
   the labels renumbered to the sampled classes
@@ -116,7 +116,7 @@ def _sampled(key, weights, labels, params, num_sample, axis_name,
   rows = sample_classes(key, labels, class_shards.shard_index(axis_name),
                         num_rows, num_sample, num_classes)
   labels = class_shards.sampled_labels(labels, rows, num_rows, axis_name)
-  params = jax.tree.map(lambda a: a[rows], params)
+  params = {k: v[rows] if k in per_class else v for k, v in params.items()}
   return weights[rows], labels, params
 
 
@@ -183,8 +183,9 @@ def classifier_loss(embeddings: Array, weights: Array, labels: Array,
     if key is None:
       raise ValueError(f'num_sample={num_sample} draws classes at random: '
                        'pass a key')
-    weights, labels, sampled = _sampled(key, weights, labels, params,
-                                        num_sample, axis_name, num_classes)
+    weights, labels, sampled = _sampled(
+        key, weights, labels, params or {}, head.per_class_params,
+        num_sample, axis_name, num_classes)
     params, num_classes = sampled, None
   extra = given(head, embeddings, head_key, params)
   if chunk_size is not None:

@@ -62,7 +62,7 @@ def one_vs_all_and_top1(logits: Array, labels: Array, weights, *,
   negative = class_shards.negatives(cols.is_target, cols.valid)
   z_neg = jnp.where(negative, z, -jnp.inf)
   neg_sum = jnp.sum(jnp.where(negative, jax.nn.softplus(z_neg), 0.0), axis=-1)
-  top = jnp.max(z_neg, axis=-1)
+  top = lax.stop_gradient(jnp.max(z_neg, axis=-1))
   target = class_shards.take_target(z, cols)
   if axis_name is not None:
     neg_sum, target = lax.psum((neg_sum, target), axis_name)

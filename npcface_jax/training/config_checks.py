@@ -114,7 +114,8 @@ def _check_loss(config, problems: _Problems) -> None:
   if 'gamma' in opts:
     need(opts['gamma'] >= 0, f'criterion_options.{config.criterion}.gamma',
          'must be >= 0')
-  need(config.chunk_size >= 0, 'chunk_size', 'use 0 (off) or a positive size')
+  need(config.chunk_size >= -1, 'chunk_size',
+       'use -1 (chunked where the head can), 0 (full logits) or a block size')
   need(0 < config.sample_rate <= 1, 'sample_rate',
        'must be in (0, 1] (1: every class, Partial FC off)')
 
@@ -273,7 +274,30 @@ def _check_head(config, problems):
                     '(it scales hard negatives up)')
   if config.chunk_size > 0 and not head.has_parts:
     problems.append(f'config.chunk_size = {config.chunk_size}: head '
-                    f'{config.head!r} has no chunked form; use 0')
+                    f'{config.head!r} has no chunked form; use 0 (the full '
+                    'logits) or -1 (chunked wherever the head can be)')
+  if head.one_vs_all is not None and config.criterion == 'focal':
+    problems.append(f'config.criterion = \'focal\': head {config.head!r} is '
+                    'its own one-vs-all criterion, whose loss is no '
+                    '-log p_y for focal to weight; use \'softmax\' (its '
+                    'mean) or \'ohem\' (its hardest samples)')
+  if head.one_vs_all is not None and criterion_options(config).get(
+      'min_prob', 0.0) > 0:
+    problems.append(f'config.criterion_options.softmax.min_prob: head '
+                    f'{config.head!r} is its own one-vs-all criterion, '
+                    'whose loss is no -log p_y to clamp; use 0')
+
+
+DEFAULT_CHUNK = 4096  # classes per block where config.chunk_size is -1
+
+
+def chunk_size(config, head) -> int | None:
+  """The chunked loss's block for this config and head (None: the full
+  logits): config.chunk_size, or DEFAULT_CHUNK where it is -1 and the head
+  has a chunked form."""
+  if config.chunk_size == -1:
+    return DEFAULT_CHUNK if head.has_parts else None
+  return config.chunk_size or None
 
 
 def _get(config, field: str):

@@ -193,7 +193,7 @@ def make_task(config, mesh: Mesh, data) -> Task:
           config.criterion, **config_checks.criterion_options(config)),
       tx=tx, schedule=schedule, num_classes=data.num_classes,
       image_size=data.image_size, embedding_dim=config.embedding_dim,
-      chunk_size=config.chunk_size or None, seed=config.seed,
+      chunk_size=config_checks.chunk_size(config, head), seed=config.seed,
       num_sample=_num_sample(config, mesh, head, data.num_classes),
       classifier_init_std=float(getattr(config, 'classifier_init_std', 0.0)))
 
