@@ -3,10 +3,15 @@
 
 SRC is a folder (every image in it, any depth), a list file (a path a line,
 relative to the list's folder) or image files. OUT (a folder) receives
-``embeddings.npy`` (N, D) float32, one row per readable image, and
-``embed.json``: the row names in order, what was skipped and why, the run,
-step and settings. Photos' landmarks go to ``landmarks.txt`` in data_prep's
-``--landmarks`` format, so that ``data_prep --landmarks`` reuses them.
+``embeddings.npy`` (N, D) float32, one row per readable image,
+``norms.npy`` (N,) float32, each row's raw embedding norm (the backbone's
+output before L2 normalisation; with --flip the mean of the face's and its
+mirror's), and ``embed.json``: the row names in order, the same norms as
+a 'norms' column beside them, what was skipped and why, the run, step and
+settings. The norm is a face-quality score only for heads that train it
+(MagFace, AdaFace); for the others it is still written, and means little.
+Photos' landmarks go to ``landmarks.txt`` in data_prep's ``--landmarks``
+format, so that ``data_prep --landmarks`` reuses them.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from npcface_jax.common import jsonfile, run_log
 from npcface_jax.faces import alignment, detection
 from npcface_jax.serving import trained_run
 
-FILES = ('embeddings.npy', 'embed.json', 'landmarks.txt')
+FILES = ('embeddings.npy', 'norms.npy', 'embed.json', 'landmarks.txt')
 
 
 def embed(model: trained_run.Model, sources: list[str], out: str, *,
@@ -36,12 +41,14 @@ def embed(model: trained_run.Model, sources: list[str], out: str, *,
                      '--overwrite to replace them, or another OUT')
   root, names = trained_run.list_sources(sources)
   got = trained_run.embed_images(model, names, aligned=aligned, root=root,
-                                 min_score=min_score, progress=progress)
+                                 min_score=min_score, progress=progress,
+                                 with_norms=True)
   os.makedirs(out, exist_ok=True)
-  buffer = io.BytesIO()
-  np.save(buffer, got.embeddings)
-  jsonfile.atomic_write(os.path.join(out, 'embeddings.npy'),
-                        buffer.getvalue())
+  for name, array in (('embeddings.npy', got.embeddings),
+                      ('norms.npy', got.norms)):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    jsonfile.atomic_write(os.path.join(out, name), buffer.getvalue())
   landmarks = os.path.join(out, 'landmarks.txt')
   if got.landmarks:
     alignment.write_landmarks(landmarks, {
@@ -56,6 +63,7 @@ def embed(model: trained_run.Model, sources: list[str], out: str, *,
       'num_embedded': len(got.kept), 'embedding_dim': (
           int(got.embeddings.shape[1])),
       'names': [names[i] for i in got.kept],
+      'norms': [float(x) for x in got.norms],
       'skipped': [{'name': s.name, 'reason': s.reason}
                   for s in got.skipped]}
   jsonfile.write_object(os.path.join(out, 'embed.json'), record)
@@ -77,7 +85,8 @@ def main(argv):
     raise app.UsageError(str(e)) from None
   print(f"embedded {record['num_embedded']} of {record['num_images']} images "
         f"(step {record['step']}{', flip' * record['flip']}) into "
-        f"{argv[-1]}/embeddings.npy; names and skipped in embed.json")
+        f"{argv[-1]}/embeddings.npy (raw norms: norms.npy); names and "
+        "skipped in embed.json")
   for s in record['skipped'][:10]:
     print(f"skipped {s['name']}: {s['reason']}")
   if len(record['skipped']) > 10:

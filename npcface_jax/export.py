@@ -1,7 +1,8 @@
 """Exports a trained run for serving, and proves the export right.
 
     python -m npcface_jax.export --workdir=DIR [--step=N] [--out=DIR/export]
-        [--formats=savedmodel,onnx,tflite] [--flip] [--images=FACES]
+        [--formats=savedmodel,onnx,tflite] [--flip] [--with_norm]
+        [--images=FACES]
     python -m npcface_jax.export --check=DIR/export
 
 Writes the run's backbone (export_formats.py: uint8 RGB aligned faces in, L2-
@@ -16,6 +17,12 @@ evaluation, parity, sha256 of every file, library versions) and
 parity_sample.npz (8 of the faces and their JAX embeddings), which
 ``--check`` uses to re-verify the folder on its own: every hash, no file
 missing or added, and every format still reproducing the sample.
+
+``--with_norm`` adds a second output, ``norm`` (batch,): each face's raw
+embedding norm, the quality score of MagFace- and AdaFace-trained
+networks (the head itself is never exported). Every format carries it;
+parity then also requires each format's norms within
+model_card.NORM_RTOL of the JAX embedder's, and the sample keeps them.
 
 The export is written next to ``--out`` and moved there only when it
 passes, replacing an earlier export; one that fails is left at
@@ -104,21 +111,32 @@ def parity_faces(model: trained_run.Model, image_paths: list[str],
   return Faces(np.concatenate(parts), rows, what)
 
 
-def run_batched(run, faces: np.ndarray) -> np.ndarray:
+def run_batched(run, faces: np.ndarray):
   """run(batch) over faces in batches of PARITY_BATCHES, then of the last
-  size: one file shown to take several batch sizes."""
+  size: one file shown to take several batch sizes. A run returning
+  (embeddings, norms) gives both, each concatenated."""
   out, start, sizes = [], 0, list(PARITY_BATCHES)
   while start < len(faces):
     size = sizes.pop(0) if len(sizes) > 1 else sizes[0]
-    out.append(np.asarray(run(faces[start:start + size]), np.float32))
+    got = run(faces[start:start + size])
+    out.append(tuple(np.asarray(g, np.float32) for g in got)
+               if isinstance(got, tuple) else np.asarray(got, np.float32))
     start += size
+  if isinstance(out[0], tuple):
+    return tuple(np.concatenate(parts) for parts in zip(*out))
   return np.concatenate(out)
 
 
-def compare(exported: np.ndarray, reference: np.ndarray, faces: Faces
-            ) -> dict:
+def compare(exported, reference, faces: Faces) -> dict:
   """Cosines of exported to reference embeddings (both unit rows), and the
-  verification accuracy of each set with each."""
+  verification accuracy of each set with each; given as (embeddings,
+  norms), also the largest relative difference of the norms."""
+  norms = None
+  if isinstance(exported, tuple):
+    (exported, got), (reference, want) = exported, reference
+    norms = float(np.max(np.abs(got.astype(np.float64) - want)
+                         / np.maximum(np.abs(want), 1e-30))) if len(want) \
+        else 0.0
   cosines = np.sum(exported.astype(np.float64) * reference, axis=1)
   accuracy = {}
   for name, (rows, issame) in faces.sets.items():
@@ -129,20 +147,25 @@ def compare(exported: np.ndarray, reference: np.ndarray, faces: Faces
   passed = bool(cosines.min() >= model_card.MIN_COSINE) and all(
       abs(a['jax'] - a['export']) * 100 <= model_card.ACCURACY_POINTS
       for a in accuracy.values())
-  return {'passed': passed, 'min_cosine': float(cosines.min()),
-          'mean_cosine': float(cosines.mean()), 'accuracy': accuracy}
+  result = {'passed': passed, 'min_cosine': float(cosines.min()),
+            'mean_cosine': float(cosines.mean()), 'accuracy': accuracy}
+  if norms is not None:
+    result['max_norm_error'] = norms
+    result['passed'] = passed and norms <= model_card.NORM_RTOL
+  return result
 
 
 def _export_format(fmt: str, fn, model, folder: str, faces: Faces,
-                   reference: np.ndarray, log) -> dict:
+                   reference, log, with_norm: bool = False) -> dict:
   """Writes one format, runs it back, compares; errors become results."""
   path = os.path.join(folder, export_formats.FILES[fmt])
   started = time.perf_counter()
   try:
     export_formats.write(fmt, fn, model.image_size, path,
-                         doc=f'npcface_jax export of {model.workdir}')
+                         doc=f'npcface_jax export of {model.workdir}',
+                         with_norm=with_norm)
     written = time.perf_counter()
-    run = export_formats.load(fmt, path)
+    run = export_formats.load(fmt, path, with_norm)
     embedded = run_batched(run, faces.images)
   except export_formats.MissingExtra:
     raise
@@ -154,7 +177,9 @@ def _export_format(fmt: str, fn, model, folder: str, faces: Faces,
   result.update(write_seconds=round(written - started, 2),
                 images_per_second=len(faces.images) / seconds)
   log(f'{fmt}: {"passed" if result["passed"] else "FAILED"}: min cosine '
-      f'{result["min_cosine"]:.6f}; ' + '; '.join(
+      f'{result["min_cosine"]:.6f}; ' + (
+          f'norm within {result["max_norm_error"]:.2g}; '
+          if 'max_norm_error' in result else '') + '; '.join(
           f'{n} {100 * a["export"]:.2f}% (JAX {100 * a["jax"]:.2f}%)'
           for n, a in result['accuracy'].items()))
   return result
@@ -177,10 +202,12 @@ def _install(folder: str, out: str, passed: bool) -> str:
 def export_run(workdir: str, *, step: int | None = None,
                out: str | None = None, formats=export_formats.FORMATS,
                flip: bool = False, image_paths=(), max_pairs: int = 0,
-               batch_size: int | None = None, log=print) -> dict:
+               batch_size: int | None = None, with_norm: bool = False,
+               log=print) -> dict:
   """Exports, checks parity, writes the card; returns the card. Where the
   export ended up is card['path']; card['parity']['passed'] says whether
-  it passed (a failed one is at <out>.failed)."""
+  it passed (a failed one is at <out>.failed). ``with_norm``: the files
+  also return each face's raw embedding norm (output 'norm')."""
   unknown = sorted(set(formats) - set(export_formats.FORMATS))
   if unknown or not formats:
     raise ValueError(f'--formats: {", ".join(unknown) or "none given"}; '
@@ -191,22 +218,24 @@ def export_run(workdir: str, *, step: int | None = None,
   out = out or os.path.join(workdir, 'export')
   faces = parity_faces(model, list(image_paths), max_pairs)
   log(f'parity faces: {faces.what}')
-  reference = model.embed(faces.images)
+  reference = model.embed(faces.images, with_norms=with_norm)
   fn = export_formats.serving_function(model.module, model.variables, flip,
-                                       model.contract)
+                                       model.contract, with_norm)
   folder = out.rstrip(os.sep) + f'.partial-{os.getpid()}'
   shutil.rmtree(folder, ignore_errors=True)
   os.makedirs(folder)
   try:
     results = {fmt: _export_format(fmt, fn, model, folder, faces, reference,
-                                   log) for fmt in formats}
+                                   log, with_norm) for fmt in formats}
+    embeddings, norms = reference if with_norm else (reference, None)
     np.savez(os.path.join(folder, SAMPLE),
              images=faces.images[:SAMPLE_SIZE],
-             embeddings=reference[:SAMPLE_SIZE])
+             embeddings=embeddings[:SAMPLE_SIZE],
+             **({} if norms is None else {'norms': norms[:SAMPLE_SIZE]}))
   except BaseException:  # interrupted: no half-written folder left behind
     shutil.rmtree(folder, ignore_errors=True)
     raise
-  card = model_card.describe(model, flip)
+  card = model_card.describe(model, flip, with_norm)
   card['parity'] = {
       'passed': all(r['passed'] for r in results.values()),
       'faces': faces.what, 'images': len(faces.images),
@@ -251,21 +280,31 @@ def check_export(root: str, log=print) -> list[str]:
     return problems
   sample = np.load(os.path.join(root, SAMPLE))
   faces = Faces(sample['images'], {}, SAMPLE)
+  with_norm = bool(card.get('norm_output'))
+  if with_norm and 'norms' not in sample.files:
+    return [f'{SAMPLE}: no norms, though the card says the files return '
+            'them (the sample was replaced)']
+  recorded = (sample['embeddings'], sample['norms']) if with_norm else (
+      sample['embeddings'])
   for fmt, file in (card.get('formats') or {}).items():
     try:
-      embedded = run_batched(export_formats.load(fmt, os.path.join(root, file)),
-                             faces.images)
-      result = compare(embedded, sample['embeddings'], faces)
+      embedded = run_batched(export_formats.load(
+          fmt, os.path.join(root, file), with_norm), faces.images)
+      result = compare(embedded, recorded, faces)
     except export_formats.MissingExtra:
       raise
     except Exception as e:  # noqa: BLE001 (a damaged file is a finding)
       problems.append(f'{fmt}: does not run: {type(e).__name__}: {e}')
       continue
     log(f'{fmt}: min cosine {result["min_cosine"]:.6f} on {SAMPLE}')
-    if not result['passed']:
+    if result['min_cosine'] < model_card.MIN_COSINE:
       problems.append(f'{fmt}: min cosine {result["min_cosine"]:.6f} to '
                       f'the recorded embeddings, below '
                       f'{model_card.MIN_COSINE}')
+    if result.get('max_norm_error', 0) > model_card.NORM_RTOL:
+      problems.append(f'{fmt}: norms differ from the recorded ones by up to '
+                      f'{result["max_norm_error"]:.2g} (relative), above '
+                      f'{model_card.NORM_RTOL:g}')
   return problems
 
 
@@ -287,7 +326,8 @@ def main(argv) -> None:
   try:
     card = export_run(f.workdir, step=f.step, out=f.out, formats=formats,
                       flip=f.flip, image_paths=f.images or (),
-                      max_pairs=f.max_pairs, batch_size=f.batch_size)
+                      max_pairs=f.max_pairs, batch_size=f.batch_size,
+                      with_norm=f.with_norm)
   except (ValueError, FileNotFoundError, export_formats.MissingExtra) as e:
     raise SystemExit(f'error: {e}') from None
   passed = card['parity']['passed']
@@ -310,6 +350,11 @@ def _define_flags() -> None:
                       f'{", ".join(export_formats.FORMATS)}.')
   flags.DEFINE_bool('flip', False, 'Bake flip test-time augmentation into '
                     'the graph (each face plus its mirror image).')
+  flags.DEFINE_bool('with_norm', False, 'A second output, norm (batch,): '
+                    'each face\'s raw embedding norm (before L2 '
+                    'normalising; with --flip the mean of the face\'s and '
+                    'its mirror\'s), a quality score for MagFace- and '
+                    'AdaFace-trained networks.')
   flags.DEFINE_list('images', None, 'Check parity on these aligned face '
                     'crops (a folder, a list file or files) instead of the '
                     "run's verification sets.")

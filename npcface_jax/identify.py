@@ -5,7 +5,12 @@ the threshold.
 
 The gallery is FOLDER/<person>/<photos, any depth>. A person's template is
 the L2-normalised mean of their photos' embeddings (as IJB templates are
-pooled); a probe scores the cosine to each template.
+pooled); a probe scores the cosine to each template. --quality=norm
+weights each photo by its raw embedding norm instead (the template is the
+normalised sum of the photos' raw embeddings, as MagFace pools a
+template): a blurred or half-hidden face counts less, for heads that train
+the norm to say so (MagFace, AdaFace); for other heads it is a weighting
+by a number that means little.
 
 The threshold is the open-set one for the gallery's size (--fpir): a probe
 of someone not enrolled is named when any of the N templates clears it, so
@@ -20,7 +25,10 @@ photo, so it is a conservative bar for the gallery's people.
 Gallery embeddings are cached in DIR/galleries/ per gallery folder, step
 and reading settings, each photo keyed by its path, size and modification
 time: a rerun embeds only photos added or changed since, and forgets
-removed ones.
+removed ones. The cache keeps each photo's raw norm beside its embedding
+(format CACHE_FORMAT); a cache of another format, e.g. one written before
+the norms were kept, is not read: the gallery is embedded afresh once,
+saying so, and cached anew.
 """
 
 from __future__ import annotations
@@ -37,6 +45,9 @@ import numpy as np
 from npcface_jax.common import jsonfile, run_log
 from npcface_jax.faces import detection, images
 from npcface_jax.serving import trained_run
+
+QUALITY = ('none', 'norm')  # how a person's photos are weighted
+CACHE_FORMAT = 2  # 1: no format field and no norms (before quality)
 
 
 def _stamp(path: str) -> tuple[int, int]:
@@ -60,16 +71,32 @@ def cache_path(model: trained_run.Model, gallery: str, aligned: bool,
 
 
 def _load_cache(path: str) -> dict:
-  """{relative path: (stamp, embedding or reason)}; {} when there is no
-  cache or it cannot be read (it is then rebuilt, with a warning)."""
+  """{relative path: (stamp, embedding or reason, raw norm or None)}; {}
+  when there is no cache, it cannot be read, or it is of another format
+  than CACHE_FORMAT (it is then rebuilt, with a warning)."""
   if not os.path.exists(path):
     return {}
   try:
     with np.load(path, allow_pickle=False) as z:
+      found = int(z['format']) if 'format' in z.files else 1
+      if found != CACHE_FORMAT:
+        logging.warning(
+            '%s is a gallery cache of format %d%s, not %d: the gallery is '
+            'embedded afresh and cached anew', path, found,
+            ' (written before it kept the embeddings\' norms)'
+            * (found == 1), CACHE_FORMAT)
+        return {}
       files, stamps = z['files'].tolist(), z['stamps'].tolist()
       rows, reasons, embeddings = z['rows'], z['reasons'], z['embeddings']
-      return {f: (tuple(s), embeddings[r] if r >= 0 else str(reasons[i]))
-              for i, (f, s, r) in enumerate(zip(files, stamps, rows))}
+      norms = z['norms']
+      if norms.shape != embeddings.shape[:1]:
+        raise ValueError(f'{len(norms)} norms for {len(embeddings)} '
+                         'embeddings')
+      entries = {}
+      for i, (f, s, r) in enumerate(zip(files, stamps, rows)):
+        entries[f] = ((tuple(s), embeddings[r], float(norms[r])) if r >= 0
+                      else (tuple(s), str(reasons[i]), None))
+      return entries
   except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
     logging.warning('%s cannot be read (%s); the gallery is embedded afresh',
                     path, e)
@@ -81,23 +108,29 @@ def _save_cache(path: str, entries: dict, dim: int) -> None:
   good = [f for f in files if not isinstance(entries[f][1], str)]
   row = {f: i for i, f in enumerate(good)}
   buffer = io.BytesIO()
-  np.savez(buffer, files=np.array(files, dtype=str),
+  np.savez(buffer, format=np.int64(CACHE_FORMAT),
+           files=np.array(files, dtype=str),
            stamps=np.array([entries[f][0] for f in files],
                            np.int64).reshape(-1, 2),
            rows=np.array([row.get(f, -1) for f in files], np.int64),
            reasons=np.array([entries[f][1] if f not in row else ''
                              for f in files], dtype=str),
            embeddings=np.array([entries[f][1] for f in good],
-                               np.float32).reshape(-1, dim))
+                               np.float32).reshape(-1, dim),
+           norms=np.array([entries[f][2] for f in good], np.float32))
   os.makedirs(os.path.dirname(path), exist_ok=True)
   jsonfile.atomic_write(path, buffer.getvalue())
 
 
 def enroll(model: trained_run.Model, gallery: str, *, aligned: bool = False,
-           min_score: float = detection.MIN_SCORE,
-           progress: bool = True) -> dict:
+           min_score: float = detection.MIN_SCORE, progress: bool = True,
+           quality: str = 'none') -> dict:
   """{'names', 'templates' (P, D), 'images' per person, 'skipped',
-  'embedded' (photos embedded now; the rest came from the cache)}."""
+  'embedded' (photos embedded now; the rest came from the cache),
+  'quality'}; quality (QUALITY) as templates pools them."""
+  if quality not in QUALITY:
+    raise ValueError(f'--quality={quality!r}: choose from '
+                     f'{", ".join(QUALITY)}')
   found, listing_skipped = images.identity_files(gallery)
   root = os.path.abspath(gallery)
   rel = [os.path.relpath(p, root) for p, _ in found]
@@ -108,40 +141,63 @@ def enroll(model: trained_run.Model, gallery: str, *, aligned: bool = False,
           != stamps[i]]
   got = trained_run.embed_images(model, [rel[i] for i in todo], root=root,
                                aligned=aligned, min_score=min_score,
-                               progress=progress, what='gallery')
+                               progress=progress, what='gallery',
+                               with_norms=True)
   entries = {f: cached[f] for f in rel if f in cached}
   for r, j in enumerate(got.kept):
-    entries[rel[todo[j]]] = (stamps[todo[j]], got.embeddings[r])
+    entries[rel[todo[j]]] = (stamps[todo[j]], got.embeddings[r],
+                             float(got.norms[r]))
   for s in got.skipped:
-    entries[rel[todo[s.index]]] = (stamps[todo[s.index]], s.reason)
+    entries[rel[todo[s.index]]] = (stamps[todo[s.index]], s.reason, None)
   if todo or set(cached) != set(entries):
     try:
       _save_cache(path, entries, model.config.embedding_dim)
     except OSError as e:  # a read-only run directory: no cache, no failure
       logging.warning('cannot cache the gallery at %s (%s); it is embedded '
                       'again next time', path, e)
-  return _templates(found, rel, entries, listing_skipped, len(todo))
+  return _templates(found, rel, entries, listing_skipped, len(todo),
+                    quality)
 
 
-def _templates(found, rel, entries, listing_skipped, embedded) -> dict:
-  people: dict[str, list[np.ndarray]] = {}
+def person_templates(people: list, norms: list | None = None) -> np.ndarray:
+  """float32 (P, D) unit templates, one per person, from each person's
+  photos' unit embeddings (a (K, D) array or list of rows): their mean,
+  L2-normalised; with ``norms`` (each person's (K,) raw norms), each
+  photo weighted by its raw norm, the normalised sum of the raw
+  embeddings (quality 'norm'); a weighted sum of zero stays zero (it
+  scores 0 against every probe)."""
+  if norms is None:
+    means = np.stack([np.mean(p, axis=0) for p in people])
+    return (means / np.linalg.norm(means, axis=1, keepdims=True)).astype(
+        np.float32)
+  sums = np.stack([np.sum(np.asarray(w, np.float32)[:, None]
+                          * np.asarray(p, np.float32), axis=0)
+                   for p, w in zip(people, norms)])
+  length = np.linalg.norm(sums, axis=1, keepdims=True)
+  return (sums / np.where(length > 0, length, 1)).astype(np.float32)
+
+
+def _templates(found, rel, entries, listing_skipped, embedded,
+               quality='none') -> dict:
+  people: dict[str, list[tuple]] = {}
   skipped = [{'name': k, 'reason': r} for k, r in listing_skipped]
   for (_, person), f in zip(found, rel):
-    value = entries[f][1]
+    _, value, norm = entries[f]
     if isinstance(value, str):
       skipped.append({'name': f, 'reason': value})
     else:
-      people.setdefault(person, []).append(value)
+      people.setdefault(person, []).append((value, norm))
   names = sorted(people)
   if not names:
     raise ValueError('no photo of the gallery could be enrolled: '
                      + '; '.join(f"{s['name']}: {s['reason']}"
                                  for s in skipped[:3]))
-  means = np.stack([np.mean(people[n], axis=0) for n in names])
-  templates = means / np.linalg.norm(means, axis=1, keepdims=True)
-  return {'names': names, 'templates': templates.astype(np.float32),
+  vectors = [[v for v, _ in people[n]] for n in names]
+  norms = [[w for _, w in people[n]] for n in names]
+  pooled = person_templates(vectors, norms if quality == 'norm' else None)
+  return {'names': names, 'templates': pooled,
           'images': {n: len(people[n]) for n in names},
-          'skipped': skipped, 'embedded': embedded}
+          'skipped': skipped, 'embedded': embedded, 'quality': quality}
 
 
 def identify(model: trained_run.Model, threshold: trained_run.Threshold,
@@ -164,8 +220,8 @@ def identify(model: trained_run.Model, threshold: trained_run.Threshold,
                      for i, a in zip(got.kept, found)],
           'skipped': [{'name': s.name, 'reason': s.reason}
                       for s in got.skipped],
-          'gallery': {k: gallery[k] for k in ('names', 'images', 'skipped',
-                                              'embedded')}}
+          'gallery': {k: gallery.get(k) for k in (
+              'names', 'images', 'skipped', 'embedded', 'quality')}}
 
 
 def answers(scores: np.ndarray, names: list[str], threshold: float,
@@ -187,7 +243,9 @@ def format_result(result: dict) -> str:
   g = result['gallery']
   lines = [f"gallery: {len(g['names'])} people, "
            f"{sum(g['images'].values())} photos ({g['embedded']} read "
-           f"now, the rest cached), {len(g['skipped'])} skipped",
+           f"now, the rest cached), {len(g['skipped'])} skipped"
+           + (', photos weighted by raw norm (--quality=norm)'
+              if g.get('quality') == 'norm' else ''),
            f"threshold {result['threshold']:.4f}: "
            f"{result['threshold_source']}"]
   if result.get('threshold_warning'):
@@ -210,7 +268,8 @@ def main(argv):
       raise ValueError(f'--top_k must be at least 1, got {f.top_k}')
     model, threshold, roc = _model_and_threshold(f)
     gallery = enroll(model, f.gallery, aligned=f.aligned,
-                     min_score=f.min_face_score, progress=not f.json)
+                     min_score=f.min_face_score, progress=not f.json,
+                     quality=f.quality)
     if roc is not None:
       threshold = trained_run.gallery_threshold(roc, f.fpir,
                                               len(gallery['names']))
@@ -255,6 +314,11 @@ def _define_flags():
   flags.DEFINE_string('gallery', None, 'A folder of enrolled people: '
                       'FOLDER/<person>/<photos>.')
   flags.DEFINE_integer('top_k', 5, 'How many people to list per probe.')
+  flags.DEFINE_enum('quality', 'none', QUALITY, 'How a person\'s photos make '
+                    'their template: none, their unit embeddings\' mean; '
+                    'norm, each weighted by its raw embedding norm (as '
+                    'MagFace pools; a quality only for heads that train it: '
+                    'MagFace, AdaFace).')
   flags.DEFINE_bool('json', False, 'Print one JSON object.')
   flags.mark_flags_as_required(['gallery'])
 

@@ -4,7 +4,9 @@ padded to a power of two, so a few compiled shapes serve any count and a
 single pair of photos does not pay for a whole batch), sharded over every
 device of the mesh,
 optionally adding each image's mirror (flip test-time augmentation), to
-L2-normalised float32 numpy embeddings.
+L2-normalised float32 numpy embeddings, and on request each image's raw
+embedding norm (the backbone's output before normalising: a quality score
+for heads that train it, MagFace and AdaFace).
 
 Images are uint8 RGB pixels (normalised on the device by the run's input
 contract, so a verification set stays 4x smaller in host memory) or floats
@@ -27,8 +29,25 @@ from npcface_jax.common.arrays import l2_normalize
 ALL_DEVICES = P(('data', 'model'))
 
 
+def raw_norm(e):
+  """The L2 norm of each row of raw embeddings, float32 (N,): the square
+  root of a sum of squares (primitives every export format translates)."""
+  e = e.astype(jnp.float32)
+  return jnp.sqrt(jnp.sum(jnp.square(e), axis=-1))
+
+
 class Embedder:
-  """``embedder(variables, images) -> (N, D) float32``, L2-normalised."""
+  """``embedder(variables, images) -> (N, D) float32``, L2-normalised;
+  ``embedder(variables, images, with_norms=True)`` -> (those, (N,) float32
+  raw norms).
+
+  The raw norm is the norm of the backbone's output before normalising.
+  With flip the embedding is the normalised sum of the image's and its
+  mirror's raw embeddings (as before), and the norm is the mean of their
+  two raw norms: the norm of the sum would shrink with the angle between
+  them, mixing pose into the quality score. Both come from one compiled
+  program; without with_norms its variant computes no norms.
+  """
 
   def __init__(self, model, mesh: Mesh, batch_size: int, flip: bool = False,
                contract: InputContract | None = None):
@@ -41,16 +60,22 @@ class Embedder:
     self._in = NamedSharding(mesh, ALL_DEVICES)
     out = NamedSharding(mesh, P())  # every process reads all embeddings
 
-    def embed(variables, images):
+    def embed(variables, images, with_norms):
       x = images
       if x.dtype == jnp.uint8:
         x = normalize(x.astype(jnp.float32), contract)
       e = model.apply(variables, x, train=False)
+      norms = raw_norm(e) if with_norms else None
       if flip:
-        e = e + model.apply(variables, x[:, :, ::-1], train=False)
-      return l2_normalize(e.astype(jnp.float32))
+        mirror = model.apply(variables, x[:, :, ::-1], train=False)
+        if with_norms:
+          norms = 0.5 * (norms + raw_norm(mirror))
+        e = e + mirror
+      unit = l2_normalize(e.astype(jnp.float32))
+      return (unit, norms) if with_norms else unit
 
-    self._embed = jax.jit(embed, out_shardings=out)
+    self._embed = jax.jit(embed, out_shardings=out,
+                          static_argnames='with_norms')
 
   def padded_size(self, n: int) -> int:
     """The batch that n images (n <= batch_size) are padded to: the device
@@ -60,10 +85,11 @@ class Embedder:
     per_device = -(-n // devices)
     return min(self.batch_size, devices * (1 << (per_device - 1).bit_length()))
 
-  def __call__(self, variables: Any, images: np.ndarray) -> np.ndarray:
+  def __call__(self, variables: Any, images: np.ndarray,
+               with_norms: bool = False):
     images = np.asarray(images)
     n, b = images.shape[0], self.batch_size
-    out = []
+    out, norms = [], []
     for start in range(0, n, b):
       chunk = images[start:start + b]
       size = self.padded_size(chunk.shape[0])
@@ -73,9 +99,16 @@ class Embedder:
         chunk = np.concatenate([chunk, pad])
       batch = jax.make_array_from_callback(chunk.shape, self._in,
                                            lambda index, c=chunk: c[index])
-      out.append(np.asarray(self._embed(variables, batch)))
+      got = self._embed(variables, batch, with_norms=bool(with_norms))
+      if with_norms:
+        got, norm = got
+        norms.append(np.asarray(norm))
+      out.append(np.asarray(got))
     if not out:
-      return np.zeros((0, 0), np.float32)
+      empty = np.zeros((0, 0), np.float32)
+      return (empty, np.zeros(0, np.float32)) if with_norms else empty
+    if with_norms:
+      return np.concatenate(out)[:n], np.concatenate(norms)[:n]
     return np.concatenate(out)[:n]
 
 
@@ -88,8 +121,15 @@ def verify(embedder: Embedder, variables: Any, images: np.ndarray,
       protocols.pair_similarities(embeddings), issame, num_folds)
 
 
-def embed_batches(embedder: Embedder, variables: Any, batches) -> np.ndarray:
+def embed_batches(embedder: Embedder, variables: Any, batches,
+                  with_norms: bool = False):
   """Embeddings of a stream of uint8 image batches (any sizes), in order;
-  for sets too large to hold as images at once (IJB-C, MegaFace)."""
-  out = [embedder(variables, b) for b in batches if len(b)]
-  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+  for sets too large to hold as images at once (IJB-C, MegaFace). With
+  with_norms, (embeddings, raw norms) as Embedder gives them."""
+  out = [embedder(variables, b, with_norms) for b in batches if len(b)]
+  if not with_norms:
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+  if not out:
+    return np.zeros((0, 0), np.float32), np.zeros(0, np.float32)
+  return (np.concatenate([e for e, _ in out]),
+          np.concatenate([n for _, n in out]))

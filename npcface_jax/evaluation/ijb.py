@@ -12,7 +12,8 @@ and ``loose_crop/<image_name>``. The steps: ``load_meta`` reads and checks
 the files; ``aligned_batches`` yields the aligned faces in meta order for an
 embedder (an unreadable one left out and listed, as npcface_jax.faces.images
 does); ``template_features`` pools image embeddings into templates (images
-of one media averaged, media summed); ``score_pairs`` takes the cosine of
+of one media averaged, media summed; images weighted by detector score,
+raw embedding norm or both when asked); ``score_pairs`` takes the cosine of
 each template pair in chunks; ``evaluate`` does all of it and reports TAR
 at FAR (``protocols``). Everything but the image decoding is
 NumPy on arrays, so each step can be tested on its own.
@@ -297,7 +298,7 @@ def _normalize_rows(x: np.ndarray) -> np.ndarray:
 
 
 def template_features(features, template_ids, media_ids, face_scores=None,
-                      valid=None) -> tuple[np.ndarray, np.ndarray]:
+                      valid=None, norms=None) -> tuple[np.ndarray, np.ndarray]:
   """(template ids sorted (T,), float32 (T, D) unit template features).
 
   As ijb_11.py pools: each image feature L2-normalised, times its face
@@ -307,6 +308,14 @@ def template_features(features, template_ids, media_ids, face_scores=None,
   media in two templates is pooled separately in each. Rows where ``valid``
   is False (images that could not be read) count as absent: a template
   pools only the rest, and one with none left is a zero vector (score 0).
+
+  ``norms`` (N,), each image's raw embedding norm (quality 'norm'): the
+  weight is applied to the images only, each unit feature times its norm
+  (times its face score too when both are given), which is the raw
+  embedding itself, as ijb_11.py's use_norm_score and MagFace's evaluation
+  pool; the media mean and the template sum stay as above, so a media
+  counts in its template by its images' mean norm. One or zero image per
+  media: the template is the normalised sum of raw embeddings.
   """
   feats = _as_features(features, 'features')
   n = feats.shape[0]
@@ -322,6 +331,13 @@ def template_features(features, template_ids, media_ids, face_scores=None,
     if face_scores.shape != (n,) or not np.all(np.isfinite(face_scores)):
       raise ValueError(f'face_scores must be ({n},) finite numbers, got '
                        f'shape {face_scores.shape}')
+  if norms is not None:
+    norms = np.asarray(norms, np.float32)
+    if (norms.shape != (n,) or not np.all(np.isfinite(norms))
+        or np.any(norms < 0)):
+      raise ValueError(f'norms must be ({n},) finite numbers >= 0, one raw '
+                       f'embedding norm per feature row, got shape '
+                       f'{norms.shape}')
   valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
   if valid.shape != (n,):
     raise ValueError(f'valid must have shape ({n},), got {valid.shape}')
@@ -336,6 +352,8 @@ def template_features(features, template_ids, media_ids, face_scores=None,
   x = _normalize_rows(feats[order].astype(np.float32, copy=False))
   if face_scores is not None:
     x *= face_scores[order][:, None]
+  if norms is not None:
+    x *= norms[order][:, None]
   x *= valid[order][:, None]
   media = _group_sums(x, g_index[order], bounds)
   g_count = np.bincount(g_index, weights=valid, minlength=len(groups))
@@ -429,7 +447,7 @@ def score_pairs(template_features, index1, index2,
 # --- The protocol -------------------------------------------------------------
 
 def evaluate(features, meta: Meta, use_face_scores: bool = False,
-             fars=protocols.FARS, skipped=()) -> dict:
+             fars=protocols.FARS, skipped=(), norms=None) -> dict:
   """IJB 1:1 verification of image features in meta order.
 
   ``features`` (K, D): one row per image of the meta that was read, in meta
@@ -444,7 +462,9 @@ def evaluate(features, meta: Meta, use_face_scores: bool = False,
   'num_genuine', 'num_impostors', 'num_templates', 'num_empty_templates',
   and the float32 'scores' and bool 'labels' of every pair for a ROC
   (arrays: strip them before writing JSON). use_face_scores weighs images by
-  detector score (insightface's use_detector_score).
+  detector score (insightface's use_detector_score); ``norms`` (K,), the
+  raw embedding norm of each feature row, weighs them by that norm
+  (template_features; both given: the product of the two weights).
   """
   feats = _as_features(features, 'features')
   n = len(meta.image_names)
@@ -459,9 +479,17 @@ def evaluate(features, meta: Meta, use_face_scores: bool = False,
     raise ValueError(f'none of the {n} images of {meta.name} could be read')
   full = np.zeros((n, feats.shape[1]), feats.dtype)
   full[valid] = feats
+  full_norms = None
+  if norms is not None:
+    norms = np.asarray(norms)
+    if norms.shape != (feats.shape[0],):
+      raise ValueError(f'norms must have one entry per feature row, shape '
+                       f'({feats.shape[0]},), got {norms.shape}')
+    full_norms = np.zeros(n, np.float32)
+    full_norms[valid] = norms
   templates, pooled = template_features(
       full, meta.template_ids, meta.media_ids,
-      meta.face_scores if use_face_scores else None, valid)
+      meta.face_scores if use_face_scores else None, valid, full_norms)
   index1, index2 = pair_indices(templates, meta.pair_templates)
   scores = score_pairs(pooled, index1, index2)
   labels = np.asarray(meta.pair_labels, bool)

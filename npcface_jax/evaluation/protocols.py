@@ -310,6 +310,55 @@ def verification_accuracy(similarity, issame, num_folds: int = 10,
   }
 
 
+# --- Accuracy on the lowest-quality pairs ------------------------------------
+
+def pair_quality(image_quality) -> np.ndarray:
+  """(N,) float64 quality of pairs (rows 2k, 2k + 1) from a quality per
+  image (2N,): the smaller of the two, as a pair is as hard as its worse
+  face."""
+  q = np.asarray(image_quality)
+  if q.ndim != 1 or q.shape[0] % 2:
+    raise ValueError(f'image quality must be 1-D with an even length (pairs '
+                     f'are rows 2k and 2k + 1), got shape {q.shape}')
+  q = _as_similarity(q) if q.size else q.astype(np.float64)
+  return np.minimum(q[0::2], q[1::2])
+
+
+def lowest_quality_accuracy(similarity, issame, quality, folds: Folds,
+                            fold_thresholds, fraction: float = 0.1) -> dict:
+  """The accuracy of the ceil(fraction * N) pairs of lowest ``quality``
+  (ties in file order), each tested at the threshold its fold was tested
+  at in the whole set's k-fold protocol (``fold_thresholds``, one per
+  fold, as verification_accuracy returns them): the thresholds are the
+  whole set's, chosen on every quality, so this says how the decisions
+  the set would make fare on its worst faces, not how well those faces
+  could be separated on their own.
+
+  Returns 'accuracy', 'pairs', 'genuine' (same pairs among them),
+  'quality_min' and 'quality_max' (the range of their quality).
+  """
+  sim = _as_similarity(similarity)
+  same = _as_issame(issame, sim.shape[0])
+  q = _as_similarity(quality)
+  if q.shape != sim.shape:
+    raise ValueError(f'quality must have one value per pair, {sim.shape[0]}'
+                     f', got {q.shape[0]}')
+  folds = _check_folds(folds, sim.shape[0])
+  thresholds = np.asarray(fold_thresholds, np.float64)
+  if thresholds.shape != (folds.count,) or np.any(np.isnan(thresholds)):
+    raise ValueError(f'fold_thresholds must give a number to each of the '
+                     f'{folds.count} folds, got shape {thresholds.shape}')
+  if not 0.0 < fraction <= 1.0:
+    raise ValueError(f'fraction must lie in (0, 1], got {fraction}')
+  k = int(np.ceil(fraction * sim.shape[0] * (1 - 1e-12)))
+  low = np.argsort(q, kind='stable')[:max(k, 1)]
+  predicted = sim[low] > thresholds[folds.index[low]]
+  return {'accuracy': float(np.mean(predicted == same[low])),
+          'pairs': int(low.size), 'genuine': int(same[low].sum()),
+          'quality_min': float(q[low].min()),
+          'quality_max': float(q[low].max())}
+
+
 # --- ROC, TAR at FAR, AUC ---------------------------------------------------
 
 # The false accept rates the benchmarks report (BLUFR, IJB-B/C, MegaFace).

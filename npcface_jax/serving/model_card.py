@@ -23,6 +23,7 @@ CARD_JSON, CARD_MD = 'model_card.json', 'model_card.md'
 CARDS = (CARD_JSON, CARD_MD)  # not hashed: the json holds the hashes
 MIN_COSINE = 0.9999  # each format against the JAX embedder, float32
 ACCURACY_POINTS = 0.1  # verification accuracy, exported against JAX
+NORM_RTOL = 1e-3  # the norm output (--with_norm), relative, against JAX
 
 
 def sha256(path: str) -> str:
@@ -98,8 +99,9 @@ def _evaluation(workdir: str, step: int, flip: bool) -> dict | None:
       record.get('flip')), 'sets': sets}
 
 
-def describe(model, flip: bool) -> dict:
-  """The card without parity and files: model is an inference.Model."""
+def describe(model, flip: bool, with_norm: bool = False) -> dict:
+  """The card without parity and files: model is an inference.Model;
+  with_norm: the files also return 'norm' (card['norm_output'])."""
   size, config = model.image_size, model.config
   contract = images.input_contract(config)
   info = jsonfile.read_object(os.path.join(model.workdir, run_dir.RUN_INFO))
@@ -129,6 +131,16 @@ def describe(model, flip: bool) -> dict:
                  'shape': ['batch', dim],
                  'normalised': 'L2 (unit length): the dot product of two is '
                                'their cosine similarity'},
+      'norm_output': None if not with_norm else {
+          'name': 'norm', 'dtype': 'float32', 'shape': ['batch'],
+          'meaning': 'each face\'s raw embedding norm, the backbone\'s '
+                     'output before L2 normalising' + (
+                         ' (the mean of the face\'s and its mirror '
+                         'image\'s)' if flip else '') + ': a face-quality '
+                     'score (low: a poor face) only for heads that train '
+                     'it, MagFace and AdaFace; '
+                     f'within {NORM_RTOL:g} (relative) of the JAX '
+                     'embedder\'s in every format'},
       'training': _training(config, info.get('num_classes'), model.step),
       'head_options': info.get('head_options'),
       'evaluation': _evaluation(model.workdir, model.step, flip),
@@ -180,7 +192,9 @@ def _parity_lines(parity: dict) -> list[str]:
     acc = '; '.join(f'{name} {100 * a["export"]:.2f}% vs '
                     f'{100 * a["jax"]:.2f}%'
                     for name, a in r['accuracy'].items()) or '-'
-    lines.append(f'| {fmt} | {r["min_cosine"]:.7f} | '
+    norm = (f' (norm within {r["max_norm_error"]:.2g})'
+            if 'max_norm_error' in r else '')
+    lines.append(f'| {fmt} | {r["min_cosine"]:.7f}{norm} | '
                  f'{r["mean_cosine"]:.7f} | {acc} | '
                  f'{r["images_per_second"]:.1f} |')
   return lines
@@ -219,7 +233,11 @@ def markdown(card: dict) -> str:
       f'- Output `{card["output"]["name"]}`: float32 {card["output"]["shape"]}'
       f', {card["output"]["normalised"]}.'
       + (' Each face\'s mirror image is added (flip test-time '
-         'augmentation).' if i['flip'] else ''), '',
+         'augmentation).' if i['flip'] else ''),
+      *([f'- Output `{card["norm_output"]["name"]}`: float32 '
+         f'{card["norm_output"]["shape"]}, '
+         f'{card["norm_output"]["meaning"]}.']
+        if card.get('norm_output') else []), '',
       *(_origin_lines(card['imported']) if card.get('imported') else [
           '## Training', '',
           f'- Data: {t["dataset"]}; {t["classes"]} classes, '

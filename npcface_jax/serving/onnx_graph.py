@@ -127,10 +127,10 @@ class _Graph:
     self.producer[out] = self.nodes[-1]
     return out
 
-  def used_by(self, output: str) -> tuple[list, list]:
-    """(nodes, initializers) that ``output`` depends on, in order: a
+  def used_by(self, *outputs: str) -> tuple[list, list]:
+    """(nodes, initializers) that ``outputs`` depend on, in order: a
     rewritten pattern leaves its first form unused."""
-    needed, nodes = {output}, []
+    needed, nodes = set(outputs), []
     for node in reversed(self.nodes):
       if needed.intersection(node.output):
         nodes.append(node)
@@ -429,29 +429,37 @@ def _walk(g: _Graph, closed, args: list) -> list:
 
 
 def to_onnx(fn: Callable, shape: tuple[int, ...], dtype, *,
-            input_name: str = 'images', output_name: str = 'embeddings',
+            input_name: str = 'images',
+            output_name: str | tuple[str, ...] = 'embeddings',
             doc: str = '') -> onnx.ModelProto:
-  """``fn`` (one array in, one out) as an ONNX model whose input has
-  ``shape`` after a dynamic batch dimension; checked by onnx.checker."""
+  """``fn`` (one array in; one out, or a tuple of as many as
+  ``output_name`` names) as an ONNX model whose input has ``shape`` after
+  a dynamic batch dimension; checked by onnx.checker."""
+  names = (output_name,) if isinstance(output_name, str) else tuple(
+      output_name)
   batch, = export.symbolic_shape(BATCH)
   spec = jax.ShapeDtypeStruct((batch,) + tuple(shape), dtype)
   closed = jax.make_jaxpr(fn)(spec)
+  if len(closed.jaxpr.outvars) != len(names):
+    raise ValueError(f'the function returns {len(closed.jaxpr.outvars)} '
+                     f'arrays but {len(names)} output names were given')
   g = _Graph()
-  out, = _walk(g, closed, [input_name])
-  if _is_const(out):
-    raise Unsupported('the output does not depend on the input')
-  g.node('Identity', [g.hwc(out)])
-  g.nodes[-1].output[0] = output_name
-  nodes, initializers = g.used_by(output_name)
-  out_aval = closed.jaxpr.outvars[0].aval
+  for out, name in zip(_walk(g, closed, [input_name]), names):
+    if _is_const(out):
+      raise Unsupported(f'the output {name} does not depend on the input')
+    g.node('Identity', [g.hwc(out)])
+    g.nodes[-1].output[0] = name
+  nodes, initializers = g.used_by(*names)
 
   def info(name, aval):
     dims = [d if isinstance(d, int) else BATCH for d in aval.shape]
     return helper.make_tensor_value_info(
         name, helper.np_dtype_to_tensor_dtype(np.dtype(aval.dtype)), dims)
 
-  graph = helper.make_graph(nodes, 'npcface_jax', [info(input_name, spec)],
-                            [info(output_name, out_aval)], initializers)
+  graph = helper.make_graph(
+      nodes, 'npcface_jax', [info(input_name, spec)],
+      [info(name, v.aval) for name, v in zip(names, closed.jaxpr.outvars)],
+      initializers)
   model = helper.make_model(graph, producer_name='npcface_jax',
                             opset_imports=[helper.make_opsetid('', OPSET)],
                             doc_string=doc)

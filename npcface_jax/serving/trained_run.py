@@ -54,8 +54,9 @@ class Model(NamedTuple):
     return self._replace(embedder=embedding_step.Embedder(
         self.module, e.mesh, e.batch_size, flip, self.contract))
 
-  def embed(self, pixels: np.ndarray) -> np.ndarray:
-    return self.embedder(self.variables, pixels)
+  def embed(self, pixels: np.ndarray, with_norms: bool = False):
+    """Unit embeddings; with_norms: (those, raw norms), as Embedder."""
+    return self.embedder(self.variables, pixels, with_norms)
 
 
 def open_model(workdir: str, step: int | None = None, flip: bool = False,
@@ -82,16 +83,19 @@ class Embedded(NamedTuple):
   kept: list[int]  # the source index of each row
   skipped: list[images.Skipped]  # left out, with the reason
   landmarks: dict[int, np.ndarray]  # source index -> the (5, 2) aligned on
+  norms: np.ndarray | None = None  # (len(kept),) float32 raw embedding
+  # norms (embedding_step.Embedder), when asked for
 
 
 def embed_images(model: Model, sources, *, aligned: bool = False,
                  min_score: float = detection.MIN_SCORE,
                  root: str | None = None, progress: bool = True,
-                 what: str = 'embedding') -> Embedded:
+                 what: str = 'embedding', with_norms: bool = False
+                 ) -> Embedded:
   """The embeddings of ``sources`` (paths, names under root, or encoded
   bytes): photos detected and aligned, or aligned crops resized
   (``aligned``); a progress bar on stderr when there is more than one
-  batch."""
+  batch. ``with_norms``: each row's raw norm too (``.norms``)."""
   from tqdm import tqdm  # noqa: PLC0415 (a command's progress bar only)
   finder = None if aligned else detection.FaceFinder(min_score)
   if finder is not None:
@@ -102,11 +106,16 @@ def embed_images(model: Model, sources, *, aligned: bool = False,
   bar = tqdm(batches, total=len(batches), desc=what, unit='batch',
              file=sys.stderr, disable=not progress or len(batches) < 2,
              mininterval=0.5)
-  rows = [model.embed(b) for b in bar if len(b)]
+  rows = [model.embed(b, with_norms) for b in bar if len(b)]
   dim = model.config.embedding_dim
+  norms = None
+  if with_norms:
+    norms = (np.concatenate([n for _, n in rows]) if rows
+             else np.zeros(0, np.float32))
+    rows = [e for e, _ in rows]
   out = np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
   return Embedded(out, list(batches.kept), list(batches.skipped),
-                  dict(batches.found))
+                  dict(batches.found), norms)
 
 
 # --- The decision threshold ---------------------------------------------------
