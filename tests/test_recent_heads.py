@@ -346,6 +346,24 @@ def test_bfloat16_in_bfloat16_out(name):
   assert np.all(np.isfinite(np.asarray(grad, np.float32)))
 
 
+@pytest.mark.parametrize('name', sorted(CONFIGS))
+def test_finite_at_exactly_plus_minus_one(name):
+  """Cosines of exactly +-1 (targets and negatives): finite loss and
+  gradient in the cosines (and the bias)."""
+  rng, seed = fresh_rng()
+  cos = np.array([[1.0, -1.0, 0.3, 1.0],
+                  [-1.0, 1.0, -1.0, 0.0],
+                  [0.5, 1.0, -1.0, -1.0]], np.float32)
+  labels = np.array([0, 0, 2])
+  case = _case(name, rng, seed, 3, 4)
+  value, grads = jax.jit(jax.value_and_grad(
+      lambda c, p: _mean_loss(case, c, labels, p), argnums=(0, 1)))(
+          jnp.asarray(cos), case.params)
+  assert np.isfinite(value), f'{name}, seed {seed}'
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads)), (
+      f'{name}, seed {seed}')
+
+
 def test_registered_with_their_hooks():
   """Names, what each is given, which keep batch statistics, which are
   their own criterion (with the weights their papers give)."""
@@ -450,8 +468,7 @@ def test_magface_norm_gradient_in_embeddings(chunk_size):
   # Along x_i itself only the norm acts (the cosines do not move).
   radial = np.sum(np.asarray(grad, np.float64) * x, axis=1)
   want_radial = np.sum(want_grad * x, axis=1)
-  assert np.all(np.abs(want_radial[~clipped]) > 1e-3 * np.max(np.abs(
-      want_radial))), msg
+  assert np.max(np.abs(want_radial[~clipped])) > 1e-2, msg  # the norm acts
   np.testing.assert_allclose(radial, want_radial, rtol=1e-3,
                              atol=1e-5 * np.max(np.abs(want_radial)),
                              err_msg=msg)
