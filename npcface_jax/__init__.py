@@ -34,9 +34,11 @@ _EXPORTS = {
         'curricularface_init_state', 'curricularface_logits',
         'mv_am_softmax_logits', 'mv_arc_softmax_logits', 'npcface_logits',
         'softmax_logits', 'sphereface_init_state', 'sphereface_logits',
+        'adaface_init_state', 'adaface_logits', 'magface_logits',
+        'elasticface_logits', 'sphereface2_logits', 'uniface_logits',
         'Given', 'Head', 'HeadOutput', 'HEADS'),
     'loss.criteria': ('focal_loss', 'ohem_loss', 'per_sample_cross_entropy',
-                      'softmax_cross_entropy'),
+                      'one_vs_all_and_top1', 'softmax_cross_entropy'),
     'loss.registry': ('get_criterion', 'get_head'),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items()

@@ -1,5 +1,7 @@
 """Criteria against float64 references, and the registry's contract."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,7 +93,12 @@ def test_registry_heads_match_direct_calls(name):
   head = nf.get_head(name)
   state = head.init_state(16)
   params = head.init_params(jax.random.key(1), 16)
-  out = jax.jit(lambda c, y, s, p: head(c, y, s, p))(c, labels, state, params)
+  norms, key = jnp.float32(rng.uniform(5.0, 50.0, len(labels))), (
+      jax.random.key(seed))
+  given = nf.Given(norms=norms if 'norms' in head.needs else None,
+                   key=key if 'key' in head.needs else None)
+  out = jax.jit(lambda c, y, s, p: head(c, y, s, p, given=given))(
+      c, labels, state, params)
   direct = {
       'sphereface': lambda: nf.sphereface_logits(c, labels, state),
       'adacos': lambda: nf.adacos_logits(c, labels, state),
@@ -99,12 +106,20 @@ def test_registry_heads_match_direct_calls(name):
       'adam_softmax': lambda: nf.adam_softmax_logits(c, labels,
                                                      params['margins']),
       'npcface': lambda: nf.npcface_logits(c, labels, return_diagnostics=True),
+      'adaface': lambda: nf.adaface_logits(c, labels, norms, state),
+      'magface': lambda: nf.magface_logits(c, labels, norms),
+      'sphereface2': lambda: (nf.sphereface2_logits(
+          c, labels, params['bias']), None),
+      'uniface': lambda: (nf.uniface_logits(c, labels, params['bias']), None),
+      **{f'elasticface_{v}': functools.partial(
+          nf.elasticface_logits, c, labels, key, variant=v)
+         for v in ('arc', 'cos', 'arc_plus', 'cos_plus')},
   }.get(name, lambda: (getattr(heads, {'am_softmax': 'cosface'}.get(
       name, name) + '_logits')(c, labels), None))()
   # jit may fuse differently from eager: equal to float32 rounding.
   np.testing.assert_allclose(out.logits, direct[0], rtol=1e-5, atol=1e-4,
                              err_msg=str(seed))
-  if name in ('sphereface', 'adacos', 'curricularface'):
+  if name in ('sphereface', 'adacos', 'curricularface', 'adaface'):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
                  out.state, direct[1])
   if name == 'adam_softmax':

@@ -46,10 +46,13 @@ class _Kept(logging.Handler):
 
 @pytest.mark.parametrize('verbose', [False, True])
 def test_third_party_info_is_kept_out_unless_verbose(verbose):
-  root = logging.getLogger()
-  handler, level = _Kept(), root.level
+  root, absl_logger = logging.getLogger(), logging.getLogger('absl')
+  handler, level, absl_level = _Kept(), root.level, absl_logger.level
   root.addHandler(handler)
   root.setLevel(logging.INFO)
+  # Hermetic: a command run earlier in this process (absl's app.run and
+  # its --verbosity) may have left absl's own logger at WARNING.
+  absl_logger.setLevel(logging.NOTSET)
   try:
     run_log.quiet_third_party(verbose)
     logging.info('ours')
@@ -61,6 +64,7 @@ def test_third_party_info_is_kept_out_unless_verbose(verbose):
   finally:
     root.removeHandler(handler)
     root.setLevel(level)
+    absl_logger.setLevel(absl_level)
   if verbose:
     assert len(handler.lines) == 6
   else:

@@ -326,18 +326,10 @@ def template_features(features, template_ids, media_ids, face_scores=None,
     if a.shape != (n,):
       raise ValueError(f'{what} must have shape ({n},), one per feature row, '
                        f'got {a.shape}')
-  if face_scores is not None:
-    face_scores = np.asarray(face_scores, np.float32)
-    if face_scores.shape != (n,) or not np.all(np.isfinite(face_scores)):
-      raise ValueError(f'face_scores must be ({n},) finite numbers, got '
-                       f'shape {face_scores.shape}')
-  if norms is not None:
-    norms = np.asarray(norms, np.float32)
-    if (norms.shape != (n,) or not np.all(np.isfinite(norms))
-        or np.any(norms < 0)):
-      raise ValueError(f'norms must be ({n},) finite numbers >= 0, one raw '
-                       f'embedding norm per feature row, got shape '
-                       f'{norms.shape}')
+  face_scores = _image_weights(face_scores, n, 'face_scores', 'finite '
+                               'numbers, one detector score per image')
+  norms = _image_weights(norms, n, 'norms', 'finite numbers >= 0, one raw '
+                         'embedding norm per feature row', nonnegative=True)
   valid = np.ones(n, bool) if valid is None else np.asarray(valid, bool)
   if valid.shape != (n,):
     raise ValueError(f'valid must have shape ({n},), got {valid.shape}')
@@ -362,6 +354,19 @@ def template_features(features, template_ids, media_ids, face_scores=None,
   order, bounds = _rank_order(media_template)
   pooled = _group_sums(media[order], media_template[order], bounds)
   return templates, _normalize_rows(pooled)
+
+
+def _image_weights(values, n: int, what: str, expected: str, *,
+                   nonnegative: bool = False) -> np.ndarray | None:
+  """A per-image weight (N,) float32, checked; None stays None."""
+  if values is None:
+    return None
+  values = np.asarray(values, np.float32)
+  if (values.shape != (n,) or not np.all(np.isfinite(values))
+      or (nonnegative and np.any(values < 0))):
+    raise ValueError(f'{what} must be ({n},) {expected}, got shape '
+                     f'{values.shape}')
+  return values
 
 
 def _rank_order(group: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -115,6 +115,54 @@ def _varying_axes(x) -> frozenset:
   return frozenset(aval.manual_axis_type.varying)
 
 
+class _Reduction:
+  """How the negatives' logits add up to each sample's loss, a block at a
+  time, and each logit's share of the gradient: the softmax's online
+  log-sum-exp (the target joins at the end), or a one-vs-all head's sum
+  of binary losses (heads.OneVsAll)."""
+
+  def __init__(self, one_vs_all):
+    self.weights = one_vs_all
+
+  def add(self, run_max, run_sum, logits, is_negative):
+    """The running (max, sum) with a block's masked logits added."""
+    new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))
+    if self.weights is not None:
+      return new_max, run_sum + jnp.sum(
+          jnp.where(is_negative, jax.nn.softplus(logits), 0.0), axis=-1)
+    return new_max, (run_sum * jnp.exp(run_max - new_max)
+                     + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=-1))
+
+  def merge(self, run_max, run_sum, shard):
+    """The shards' running (max, sum) combined."""
+    if shard.axis_name is None:
+      return run_max, run_sum
+    top = lax.pmax(run_max, shard.axis_name)
+    if self.weights is not None:
+      return top, shard.psum(run_sum)
+    return top, shard.psum(run_sum * jnp.exp(run_max - top))
+
+  def loss(self, run_max, run_sum, z_y):
+    """(per-sample loss, what the backward needs of the forward)."""
+    if self.weights is not None:
+      return (self.weights.positive_weight * jax.nn.softplus(-z_y)
+              + self.weights.negative_weight * run_sum), run_sum
+    lse = jnp.logaddexp(run_max + jnp.log(run_sum), z_y)
+    return lse - z_y, lse
+
+  def d_negative(self, logits, lse):
+    """dLoss/dlogit of each negative."""
+    if self.weights is not None:
+      return self.weights.negative_weight * jax.nn.sigmoid(logits)
+    return jnp.exp(logits - lse[:, None])
+
+  def d_target(self, z_y, lse):
+    """dLoss/dz_y: p_y - 1 for the softmax."""
+    if self.weights is not None:
+      return -self.weights.positive_weight * jax.nn.sigmoid(-z_y)
+    return jnp.exp(z_y - lse) - 1.0
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _chunked(xn, w, labels, context, parts: MarginParts, chunk_size: int,
              axis_name, num_classes):
@@ -132,7 +180,7 @@ def _forward(xn, w, labels, context, parts, chunk_size, axis_name,
   wy, inv_y = shard.target_rows(w)
   c_y = shard.psum(jnp.where(shard.owned, jnp.sum(xn * wy, axis=-1), 0.0))
   row = parts.row(c_y, *context)
-  one_vs_all = parts.one_vs_all is not None
+  reduction = _Reduction(parts.one_vs_all)
 
   def block(w_block, start, carry):
     run_max, run_sum, sums, nearest = carry
@@ -140,13 +188,7 @@ def _forward(xn, w, labels, context, parts, chunk_size, axis_name,
     is_negative = shard.is_negative(start, cos.shape[1])
     logits, block_sums = parts.negative(cos, row, is_negative)
     logits = jnp.where(is_negative, logits, -jnp.inf)
-    new_max = jnp.maximum(run_max, jnp.max(logits, axis=-1))
-    if one_vs_all:  # the negatives' binary losses simply add up
-      run_sum = run_sum + jnp.sum(
-          jnp.where(is_negative, jax.nn.softplus(logits), 0.0), axis=-1)
-    else:  # an online log-sum-exp
-      run_sum = (run_sum * jnp.exp(run_max - new_max)
-                 + jnp.sum(jnp.exp(logits - new_max[:, None]), axis=-1))
+    new_max, run_sum = reduction.add(run_max, run_sum, logits, is_negative)
     sums = jax.tree.map(jnp.add, sums, block_sums)
     nearest = jnp.maximum(nearest, jnp.max(
         jnp.where(is_negative, cos, -jnp.inf), axis=-1))
@@ -176,21 +218,11 @@ def _forward(xn, w, labels, context, parts, chunk_size, axis_name,
     cos_rest, carry = block(w[full * chunk_size:], full * chunk_size, carry)
   run_max, run_sum, sums, nearest = carry
   sums = shard.psum(sums)
-  if axis_name is not None:  # merge the shards' running sums
-    top = lax.pmax(run_max, axis_name)
-    run_sum = shard.psum(run_sum if one_vs_all
-                         else run_sum * jnp.exp(run_max - top))
-    run_max = top
+  run_max, run_sum = reduction.merge(run_max, run_sum, shard)
+  if axis_name is not None:
     nearest = lax.pmax(nearest, axis_name)
   z_y = parts.positive(c_y, row, sums)
-  if one_vs_all:
-    weights = parts.one_vs_all
-    lse = run_sum  # (unused by the backward; kept for one residual layout)
-    ce = (weights.positive_weight * jax.nn.softplus(-z_y)
-          + weights.negative_weight * run_sum)
-  else:
-    lse = jnp.logaddexp(run_max + jnp.log(run_sum), z_y)
-    ce = lse - z_y
+  ce, lse = reduction.loss(run_max, run_sum, z_y)
   top1 = z_y >= run_max  # the target beats every negative logit
   residuals = (xn, w, labels, wy, inv_y, c_y, row, sums, lse, z_y,
                cos_store, cos_rest, context)
@@ -204,31 +236,20 @@ def _backward(parts, chunk_size, axis_name, num_classes, residuals,
   g = cotangents[0]  # the rest is for logging and analysis, not for grads
   shard = _Shard(w, labels, axis_name, num_classes)
   full, rest = _blocks(w.shape[0], chunk_size)
-  weights = parts.one_vs_all
-  # The row's gradient is followed only to what can have one (heads.py).
-  row_has_gradient = bool(jax.tree.leaves(given.params)) or (
-      given.norms is not None)
-
-  def negative_weight(logits):
-    """dLoss/dlogit of each negative, per unit of g."""
-    if weights is not None:
-      return weights.negative_weight * jax.nn.sigmoid(logits)
-    return jnp.exp(logits - lse[:, None])
-
-  # The row's cotangent is summed per shard, then over the shards once:
-  # differentiated as varying, so that no block sums it over the shards.
+  reduction = _Reduction(parts.one_vs_all)
+  # The row's gradient is followed only to what can have one (heads.py),
+  # summed per shard, then over the shards once: differentiated as
+  # varying, so that no block sums it over the shards.
+  row_has_gradient = _row_has_gradient(given)
   row_here = shard.varying(row, xn, w)
 
   def block(w_block, start, cos):
     wn, inv = _normalize_rows(w_block)
     is_negative = shard.is_negative(start, cos.shape[1])
-    if row_has_gradient:
-      logits, pull = jax.vjp(
-          lambda c, r: parts.negative(c, r, is_negative)[0], cos, row_here)
-    else:
-      logits, pull = jax.vjp(
-          lambda c: parts.negative(c, row, is_negative)[0], cos)
-    dlogits = jnp.where(is_negative, g[:, None] * negative_weight(logits), 0.0)
+    logits, pull = _vjp(lambda c, r: parts.negative(c, r, is_negative)[0],
+                        cos, row_here, row_has_gradient)
+    dlogits = jnp.where(is_negative,
+                        g[:, None] * reduction.d_negative(logits, lse), 0.0)
     dcos, *drow = pull(dlogits)
     dw_block = _normalize_rows_vjp(wn, inv, dcos.T @ xn)
     return dcos @ wn, dw_block, drow
@@ -247,37 +268,38 @@ def _backward(parts, chunk_size, axis_name, num_classes, residuals,
   if rest:
     dx_r, dw_r, drow_r = block(w[full * chunk_size:], full * chunk_size,
                                cos_rest)
-    dxn = dxn + dx_r
+    dxn, drow = dxn + dx_r, jax.tree.map(jnp.add, drow, drow_r)
     dw = lax.dynamic_update_slice_in_dim(dw, dw_r, full * chunk_size, 0)
-    drow = jax.tree.map(jnp.add, drow, drow_r)
-  # The target logits: dLoss/dz_y (p_y - 1 for the softmax), through the
-  # positive's derivative, on the shard that holds each target row.
-  if weights is not None:
-    dz_y = -weights.positive_weight * jax.nn.sigmoid(-z_y)
-  else:
-    dz_y = jnp.exp(z_y - lse) - 1.0
-  if row_has_gradient:  # this shard's targets only, as for the negatives
-    _, pull = jax.vjp(lambda c, r: parts.positive(c, r, sums),
-                      *shard.varying((c_y, row), xn, w))
-    dc_y, drow_y = pull(jnp.where(shard.owned, g * dz_y, 0.0))
-    drow = jax.tree.map(jnp.add, drow[0], drow_y)
-  else:
-    _, pull = jax.vjp(lambda c: parts.positive(c, row, sums), c_y)
-    (dc_y,) = pull(g * dz_y)
-  dc_y = jnp.where(shard.owned, dc_y, 0.0)
+  # The target logits, through the positive's derivative, on the shard
+  # that holds each target row (as varying, so that its row share is only
+  # this shard's, like the negatives').
+  _, pull = _vjp(lambda c, r: parts.positive(c, r, sums),
+                 *shard.varying((c_y, row), xn, w), row_has_gradient)
+  dc_y, *drow_y = pull(jnp.where(shard.owned,
+                                 g * reduction.d_target(z_y, lse), 0.0))
+  drow = jax.tree.map(jnp.add, drow, drow_y)
   dxn = dxn + dc_y[:, None] * wy
   dw = dw.at[shard.local_label].add(
       _normalize_rows_vjp(wy, inv_y, dc_y[:, None] * xn))
   # A batch split over another axis too: W's gradient sums over its shards.
-  batch_axes = tuple(sorted(_varying_axes(xn) - _varying_axes(w)))
-  if batch_axes:
+  if batch_axes := tuple(sorted(_varying_axes(xn) - _varying_axes(w))):
     dw = lax.psum(dw, batch_axes)
   # The head's state (a batch statistic's history, a step) and its key get
   # no gradient; its params and norms get the row's, pulled back.
-  dgiven = None
-  if row_has_gradient:
-    dgiven = _row_vjp(parts, c_y, state, given, shard.psum(drow))
+  dgiven = (_row_vjp(parts, c_y, state, given, shard.psum(drow[0]))
+            if row_has_gradient else None)
   return shard.psum(dxn), dw, None, (None, dgiven)
+
+
+def _row_has_gradient(given) -> bool:
+  return bool(jax.tree.leaves(given.params)) or given.norms is not None
+
+
+def _vjp(fn, c, row, with_row: bool):
+  """fn(c, row) and its pull-back to (dc,), or to (dc, drow) ``with_row``."""
+  if with_row:
+    return jax.vjp(fn, c, row)
+  return jax.vjp(lambda c: fn(c, row), c)
 
 
 def _row_vjp(parts, c_y, state, given, drow):

@@ -239,17 +239,15 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
                             chunk_size: int | None = None,
                             num_sample: int | None = None):
   """``f(embeddings, weights, labels, state, params[, key, head_key]) ->
-  (ce, HeadOutput)``
-  with the weights' rows (and AdaM-softmax's margins) split over ``axis``.
-
-  ``weights`` has ``class_shards.padded_num_classes(num_classes,
+  (ce, HeadOutput)`` with the weights' rows (and AdaM-softmax's margins)
+  split over ``axis``: ``class_shards.padded_num_classes(num_classes,
   mesh.shape[axis])`` rows.
+
   By default embeddings, labels and head state are replicated over the mesh
-  and ``ce`` comes back replicated, ready for any criterion's ``reduce`` in
-  the global view. With ``batch_axis`` (e.g. 'data' of a 2-D mesh) the batch
-  is split over that axis as well, so each device scores only its rows
-  against its classes; ``ce`` and the per-sample metrics come back split
-  the same way. Heads whose state is a batch statistic (``head.
+  and ``ce`` comes back replicated, for any criterion's ``reduce``. With
+  ``batch_axis`` (e.g. 'data' of a 2-D mesh) the batch is split over that
+  axis as well, so each device scores only its rows against its classes;
+  ``ce`` and the per-sample metrics come back split the same way. Heads whose state is a batch statistic (``head.
   batch_statistics``) need the whole batch on every shard and refuse it.
   Differentiate through f from outside (the global view): the gradient of a
   replicated input then comes out summed correctly.
@@ -258,8 +256,9 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
   with ``chunk_size`` each shard runs the chunked loss and no logits exist.
   With ``num_sample`` each shard scores that many of its rows (Partial FC),
   drawn from ``key`` (replicated); the logits are then the sampled ones.
-  ``head_key`` (replicated) goes to a head that draws at random; a head's
-  norms come from each shard's rows of the batch.
+  ``head_key`` (replicated) goes to a head that draws at random (folded
+  with the 'data' index where the batch is split); its norms come from each
+  shard's rows, its norm regulariser from the whole batch.
   """
   _check_sharded_options(head, batch_axis, return_logits, chunk_size)
 
@@ -280,14 +279,12 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
 
   def loss(embeddings, weights, labels, state, params, key=None,
            head_key=None):
-    if (key is None) != (num_sample is None):
-      raise ValueError('a key is needed exactly when classes are sampled '
-                       f'(num_sample={num_sample})')
+    _check_key(key, num_sample)
     # A head's per-class parameters split like the classifier's rows; the
     # others (a learnt bias) replicated.
-    param_specs = {k: P(axis) if k in head.per_class_params else P()
-                   for k in params}
-    in_specs = (rows, P(axis), rows, P(), param_specs, P(), P())
+    in_specs = (rows, P(axis), rows, P(), {
+        k: P(axis) if k in head.per_class_params else P() for k in params},
+                P(), P())
     mapped = jax.shard_map(
         local, mesh=mesh, in_specs=in_specs,
         out_specs=(rows, HeadOutput(logits_spec, P(), P(), rows)))
@@ -296,6 +293,12 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
     return ce, with_norm_loss(head, embeddings, out)
 
   return loss
+
+
+def _check_key(key, num_sample) -> None:
+  if (key is None) != (num_sample is None):
+    raise ValueError('a key is needed exactly when classes are sampled '
+                     f'(num_sample={num_sample})')
 
 
 def split_batch_axis(head: Head, mesh: Mesh,

@@ -1079,8 +1079,9 @@ HEADS: dict[str, type[Head]] = {
 
 
 def _apply(head: type[Head], cos, labels, state=None, params=None, *,
-           axis_name=None, num_classes=None, **options) -> HeadOutput:
-  return head.create(**options)(cos, labels, state, params,
+           given: Given = Given(), axis_name=None, num_classes=None,
+           **options) -> HeadOutput:
+  return head.create(**options)(cos, labels, state, params, given=given,
                                 axis_name=axis_name, num_classes=num_classes)
 
 
@@ -1146,3 +1147,44 @@ def adam_softmax_logits(cos: Array, labels: Array, margins: Array, **options):
   out = _apply(AdaMSoftmax, cos, labels, None, {'margins': margins},
                **options)
   return out.logits, out.aux_loss
+
+
+def adaface_logits(cos: Array, labels: Array, norms: Array, state,
+                   **options):
+  """``AdaFace``'s (logits, new state) from each sample's embedding norm
+  (B,) and its running statistics (adaface_init_state())."""
+  out = _apply(AdaFace, cos, labels, state, given=Given(norms=norms),
+               **options)
+  return out.logits, out.state
+
+
+def magface_logits(cos: Array, labels: Array, norms: Array, **options):
+  """``MagFace``'s (logits, norm regulariser lambda_g * mean g(a)); pass
+  the norms with their gradient, and add the regulariser to the loss."""
+  head = MagFace.create(**options)
+  out = head(cos, labels, given=Given(norms=norms))
+  return out.logits, head.norm_loss(norms)
+
+
+def elasticface_logits(cos: Array, labels: Array, key: Array, *,
+                       variant: str = 'arc', **options):
+  """ElasticFace's (logits, the margins drawn with ``key``) for ``variant``
+  'arc', 'cos', 'arc_plus' or 'cos_plus' (``ElasticArcFace``, ...)."""
+  name = f'elasticface_{variant}'
+  if name not in HEADS:
+    raise ValueError(f'unknown ElasticFace variant {variant!r}; choose one '
+                     "of 'arc', 'cos', 'arc_plus', 'cos_plus'")
+  out = _apply(HEADS[name], cos, labels, given=Given(key=key), **options)
+  return out.logits, out.metrics['margin']
+
+
+def sphereface2_logits(cos: Array, labels: Array, bias: Array, **options):
+  """``SphereFace2``'s binary logits; its loss is
+  ``criteria.one_vs_all_and_top1(logits, labels, head.one_vs_all)``."""
+  return _apply(SphereFace2, cos, labels, None, {'bias': bias},
+                **options).logits
+
+
+def uniface_logits(cos: Array, labels: Array, bias: Array, **options):
+  """``UniFace``'s binary logits; its loss as SphereFace2's."""
+  return _apply(UniFace, cos, labels, None, {'bias': bias}, **options).logits
