@@ -11,6 +11,7 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
 
 from npcface_jax.common import jsonfile
 from npcface_jax.study import comparison
@@ -115,3 +116,24 @@ def test_runs_without_norms_or_a_curve_still_report(tmp_path):
   assert 'The head of magface logs no diagnostics' in text
   assert _row(text, 'magface')[-1] == '-'
   assert 'fig12_norms.png' not in _check_pngs(out, text)
+
+
+@pytest.mark.slow
+def test_every_heads_diagnostics_have_words():
+  """What each registered head logs of itself (its summarize and scalar
+  state, on a small batch) has a label in the table, so that no report
+  shows a raw key for a head of this repository."""
+  import jax  # noqa: PLC0415 (only here)
+  from npcface_jax.loss import classifier, registry  # noqa: PLC0415
+  x = jax.random.normal(jax.random.key(0), (8, 16))
+  w = jax.random.normal(jax.random.key(1), (10, 16))
+  missing = []
+  for name in registry.head_names():
+    head = registry.get_head(name)
+    _, out = classifier.classifier_loss(
+        x, w, np.arange(8), head, head.init_state(10),
+        head.init_params(jax.random.key(2), 10), num_classes=10,
+        head_key=jax.random.key(3))
+    missing += [f'{name}: {k}' for k in head.diagnostics(out)
+                if k not in comparison.DIAGNOSTIC_LABELS]
+  assert not missing, missing
