@@ -401,7 +401,7 @@ def head_diagnostics(path, label, records, panels, index: int = 0) -> str:
       _line(ax, xs, ys, _colour(index))
     else:
       _no_data(ax)
-    ax.set_title('\n'.join(_wrap(title, 44)), fontsize='medium')
+    ax.set_title('\n'.join(_wrap(title, 54)), fontsize='small')
     ax.set_xlabel('step')
     ax.grid(alpha=0.3)
   fig.suptitle(str(label))
