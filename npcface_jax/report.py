@@ -38,6 +38,9 @@ _DEFINITIONS = (
     'normalised to 1.')
 
 
+_MANY_RUNS = 6  # more: Fig. 5 shows fewer records per run
+
+
 def _file_name(text: str) -> str:
   return re.sub(r'[^A-Za-z0-9_.=-]+', '_', text).strip('_')[:80] or 'run'
 
@@ -60,9 +63,11 @@ def _hard_sample_figures(out: str, runs, names) -> list[str]:
             '### Overlap of mis- and well-classified samples (Fig. 6)', '',
             '![Fig. 6](fig6_overlap.png)', '',
             '### Cosine to the ground-truth centre (Fig. 5)', '']
+  # Many runs: three records each (first, middle, last), one row of panels.
+  panels = 6 if len(with_stats) <= _MANY_RUNS else 3
   for k, (label, stats) in enumerate(with_stats):
     name = f'fig5_cosines_{k}_{_file_name(label)}.png'
-    figures.cosine_histograms(os.path.join(out, name), label, stats)
+    figures.cosine_histograms(os.path.join(out, name), label, stats, panels)
     lines += [f'![Fig. 5, {label}]({name})', '']
   figures.nearest_negative(os.path.join(out, 'fig7_nearest.png'),
                            [(label, stats[-1]) for label, stats in with_stats])
@@ -105,8 +110,10 @@ def _head_figures(out: str, runs, names) -> list[str]:
                              panels, index=k)
     lines += [f'![Head diagnostics, {label}]({name})', '']
   if quiet:
-    lines += [f"The head of {', '.join(map(comparison.cell, quiet))} logs "
-              'no diagnostics of its own.', '']
+    listed = ', '.join(map(comparison.cell, quiet))
+    lines += [f'The head of {listed} logs no diagnostics of its own.'
+              if len(quiet) == 1 else
+              f'The heads of {listed} log no diagnostics of their own.', '']
   if no_curve:
     lines += [f"No training curve: {', '.join(map(comparison.cell, no_curve))}"
               ' (analysis/metrics.jsonl missing or empty).', '']
@@ -123,8 +130,7 @@ def _head_figures(out: str, runs, names) -> list[str]:
       'The norm ||x|| of the embeddings (before normalisation) of the '
       'training samples in each run\'s last record, on log-spaced bins: '
       'a quality score for the heads whose margin follows it, shown for '
-      'every head; '
-      'the dashed lines are the mean norm of the well- and the '
+      'every head; the dashed lines are the mean norm of the well- and the '
       'mis-classified samples. A run without norms is left out.', '',
       '![Feature norm distribution](fig12_norms.png)', '']
 
