@@ -3,6 +3,10 @@ compared as the paper does, in one report.md with its figures (PNG, the
 [report] extra) and the results table (table.csv too):
 
 - the training loss and accuracy of every run on one axis (Fig. 8);
+- each run's head's own diagnostics over training (what it logs under
+  '<head>/' and 'head/', in words: comparison.DIAGNOSTIC_LABELS), and the
+  distribution of the embeddings' norms in each run's last hard-sample
+  record (MagFace's Fig. 2; the quality score of MagFace and AdaFace);
 - the hard-sample statistics recorded while training (hard_samples.py):
   Pearson's r of the mis-classified samples' angles (Fig. 3), the overlap
   rate of the mis- and well-classified cosine distributions (Fig. 6),
@@ -34,6 +38,9 @@ _DEFINITIONS = (
     'normalised to 1.')
 
 
+_MANY_RUNS = 6  # more: Fig. 5 shows fewer records per run
+
+
 def _file_name(text: str) -> str:
   return re.sub(r'[^A-Za-z0-9_.=-]+', '_', text).strip('_')[:80] or 'run'
 
@@ -56,9 +63,11 @@ def _hard_sample_figures(out: str, runs, names) -> list[str]:
             '### Overlap of mis- and well-classified samples (Fig. 6)', '',
             '![Fig. 6](fig6_overlap.png)', '',
             '### Cosine to the ground-truth centre (Fig. 5)', '']
+  # Many runs: three records each (first, middle, last), one row of panels.
+  panels = 6 if len(with_stats) <= _MANY_RUNS else 3
   for k, (label, stats) in enumerate(with_stats):
     name = f'fig5_cosines_{k}_{_file_name(label)}.png'
-    figures.cosine_histograms(os.path.join(out, name), label, stats)
+    figures.cosine_histograms(os.path.join(out, name), label, stats, panels)
     lines += [f'![Fig. 5, {label}]({name})', '']
   figures.nearest_negative(os.path.join(out, 'fig7_nearest.png'),
                            [(label, stats[-1]) for label, stats in with_stats])
@@ -72,14 +81,58 @@ def _last_records(with_stats) -> list[str]:
   pct = lambda x: '-' if x is None else f'{100 * x:.1f}'  # noqa: E731
   num = lambda x: '-' if x is None else f'{x:.3f}'  # noqa: E731
   lines = ['| label | epoch | samples | mis-classified (%) | r (Fig. 3) | '
-           'overlap (Fig. 6) |', '|---|---:|---:|---:|---:|---:|']
+           'overlap (Fig. 6) | mean norm |',
+           '|---|---:|---:|---:|---:|---:|---:|']
   for label, stats in with_stats:
     r = stats[-1]
     lines.append(f"| {comparison.cell(label)} | {r['epoch']:.2f} | "
                  f"{r.get('samples')} "
                  f"| {pct(r.get('misclassified_share'))} | "
-                 f"{num(r.get('pearson'))} | {num(r.get('overlap'))} |")
+                 f"{num(r.get('pearson'))} | {num(r.get('overlap'))} | "
+                 f"{num(r.get('mean_norm'))} |")
   return ['The last record of each run:', '', *lines, '']
+
+
+def _head_figures(out: str, runs, names) -> list[str]:
+  """A figure of each run's head's own diagnostics, and the feature norm
+  distribution of every run's last hard-sample record, as Markdown
+  lines."""
+  lines, quiet, no_curve = [], [], []
+  for k, (label, run) in enumerate(zip(names, runs)):
+    keys = comparison.diagnostic_keys(run)
+    if not keys:
+      (quiet if run.metrics else no_curve).append(label)
+      continue
+    panels = [(comparison.diagnostic_label(key), key, band)
+              for key, band in comparison.diagnostic_panels(keys)]
+    name = f'fig11_head_{k}_{_file_name(label)}.png'
+    figures.head_diagnostics(os.path.join(out, name), label, run.metrics,
+                             panels, index=k)
+    lines += [f'![Head diagnostics, {label}]({name})', '']
+  if quiet:
+    listed = ', '.join(map(comparison.cell, quiet))
+    lines += [f'The head of {listed} logs no diagnostics of its own.'
+              if len(quiet) == 1 else
+              f'The heads of {listed} log no diagnostics of their own.', '']
+  if no_curve:
+    lines += [f"No training curve: {', '.join(map(comparison.cell, no_curve))}"
+              ' (analysis/metrics.jsonl missing or empty).', '']
+  lines = ['What each head logs of itself while training, against step '
+           '(per-step means over the batch; a band is +- the logged std).',
+           '', *lines, '### Feature norm distribution', '']
+  last = [(label, run.stats[-1] if run.stats else None)
+          for label, run in zip(names, runs)]
+  if not any('norm_hist' in (record or {}) for _, record in last):
+    return lines + ['No run recorded the embeddings\' norms (no hard-sample '
+                    'records, or written before norms were recorded).', '']
+  figures.norm_histograms(os.path.join(out, 'fig12_norms.png'), last)
+  return lines + [
+      'The norm ||x|| of the embeddings (before normalisation) of the '
+      'training samples in each run\'s last record, on log-spaced bins: '
+      'a quality score for the heads whose margin follows it, shown for '
+      'every head; the dashed lines are the mean norm of the well- and the '
+      'mis-classified samples. A run without norms is left out.', '',
+      '![Feature norm distribution](fig12_norms.png)', '']
 
 
 def _roc_figures(out: str, runs, names) -> list[str]:
@@ -136,7 +189,8 @@ def write_report(workdirs: list[str], out: str, title: str | None = None
            'Percent; the best of each column in **bold**; the same numbers '
            'as fractions in [table.csv](table.csv).', '',
            comparison.markdown(results), '## Training (Fig. 8)', '',
-           '![Fig. 8](fig8_training.png)', '', '## Hard samples', '',
+           '![Fig. 8](fig8_training.png)', '', '## Head diagnostics', '',
+           *_head_figures(out, runs, names), '## Hard samples', '',
            *_hard_sample_figures(out, runs, names),
            '## ROC (Fig. 10)', '', *_roc_figures(out, runs, names)]
   notes = [f'- {run.name}: {note}' for run in runs for note in run.notes]

@@ -1,9 +1,10 @@
 """Hard-sample statistics (the paper's Figs. 3, 5-7) against an independent
 float64 NumPy computation: the per-sample values the loss computes (full,
 chunked, class-sharded over eight fake devices, padding included), the
-mis-classified test (and that it is NPCFace's mask), and the host's
-summary (histograms, overlap rate, Pearson's r); the records a run
-writes."""
+mis-classified test (and that it is NPCFace's mask), the embeddings'
+norms the train step returns, and the host's summary (histograms, overlap
+rate, Pearson's r, the norms' histogram and means); the records a run
+writes, and that records written before norms were recorded still read."""
 
 import json
 
@@ -150,6 +151,84 @@ def test_window_summary_against_numpy():
                              want['mean_near'], atol=1e-6)
   assert len(got['scatter_degrees']) == hard_samples.SCATTER
   json.dumps(got, allow_nan=False)  # a JSON line as it is
+
+
+def test_norm_summary_against_numpy():
+  """The norm histogram of a record is NumPy's over the edges the record
+  states, of every kept sample; mean, std and the mis- and well-classified
+  means are the definitions'; a window never given norms writes none."""
+  rng, seed = fresh_rng()
+  n = 1500
+  c_y = np.tanh(rng.normal(0.3, 0.4, n))
+  near = np.clip(c_y * -0.5 + rng.normal(0.3, 0.1, n), -1, 1)
+  mis = near > np.cos(np.arccos(c_y) + 0.4)
+  norms = np.exp(rng.normal(2.5, 0.8, n))  # spans decades
+  norms[:3] = (0.0, 1e-5, 5e6)  # outside the bins: in the end bins
+  window = hard_samples.Window(first_step=1)
+  for part in np.array_split(np.arange(n), 5):
+    window.add(c_y[part], near[part], mis[part], norm=norms[part])
+  window.add([0.5, 0.2], [0.1, 0.0], [False, True], norm=[np.nan, np.inf])
+  got = window.record(step=9, epoch=1.0, margin=0.4)
+  assert (got['samples'], got['dropped']) == (n, 2), f'seed {seed}'
+  edges = hard_samples.norm_edges(got['norm_bins'])
+  want = np.histogram(np.clip(norms, edges[0], edges[-1]), edges)[0]
+  np.testing.assert_array_equal(got['norm_hist'], want, f'seed {seed}')
+  assert got['norm_hist'][0] == np.sum(norms <= edges[1]) >= 2
+  assert got['norm_hist'][-1] >= 1
+  np.testing.assert_allclose(
+      [got['mean_norm'], got['std_norm'], got['mean_norm_misclassified'],
+       got['mean_norm_well']],
+      [norms.mean(), norms.std(), norms[mis].mean(), norms[~mis].mean()],
+      rtol=1e-9, err_msg=f'seed {seed}')
+  assert hard_samples.check_stats(json.loads(json.dumps(got))) is None
+  scalars, _ = hard_samples.tensorboard(got)
+  assert scalars['analysis/mean_norm'] == got['mean_norm']
+  plain = hard_samples.Window(1)
+  plain.add(c_y, near, mis)
+  assert not {'norm_hist', 'mean_norm'} & set(plain.record(2, 1.0, 0.4))
+
+
+def test_old_and_damaged_norm_records(tmp_path):
+  """A record without norms (written before they were recorded) reads; one
+  whose norm histogram does not fit its bins is left out, saying why."""
+  window = hard_samples.Window(1)
+  window.add([0.5, 0.1], [0.2, 0.3], [False, True], norm=[3.0, 4.0])
+  new = window.record(2, 1.0, 0.4)
+  old = {k: v for k, v in new.items()
+         if 'norm' not in k} | {'step': 1}
+  bad = dict(new, step=3, norm_hist=new['norm_hist'][:-1])
+  file = str(tmp_path / 'stats.jsonl')
+  for record in (old, new, bad):
+    jsonfile.append_line(file, record)
+  records, left_out = hard_samples.read_records(file,
+                                                hard_samples.check_stats)
+  assert [r['step'] for r in records] == [1, 2]
+  assert len(left_out) == 1 and 'norm_hist' in left_out[0]
+
+
+def test_the_train_step_returns_the_embedding_norms():
+  """With the analysis on, 'hard_samples' holds each sample's embedding
+  norm, the backbone's output on that batch as the step ran it."""
+  from tests.test_train import _config, _task  # noqa: PLC0415 (only here)
+  from npcface_jax.common import arrays  # noqa: PLC0415
+  from npcface_jax.training import setup, train_step  # noqa: PLC0415
+  config = _config(head='magface')
+  data, task = _task(config, arrays.make_mesh(1, jax.devices()[:1]), True)
+  state = setup.init_state(task)
+  batch = next(data.open(None))
+  rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(task.seed), 1),
+                           state.step)
+  embeddings, _ = task.model.apply(
+      {'params': state.params['backbone'], 'batch_stats': state.batch_stats},
+      batch['image'], train=True, mutable=['batch_stats'],
+      rngs={'dropout': rng})
+  want = np.linalg.norm(np.asarray(embeddings, np.float64), axis=-1)
+  step = train_step.make_train_step(task, setup.state_shardings(task, state),
+                                    analysis_margin=0.4)
+  _, metrics = step(state, batch)
+  got = np.asarray(metrics['hard_samples']['norm'])
+  assert got.shape == (config.batch_size,)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
 def test_summary_edge_cases():

@@ -1,7 +1,8 @@
 """The report's figures (figures.py) from synthetic runs: each writes a
 small PNG that Pillow decodes, different data gives a different image,
 the same data the same bytes, empty and None values still give a PNG
-("no data"), and without matplotlib require() names the extra."""
+("no data"), records written before norms were recorded are left out of
+the norm figure, and without matplotlib require() names the extra."""
 
 import io
 import pathlib
@@ -29,9 +30,11 @@ def metrics_records(rng, steps=40, speed=1.0):
            'learning_rate': 0.1} for s, lo, a in zip(step, loss, acc)]
 
 
-def stats_records(rng, epochs=8, shift=0.0, batch=512):
+def stats_records(rng, epochs=8, shift=0.0, batch=512, norms=True):
   """Records as training writes them (hard_samples.Window), of samples whose
-  cosines to their centre grow with the epoch (by ``shift`` more)."""
+  cosines to their centre grow with the epoch (by ``shift`` more), and
+  whose embedding norms grow with the cosine (without ``norms``, records
+  as written before norms were recorded)."""
   records = []
   for epoch in range(1, epochs + 1):
     window = hard_samples.Window(first_step=(epoch - 1) * 100)
@@ -40,7 +43,8 @@ def stats_records(rng, epochs=8, shift=0.0, batch=512):
                     -1, 1)
       near = np.clip(rng.normal(0.15, 0.1, batch) + 0.3 * (0.5 - c_y), -1, 1)
       mis = near > np.cos(np.arccos(c_y) + 0.4)
-      window.add(c_y, near, mis)
+      norm = np.exp(rng.normal(2.5 + c_y + shift, 0.2)) if norms else None
+      window.add(c_y, near, mis, norm=norm)
     records.append(window.record(epoch * 100, float(epoch), 0.4))
   return records
 
@@ -70,7 +74,20 @@ def _check_png(path, low=5_000, high=200_000):
 
 LONG = 'head=npcface, alpha=0.1'  # a label as long as the report's
 KINDS = ('training_curves', 'correlation', 'overlap', 'cosine_histograms',
-         'nearest_negative', 'roc')
+         'nearest_negative', 'roc', 'head_diagnostics', 'norm_histograms')
+PANELS = [('AdaFace: running mean of the feature norm', 'head/norm_mean', None),
+          ('ElasticFace: mean drawn margin', 'x/margin', 'x/margin_std')]
+
+
+def diagnostics_records(rng, steps=20, speed=1.0):
+  """A head's logged diagnostics: a norm statistic and a drawn margin's
+  mean and std per step."""
+  records = metrics_records(rng, steps, speed)
+  for r in records:
+    r.update({'head/norm_mean': 20 - speed * r['epoch'],
+              'x/margin': float(rng.normal(0.5, 0.01)),
+              'x/margin_std': float(rng.uniform(0.03, 0.06) * speed)})
+  return records
 
 
 def _draw(kind, path, rng, a, b):
@@ -83,11 +100,16 @@ def _draw(kind, path, rng, a, b):
   if kind == 'roc':
     (fa, ta), (fb, tb) = roc_curve(rng, a['roc']), roc_curve(rng, b['roc'])
     return figures.roc(path, 'IJB-C', [(LONG, fa, ta), ('arc', fb, tb)])
+  if kind == 'head_diagnostics':
+    return figures.head_diagnostics(
+        path, LONG, diagnostics_records(rng, **a['metrics']), PANELS, 1)
   sa, sb = stats_records(rng, **a['stats']), stats_records(rng, **b['stats'])
   if kind == 'cosine_histograms':
     return figures.cosine_histograms(path, LONG, sa)
   if kind == 'nearest_negative':
     return figures.nearest_negative(path, [(LONG, sa[-1]), ('arc', sb[-1])])
+  if kind == 'norm_histograms':
+    return figures.norm_histograms(path, [(LONG, sa[-1]), ('arc', sb[-1])])
   return getattr(figures, kind)(path, [(LONG, sa), ('head=arcface', sb)])
 
 
@@ -126,9 +148,37 @@ def test_nothing_to_draw_still_writes_a_png(tmp_path):
       figures.nearest_negative(tmp_path / 'n.png', [('a', None),
                                                     ('b', empty)]),
       figures.roc(tmp_path / 'roc.png', 'LFW', [('a', [0.0], [0.5])]),
+      figures.head_diagnostics(tmp_path / 'd.png', 'a', [], []),
+      figures.head_diagnostics(tmp_path / 'd2.png', 'a', [{'step': 1}],
+                               PANELS),
+      figures.norm_histograms(tmp_path / 'norm.png', [('a', None),
+                                                      ('b', empty)]),
   ]
   for path in paths:
     _check_png(path, low=3_000)
+
+
+def test_norm_figure_leaves_out_records_without_norms(tmp_path):
+  """A run whose records predate the norms (or whose norm histogram does
+  not fit its bins) adds nothing to the norm figure: not even a panel."""
+  rng, seed = fresh_rng()
+  new = stats_records(rng, epochs=1)[-1]
+  old = stats_records(rng, epochs=1, norms=False)[-1]
+  assert 'norm_hist' in new and 'norm_hist' not in old
+  bad = dict(new, norm_hist=new['norm_hist'][1:])
+  share, edges = figures._norm_share(new)  # noqa: SLF001 (what is drawn)
+  np.testing.assert_allclose(share * sum(new['norm_hist']), new['norm_hist'])
+  np.testing.assert_allclose(edges, hard_samples.NORM_EDGES)
+  both = figures.norm_histograms(tmp_path / 'a.png', [
+      ('run', new), ('old', old), ('bad', bad), ('none', None)])
+  alone = figures.norm_histograms(tmp_path / 'b.png', [('run', new)])
+  assert _bytes(both) == _bytes(alone), f'seed {seed}'
+
+
+def test_more_runs_than_colours_differ_by_line_style():
+  styles = {(figures._colour(i), figures._dash(i))  # noqa: SLF001
+            for i in range(30)}
+  assert len(styles) == 30
 
 
 def test_none_values_are_skipped_and_runs_without_data_left_out(tmp_path):

@@ -26,6 +26,36 @@ _BOOKKEEPING = frozenset({
     'strict_records'})
 _FIRST = ('head', 'model')  # label parts shown as the bare value, first
 
+# What a head logs (Head.summarize as '<head>/<name>', its scalar state as
+# 'head/<key>'), in words, keyed by metric name: the one place the report
+# names a head. The report shows a head's quantities in this order; a key
+# not here is shown as it is, after these.
+DIAGNOSTIC_LABELS = {
+    'npcface/margin': 'NPCFace: mean cooperative margin m_i',
+    'npcface/hard_share': 'NPCFace: share of samples with a hard negative',
+    'npcface/hard_count': 'NPCFace: hard negatives per sample',
+    'adaface/norm': 'AdaFace: mean feature norm of the batch',
+    'adaface/quality': 'AdaFace: mean margin scaler z (quality)',
+    'head/norm_mean': 'AdaFace: running mean of the feature norm',
+    'head/norm_std': 'AdaFace: running std of the feature norm',
+    'magface/margin': 'MagFace: margin m(a), batch mean',
+    'magface/norm': 'MagFace: feature norm a (clipped), batch mean',
+    'elasticface_arc/margin': 'ElasticFace-Arc: mean drawn margin',
+    'elasticface_arc/margin_std': 'ElasticFace-Arc: std of the drawn margins',
+    'elasticface_cos/margin': 'ElasticFace-Cos: mean drawn margin',
+    'elasticface_cos/margin_std': 'ElasticFace-Cos: std of the drawn margins',
+    'elasticface_arc_plus/margin': 'ElasticFace-Arc+: mean drawn margin',
+    'elasticface_arc_plus/margin_std':
+        'ElasticFace-Arc+: std of the drawn margins',
+    'elasticface_cos_plus/margin': 'ElasticFace-Cos+: mean drawn margin',
+    'elasticface_cos_plus/margin_std':
+        'ElasticFace-Cos+: std of the drawn margins',
+    'head/scale': 'AdaCos: adaptive scale s',
+    'head/t': 'CurricularFace: running mean t of the target cosine',
+    'head/step': 'SphereFace: steps of the lambda annealing',
+}
+_STD = '_std'  # 'x_std' beside 'x': drawn as a band around x
+
 
 class Run(NamedTuple):
   workdir: str
@@ -157,6 +187,30 @@ def labels(runs: list[Run]) -> list[str]:
   repeated = {label for label in out if out.count(label) > 1}
   return [f'{label} ({run.name})' if label in repeated else label
           for label, run in zip(out, runs)]
+
+
+def diagnostic_label(key: str) -> str:
+  return DIAGNOSTIC_LABELS.get(key, key)
+
+
+def diagnostic_keys(run: Run) -> list[str]:
+  """The run's head's own quantities in its training curve: the keys
+  under '<head>/' and 'head/' that hold a finite number in some record, in
+  DIAGNOSTIC_LABELS' order, then the others sorted."""
+  prefixes = (f"{run.setup.get('head')}/", 'head/')
+  found = {k for r in run.metrics for k, v in r.items()
+           if k.startswith(prefixes) and _finite(v)}
+  order = list(DIAGNOSTIC_LABELS)
+  return sorted(found, key=lambda k: (order.index(k) if k in order
+                                      else len(order), k))
+
+
+def diagnostic_panels(keys: list[str]) -> list[tuple[str, str | None]]:
+  """(key, its std's key or None) per panel: a 'x_std' whose 'x' is
+  logged too is x's band (mean +- std), not a panel of its own."""
+  paired = {k for k in keys if k.endswith(_STD) and k[:-len(_STD)] in keys}
+  return [(k, k + _STD if k + _STD in paired else None)
+          for k in keys if k not in paired]
 
 
 def roc_curves(run: Run) -> dict[str, tuple[list, list]]:

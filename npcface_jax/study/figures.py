@@ -1,7 +1,9 @@
 """The PNG figures of a comparison report of training runs, drawn with
 matplotlib: the NPCFace paper's Figs. 3 (Pearson's r and the angles of
 the mis-classified samples), 5 (cosine histograms), 6 (overlap rate), 7
-(cosine to the nearest negative), 8 (training curves) and 10 (ROC).
+(cosine to the nearest negative), 8 (training curves) and 10 (ROC); a
+head's own diagnostics over training, and the feature norms' histograms
+(MagFace's Fig. 2).
 
 Every function takes plain data (records already read, e.g. by
 hard_samples.read_records) and writes one PNG; none reads a run directory.
@@ -10,7 +12,8 @@ drawn; figures are made with matplotlib.figure.Figure on an Agg canvas,
 so no pyplot state (backend, open-figure registry) is touched or leaked.
 A run with nothing to draw is left out of the legend; an axes with
 nothing at all says "no data" instead of failing. Run i has the same
-colour in every figure, so figures of one report read together.
+colour and line style in every figure, so figures of one report read
+together (past ten runs the colours come round again, dashed).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ _MESSAGE = 'the report needs matplotlib: pip install "npcface_jax[report]"'
 _DPI = 96
 _COLOURS = ('#1f77b4', '#d62728', '#2ca02c', '#ff7f0e', '#9467bd', '#8c564b',
             '#e377c2', '#17becf', '#7f7f7f', '#bcbd22')
-_WELL, _MIS = '#1f77b4', '#d62728'
+_WELL, _MIS, _ALL = '#1f77b4', '#d62728', '#555555'
 _ROC_POINTS = 2000  # a ROC of millions of points, thinned on log FAR
 
 
@@ -46,6 +49,12 @@ def require():
 
 def _colour(i: int) -> str:
   return _COLOURS[i % len(_COLOURS)]
+
+
+def _dash(i: int) -> str:
+  """Run i's line style: solid, then dashed, dotted once the colours have
+  come round (more than ten runs on one axes)."""
+  return ('-', '--', ':', '-.')[(i // len(_COLOURS)) % 4]
 
 
 def _figure(width: float, height: float):
@@ -85,12 +94,13 @@ def _series(records, x_key: str, y_key: str):
   return [x for x, _ in points], [y for _, y in points]
 
 
-def _line(ax, xs, ys, colour: str, markers: bool = False):
+def _line(ax, xs, ys, colour: str, markers: bool = False,
+          linestyle: str = '-'):
   """One run's curve; markers where points are few, so a lone point
   shows."""
   marker = 'o' if markers or len(xs) <= 30 else None
   return ax.plot(xs, ys, color=colour, marker=marker, markersize=3.5,
-                 linewidth=1.5)[0]
+                 linewidth=1.5, linestyle=linestyle)[0]
 
 
 def _no_data(ax) -> None:
@@ -120,7 +130,8 @@ def _lines(runs, x_key: str, panels) -> dict:
     for ax, key in panels:
       xs, ys = _series(records, x_key, key)
       if xs:
-        entries.setdefault(label, _line(ax, xs, ys, _colour(i)))
+        entries.setdefault(label, _line(ax, xs, ys, _colour(i),
+                                        linestyle=_dash(i)))
   return entries
 
 
@@ -156,7 +167,8 @@ def correlation(path, runs) -> str:
   for i, (label, records) in enumerate(runs):
     xs, ys = _series(records, 'epoch', 'pearson')
     if xs:
-      entries[label] = _line(r_ax, xs, ys, _colour(i), markers=True)
+      entries[label] = _line(r_ax, xs, ys, _colour(i), markers=True,
+                             linestyle=_dash(i))
     last = records[-1] if records and isinstance(records[-1], dict) else {}
     points = _angles(last.get('scatter_degrees'))
     if len(points):
@@ -339,7 +351,8 @@ def nearest_negative(path, runs) -> str:
     if hist is not None:
       drawn.append(hist)
       ax.stairs(*hist, fill=True, color=_colour(i), alpha=0.12)
-      entries[label] = ax.stairs(*hist, color=_colour(i), linewidth=1.5)
+      entries[label] = ax.stairs(*hist, color=_colour(i), linewidth=1.5,
+                                 linestyle=_dash(i))
   ax.set(xlabel='cosine to the nearest other centre', ylabel='density',
          title='mis-classified samples: nearest negative')
   ax.grid(alpha=0.3)
@@ -350,6 +363,142 @@ def nearest_negative(path, runs) -> str:
     _no_data(ax)
   _legend(fig, entries)
   return _save(fig, path)
+
+
+def _grid(fig, count: int, cols: int):
+  """count axes in rows of ``cols``, the spare ones hidden."""
+  cols = max(1, min(cols, count))
+  axes = fig.subplots(math.ceil(count / cols), cols, squeeze=False).ravel()
+  for ax in axes[count:]:
+    ax.set_visible(False)
+  return axes[:count]
+
+
+def head_diagnostics(path, label, records, panels, index: int = 0) -> str:
+  """A head's own quantities against step, one panel each, in run
+  ``index``'s colour; panels: [(title, key, std key or None)], a std key
+  drawn as a band of mean +- std around key's line (a bar at a lone
+  point). records: the run's
+  metrics.jsonl records."""
+  require()
+  panels = list(panels) or [('', '', None)]
+  cols = min(3, len(panels))
+  rows = math.ceil(len(panels) / cols)
+  fig = _figure(max(5.0, 3.6 * cols + 0.4), 2.5 * rows + 0.7)
+  for ax, (title, key, band) in zip(_grid(fig, len(panels), cols), panels):
+    xs, ys = _series(records, 'step', key)
+    if band:
+      std = dict(zip(*_series(records, 'step', band)))
+      at = np.asarray([(x, y, std[x]) for x, y in zip(xs, ys) if x in std])
+      if len(at) > 1:
+        ax.fill_between(at[:, 0], at[:, 1] - at[:, 2], at[:, 1] + at[:, 2],
+                        color=_colour(index), alpha=0.2, linewidth=0)
+      elif len(at):  # a lone point: a bar, where a band has no width
+        ax.errorbar(at[:, 0], at[:, 1], yerr=at[:, 2], fmt='none',
+                    ecolor=_colour(index), alpha=0.5, capsize=3)
+      title += ' (band: \u00b1 std)'
+    if xs:
+      _line(ax, xs, ys, _colour(index))
+    else:
+      _no_data(ax)
+    ax.set_title('\n'.join(_wrap(title, 54)), fontsize='small')
+    ax.set_xlabel('step')
+    ax.grid(alpha=0.3)
+  fig.suptitle(str(label))
+  return _save(fig, path)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+  """Words in lines of at most about ``width`` characters."""
+  lines = ['']
+  for word in str(text).split():
+    if lines[-1] and len(lines[-1]) + 1 + len(word) > width:
+      lines.append('')
+    lines[-1] = f'{lines[-1]} {word}'.strip()
+  return lines
+
+
+def _norm_share(record):
+  """(share of samples per bin, edges) of a record's norm histogram; None
+  when it has none (written before norms were recorded), it is empty, or
+  it does not fit its bins."""
+  if not isinstance(record, dict):
+    return None
+  edges = hard_samples.norm_edges(record.get('norm_bins'))
+  try:
+    counts = np.asarray(record.get('norm_hist') or [], np.float64)
+  except (TypeError, ValueError):
+    return None
+  if (edges is None or counts.shape != (len(edges) - 1,)
+      or not np.all(np.isfinite(counts)) or counts.sum() <= 0):
+    return None
+  return counts / counts.sum(), edges
+
+
+def norm_histograms(path, runs) -> str:
+  """The distribution of the embeddings' norms (MagFace's Fig. 2: its
+  quality score), one panel per run on a log axis (the bins are
+  log-spaced), with the mean norm of the well- (blue) and mis-classified
+  (red) samples. runs: [(label, last stats record or None)]; a run
+  without norms is left out."""
+  require()
+  drawn = [(i, label, record, _norm_share(record))
+           for i, (label, record) in enumerate(runs)]
+  drawn = [d for d in drawn if d[3] is not None]
+  count = max(len(drawn), 1)
+  cols = min(4 if count > 6 else 3, count)
+  fig = _figure(max(5.0, 2.7 * cols + 0.4),
+                2.1 * math.ceil(count / cols) + 0.9)
+  entries = {}
+  axes = _grid(fig, count, cols)
+  for n, (ax, (_, label, record, (share, edges))) in enumerate(zip(axes,
+                                                                   drawn)):
+    ax.stairs(share, edges, fill=True, color=_ALL, alpha=0.25)
+    entries['all samples'] = ax.stairs(share, edges, color=_ALL,
+                                       linewidth=1.2)
+    for key, colour, name in (
+        ('mean_norm_well', _WELL, 'well-classified: mean norm'),
+        ('mean_norm_misclassified', _MIS, 'mis-classified: mean norm')):
+      value = _number(record.get(key))
+      if value is not None and value > 0:
+        entries[name] = ax.axvline(value, color=colour, linestyle='--',
+                                   linewidth=1.0)
+    used = np.flatnonzero(share > 0)
+    low, high = edges[used[0]], edges[used[-1] + 1]
+    pad = (high / low) ** 0.08
+    _log_axis(ax, low / pad, high * pad)
+    ax.set_title(_norm_title(label, record), fontsize='small')
+    ax.grid(alpha=0.3, which='both')
+    if n + cols >= len(drawn):  # the lowest panel of its column
+      ax.set_xlabel('feature norm (log scale)')
+  if not drawn:
+    _no_data(axes[0])
+  fig.supylabel('share of samples per bin', fontsize='medium')
+  fig.suptitle('Feature norm distribution (the last record of each run)')
+  _legend(fig, {k: entries[k] for k in (
+      'all samples', 'well-classified: mean norm', 'mis-classified: mean norm')
+                if k in entries})
+  return _save(fig, path)
+
+
+def _log_axis(ax, low: float, high: float) -> None:
+  """A log x axis from low to high, its ticks as plain numbers ('20', not
+  2 x 10^1), the in-between ones labelled only on a short span."""
+  from matplotlib import ticker  # noqa: PLC0415 (the [report] extra)
+  ax.set_xscale('log')
+  ax.set_xlim(low, high)
+  ax.xaxis.set_major_formatter(ticker.LogFormatter())
+  ax.xaxis.set_minor_formatter(ticker.LogFormatter(
+      labelOnlyBase=False, minor_thresholds=(1.2, 0.6)))
+  ax.tick_params(axis='x', which='minor', labelsize='x-small')
+
+
+def _norm_title(label, record) -> str:
+  mean, std = (_number(record.get(k)) for k in ('mean_norm', 'std_norm'))
+  if mean is None:
+    return str(label)
+  return f'{label}\nmean {mean:.3g}' + (f' \u00b1 {std:.2g}' if std is not None
+                                         else '')
 
 
 def _roc_points(far, tar):
@@ -384,7 +533,8 @@ def roc(path, set_name, curves) -> str:
   for i, (label, far, tar) in enumerate(curves):
     far, tar = _roc_points(far, tar)
     if len(far):
-      entries[label] = _line(ax, far, tar, _colour(i), markers=False)
+      entries[label] = _line(ax, far, tar, _colour(i), markers=False,
+                             linestyle=_dash(i))
   if ax.lines:
     ax.set_xscale('log')
     ax.set_ylim(min(0.0, ax.get_ylim()[0]), 1.01)

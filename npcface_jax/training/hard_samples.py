@@ -18,7 +18,12 @@ Definitions (every record states its margin):
   overlapping coefficient sum_b min(p_b, q_b) of the two histograms, each
   normalised to sum 1 (1: the same distribution, 0: disjoint);
 - Fig. 7: histogram of the mis-classified samples' cosine to the nearest
-  other centre.
+  other centre;
+- the embeddings' norms (MagFace's Fig. 2; MagFace's and AdaFace's
+  quality score, recorded for every head): a histogram over NORM_EDGES,
+  log-spaced (norms span decades between backbones and heads), their mean
+  and std, and the mean norm of the mis- and of the well-classified
+  samples. Records written before norms were recorded lack these keys.
 One record summarises every sample of the training batches since the
 previous record (an epoch by default), with the weights as they were at
 each batch, like the training accuracy. Records go to
@@ -39,6 +44,11 @@ NUM_BINS = 200  # over cosines [-1, 1]: 0.01 wide
 EDGES = np.linspace(-1.0, 1.0, NUM_BINS + 1)
 SCATTER = 256  # the window's last mis-classified samples kept for a scatter
 HISTOGRAMS = ('target_well', 'target_misclassified', 'nearest_misclassified')
+NORM_BINS = 240  # 40 a decade, log-spaced over [NORM_LOW, NORM_HIGH]
+NORM_LOW, NORM_HIGH = 1e-2, 1e4
+NORM_EDGES = np.geomspace(NORM_LOW, NORM_HIGH, NORM_BINS + 1)
+NORM_MEANS = ('mean_norm', 'std_norm', 'mean_norm_misclassified',
+              'mean_norm_well')
 
 
 def path(workdir: str, name: str = STATS) -> str:
@@ -48,6 +58,26 @@ def path(workdir: str, name: str = STATS) -> str:
 def histogram(values: np.ndarray) -> np.ndarray:
   """Counts (NUM_BINS,) int64 of cosines over EDGES (1.0 in the last)."""
   return np.histogram(np.clip(values, -1.0, 1.0), EDGES)[0].astype(np.int64)
+
+
+def norm_edges(bins) -> np.ndarray | None:
+  """The log-spaced edges a record's 'norm_bins' [low, high, count] states;
+  None when they are no such thing."""
+  try:
+    low, high, count = (float(b) for b in bins)
+  except (TypeError, ValueError):
+    return None
+  if not (0 < low < high < np.inf and 1 <= count <= 10_000
+          and count == int(count)):
+    return None
+  return np.geomspace(low, high, int(count) + 1)
+
+
+def norm_histogram(values: np.ndarray) -> np.ndarray:
+  """Counts (NORM_BINS,) int64 of norms over NORM_EDGES, those outside in
+  the first or last bin."""
+  return np.histogram(np.clip(values, NORM_LOW, NORM_HIGH), NORM_EDGES
+                      )[0].astype(np.int64)
 
 
 def overlap_rate(a, b) -> float | None:
@@ -83,18 +113,24 @@ class Window:
     self.cos_sums = dict.fromkeys(HISTOGRAMS, 0.0)
     self.angle_sums = np.zeros(6)  # n, x, y, xx, yy, xy over mis-classified
     self.scatter = np.zeros((0, 2))
+    self.norms = None  # (histogram, [n, sum, sum of squares], mis, well)
 
-  def add(self, cos_target, cos_nearest, misclassified) -> None:
-    """One batch's per-sample values; a non-finite one (a step whose loss
-    was not finite, a classifier without negatives) is dropped and
-    counted."""
+  def add(self, cos_target, cos_nearest, misclassified, norm=None) -> None:
+    """One batch's per-sample values, the embeddings' norms optional; a
+    sample with a non-finite one (a step whose loss was not finite, a
+    classifier without negatives) is dropped and counted."""
     c_y = np.asarray(cos_target, np.float64).ravel()
     near = np.asarray(cos_nearest, np.float64).ravel()
     mis = np.asarray(misclassified, bool).ravel()
     ok = np.isfinite(c_y) & np.isfinite(near)
+    if norm is not None:
+      norm = np.asarray(norm, np.float64).ravel()
+      ok &= np.isfinite(norm)
     self.dropped += int(np.sum(~ok))
     c_y, near, mis = c_y[ok], near[ok], mis[ok]
     self.samples += len(c_y)
+    if norm is not None:
+      self._add_norms(norm[ok], mis)
     for key, values in zip(HISTOGRAMS, (c_y[~mis], c_y[mis], near[mis])):
       self.hist[key] += histogram(values)
       self.cos_sums[key] += float(values.sum())
@@ -102,6 +138,30 @@ class Window:
     self.angle_sums += [len(x), x.sum(), y.sum(), x @ x, y @ y, x @ y]
     self.scatter = np.concatenate([self.scatter, np.stack([x, y], 1)]
                                   )[-SCATTER:]
+
+  def _add_norms(self, norm: np.ndarray, mis: np.ndarray) -> None:
+    if self.norms is None:
+      self.norms = (np.zeros(NORM_BINS, np.int64), np.zeros(3),
+                    np.zeros(2), np.zeros(2))
+    hist, sums, mis_sums, well_sums = self.norms
+    hist += norm_histogram(norm)
+    sums += [len(norm), norm.sum(), norm @ norm]
+    mis_sums += [mis.sum(), norm[mis].sum()]
+    well_sums += [(~mis).sum(), norm[~mis].sum()]
+
+  def _norm_record(self) -> dict:
+    """The norm keys of a record; none when no batch gave norms."""
+    if self.norms is None:
+      return {}
+    hist, (n, total, squares), mis, well = self.norms
+    mean = lambda sums: float(sums[1] / sums[0]) if sums[0] else None  # noqa: E731
+    std = (float(np.sqrt(max(squares / n - (total / n) ** 2, 0.0)))
+           if n else None)
+    return {'mean_norm': mean((n, total)), 'std_norm': std,
+            'mean_norm_misclassified': mean(mis),
+            'mean_norm_well': mean(well),
+            'norm_bins': [NORM_LOW, NORM_HIGH, NORM_BINS],
+            'norm_hist': hist.tolist()}
 
   def record(self, step: int, epoch: float, margin: float) -> dict:
     """The window as one stats.jsonl record."""
@@ -118,7 +178,8 @@ class Window:
                                 self.hist['target_misclassified']),
         **means, 'bins': [-1.0, 1.0, NUM_BINS],
         'hist': {k: v.tolist() for k, v in self.hist.items()},
-        'scatter_degrees': np.round(self.scatter, 3).tolist()}
+        'scatter_degrees': np.round(self.scatter, 3).tolist(),
+        **self._norm_record()}
 
 
 def tensorboard(record: dict) -> tuple[dict, dict]:
@@ -127,7 +188,8 @@ def tensorboard(record: dict) -> tuple[dict, dict]:
   their counts."""
   scalars = {f'analysis/{k}': record[k] for k in (
       'misclassified_share', 'pearson', 'overlap',
-      *(f'mean_cos_{h}' for h in HISTOGRAMS)) if record[k] is not None}
+      *(f'mean_cos_{h}' for h in HISTOGRAMS), *NORM_MEANS)
+      if record.get(k) is not None}
   centres = (EDGES[1:] + EDGES[:-1]) / 2
   values = {f'analysis/cos_{k}': np.repeat(centres, record['hist'][k])
             for k in HISTOGRAMS if sum(record['hist'][k])}
@@ -141,8 +203,8 @@ def _number(value, allow_none: bool = False) -> bool:
           and np.isfinite(value))
 
 
-def _counts(value) -> bool:
-  return (isinstance(value, list) and len(value) == NUM_BINS
+def _counts(value, size: int = NUM_BINS) -> bool:
+  return (isinstance(value, list) and len(value) == size
           and all(isinstance(c, int) and not isinstance(c, bool) and c >= 0
                   for c in value))
 
@@ -153,8 +215,13 @@ def check_stats(record: dict) -> str | None:
     return '"epoch" and "margin" must be numbers'
   if not all(_number(record.get(k), allow_none=True) for k in (
       'pearson', 'overlap', 'misclassified_share',
-      *(f'mean_cos_{h}' for h in HISTOGRAMS))):
+      *(f'mean_cos_{h}' for h in HISTOGRAMS), *NORM_MEANS)):
     return 'a statistic is neither a number nor null'
+  if 'norm_hist' in record or 'norm_bins' in record:
+    edges = norm_edges(record.get('norm_bins'))
+    if edges is None or not _counts(record.get('norm_hist'), len(edges) - 1):
+      return ('"norm_hist" must hold the counts of the bins "norm_bins" '
+              '[low, high, count] states')
   hist = record.get('hist')
   if not isinstance(hist, dict) or not all(_counts(hist.get(k))
                                            for k in HISTOGRAMS):

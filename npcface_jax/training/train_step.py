@@ -62,15 +62,21 @@ def _at_step(opt_state, step: Array):
 
 
 def _loss_fn(task: Task, classify, state: TrainState, images, labels, rng,
-             keys):
+             keys, with_norms: bool = False):
+  """The loss of the params, with (batch stats, head output, per-sample
+  loss, norms) as aux; norms: each embedding's norm (B,), without gradient,
+  for the hard-sample records, or None without ``with_norms``."""
   def loss_fn(params):
     embeddings, mutated = task.model.apply(
         {'params': params['backbone'], 'batch_stats': state.batch_stats},
         images, train=True, mutable=['batch_stats'], rngs={'dropout': rng})
-    ce, out = classify(embeddings.astype(jnp.float32), params['classifier'],
-                       labels, state.head_state, params['head'], *keys)
+    embeddings = embeddings.astype(jnp.float32)
+    ce, out = classify(embeddings, params['classifier'], labels,
+                       state.head_state, params['head'], *keys)
     loss = task.criterion.reduce(ce) + out.aux_loss
-    return loss, (mutated['batch_stats'], out, ce)
+    norms = (lax.stop_gradient(jnp.linalg.norm(embeddings, axis=-1))
+             if with_norms else None)
+    return loss, (mutated['batch_stats'], out, ce, norms)
   return loss_fn
 
 
@@ -98,11 +104,12 @@ def _freeze_backbone(new: TrainState, old: TrainState, frozen: Array
                                               old.batch_stats))
 
 
-def _hard_samples(out, margin: float) -> dict[str, Array]:
+def _hard_samples(out, norms, margin: float) -> dict[str, Array]:
   """The batch's per-sample hard-sample statistics (hard_samples.py)."""
   c_y, nearest = out.metrics['cos_target'], out.metrics['cos_nearest']
   return {'cos_target': c_y, 'cos_nearest': nearest,
-          'misclassified': classifier.misclassified(c_y, nearest, margin)}
+          'misclassified': classifier.misclassified(c_y, nearest, margin),
+          'norm': norms}
 
 
 def make_train_step(task: Task, shardings: TrainState,
@@ -112,8 +119,10 @@ def make_train_step(task: Task, shardings: TrainState,
   steps before ``freeze_backbone_steps`` leave the backbone unchanged.
   With ``analysis_margin`` the metrics also hold 'hard_samples': each
   sample's cosine to its target and to its nearest negative and whether it
-  is mis-classified at that margin (classifier.misclassified), (B,) each,
-  from the cosines the loss computed (for the hard-sample analysis)."""
+  is mis-classified at that margin (classifier.misclassified), from the
+  cosines the loss computed, and its embedding's norm (the quality score
+  of MagFace and AdaFace, shown for every head), (B,) each (for the
+  hard-sample analysis)."""
   classify = _classify_fn(task)
   all_devices = NamedSharding(task.mesh, P(('data', 'model')))
   base_key = jax.random.fold_in(jax.random.key(task.seed), _STEP_RNG)
@@ -127,8 +136,8 @@ def make_train_step(task: Task, shardings: TrainState,
             jax.random.fold_in(rng, _HEAD_RNG) if 'key' in task.head.needs
             else None)
     loss_fn = _loss_fn(task, classify, state, images, batch['label'], rng,
-                       keys)
-    (loss, (batch_stats, out, ce)), grads = jax.value_and_grad(
+                       keys, with_norms=analysis_margin is not None)
+    (loss, (batch_stats, out, ce, norms)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(state.params)
     # The optimizer's schedule runs on state.step, the batches consumed (what
     # lr_boundaries' epochs count, and the logged rate), not on optax's own
@@ -139,7 +148,7 @@ def make_train_step(task: Task, shardings: TrainState,
     params['head'] = task.head.project(params['head'])
     metrics = _metrics(task, loss, ce, out, grads, task.schedule(state.step))
     if analysis_margin is not None:
-      metrics['hard_samples'] = _hard_samples(out, analysis_margin)
+      metrics['hard_samples'] = _hard_samples(out, norms, analysis_margin)
     new = state.replace(params=params, batch_stats=batch_stats,
                         opt_state=opt_state, head_state=out.state)
     # A NaN or infinite loss or gradient is never applied: the state stays
