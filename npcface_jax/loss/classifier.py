@@ -34,7 +34,7 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from npcface_jax.common.arrays import l2_normalize
-from npcface_jax.loss import chunked, class_shards, criteria, heads
+from npcface_jax.loss import chunked, class_shards, heads
 from npcface_jax.loss.heads import Given, Head, HeadOutput
 
 Array = jax.Array
@@ -247,8 +247,9 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
   and ``ce`` comes back replicated, for any criterion's ``reduce``. With
   ``batch_axis`` (e.g. 'data' of a 2-D mesh) the batch is split over that
   axis as well, so each device scores only its rows against its classes;
-  ``ce`` and the per-sample metrics come back split the same way. Heads whose state is a batch statistic (``head.
-  batch_statistics``) need the whole batch on every shard and refuse it.
+  ``ce`` and the per-sample metrics come back split the same way. Heads
+  whose state is a batch statistic (``head.batch_statistics``) need the
+  whole batch on every shard and refuse it.
   Differentiate through f from outside (the global view): the gradient of a
   replicated input then comes out summed correctly.
   The logits (sharded on their class axis) come back only with
