@@ -250,8 +250,7 @@ def sharded_classifier_loss(mesh: Mesh, head: Head, num_classes: int, *,
   ``ce`` and the per-sample metrics come back split the same way. Heads
   whose state is a batch statistic (``head.batch_statistics``) need the
   whole batch on every shard and refuse it.
-  Differentiate through f from outside (the global view): the gradient of a
-  replicated input then comes out summed correctly.
+  Differentiate through f from outside (the global view).
   The logits (sharded on their class axis) come back only with
   ``return_logits``, since at millions of classes they are the largest array;
   with ``chunk_size`` each shard runs the chunked loss and no logits exist.
