@@ -979,7 +979,23 @@ def sphereface2_bias(num_classes: int, scale: float, margin: float, t: float,
 
 
 @dataclasses.dataclass(frozen=True)
-class SphereFace2(Head):
+class _LearntBias(Head):
+  """A head with one learnt bias b (``params['bias']``), every sample's row
+  (so that the log shows it: metric 'bias')."""
+
+  @staticmethod
+  def _row(c_y, state, given):
+    return jnp.broadcast_to(given.params['bias'], c_y.shape)
+
+  def after(self, state, row, sums):
+    return {}, {'bias': lax.stop_gradient(row)}
+
+  def summarize(self, metrics):
+    return {'bias': jnp.mean(metrics['bias'])}
+
+
+@dataclasses.dataclass(frozen=True)
+class SphereFace2(_LearntBias):
   """SphereFace2-C (Wen et al., ICLR 2022, eqs. 5-10): one binary
   classification per class instead of a softmax (``one_vs_all``). Logits
   z_j = r*(g(cos_j) + m) + b for negatives and r*(g(cos_y) - m) + b for the
@@ -1019,17 +1035,15 @@ class SphereFace2(Head):
       g = 2.0 * ((jnp.clip(c, -1.0, 1.0) + 1.0) / 2.0) ** t - 1.0 + shift
       return c + lax.stop_gradient(g - c) if self.straight_through else g
 
-    def row(c_y, state, given):
-      return given.params['bias']
-
     return MarginParts(
-        row, lambda c, b, is_negative: (r * adjusted(c, m) + b, ()),
+        self._row, lambda c, b, is_negative: (r * adjusted(c, m) + b[:, None],
+                                              ()),
         lambda c_y, b, sums: r * adjusted(c_y, -m) + b,
         one_vs_all=self.one_vs_all)
 
 
 @dataclasses.dataclass(frozen=True)
-class UniFace(Head):
+class UniFace(_LearntBias):
   """UniFace (Zhou et al., ICCV 2023): the unified cross-entropy with a
   margin (UCE-m, the paper's recommended form). Logits s*(cos_y - m) - b for
   the target and s*cos_j - b for the others, with one learnt bias b that
@@ -1058,8 +1072,7 @@ class UniFace(Head):
   def parts(self):
     s, m = self.scale, self.margin
     return MarginParts(
-        lambda c_y, state, given: given.params['bias'],
-        lambda c, b, is_negative: (s * c - b, ()),
+        self._row, lambda c, b, is_negative: (s * c - b[:, None], ()),
         lambda c_y, b, sums: s * (c_y - m) - b,
         one_vs_all=self.one_vs_all)
 

@@ -50,6 +50,8 @@ DIAGNOSTIC_LABELS = {
     'elasticface_cos_plus/margin': 'ElasticFace-Cos+: mean drawn margin',
     'elasticface_cos_plus/margin_std':
         'ElasticFace-Cos+: std of the drawn margins',
+    'sphereface2/bias': 'SphereFace2: learnt bias b',
+    'uniface/bias': 'UniFace: learnt bias b',
     'head/scale': 'AdaCos: adaptive scale s',
     'head/t': 'CurricularFace: running mean t of the target cosine',
     'head/step': 'SphereFace: steps of the lambda annealing',
