@@ -248,9 +248,8 @@ def _backward(parts, chunk_size, axis_name, num_classes, residuals,
     is_negative = shard.is_negative(start, cos.shape[1])
     logits, pull = _vjp(lambda c, r: parts.negative(c, r, is_negative)[0],
                         cos, row_here, row_has_gradient)
-    dlogits = jnp.where(is_negative,
-                        g[:, None] * reduction.d_negative(logits, lse), 0.0)
-    dcos, *drow = pull(dlogits)
+    dcos, *drow = pull(jnp.where(
+        is_negative, g[:, None] * reduction.d_negative(logits, lse), 0.0))
     dw_block = _normalize_rows_vjp(wn, inv, dcos.T @ xn)
     return dcos @ wn, dw_block, drow
 
