@@ -206,6 +206,7 @@ def test_old_and_damaged_norm_records(tmp_path):
   assert len(left_out) == 1 and 'norm_hist' in left_out[0]
 
 
+@pytest.mark.slow
 def test_the_train_step_returns_the_embedding_norms():
   """With the analysis on, 'hard_samples' holds each sample's embedding
   norm, the backbone's output on that batch as the step ran it."""

@@ -279,6 +279,7 @@ def _crops(folder, rng, count, size):
         0, 256, (size, size, 3), np.uint8)))
 
 
+@pytest.mark.slow
 def test_embed_writes_each_faces_norm(model, tmp_path):
   rng = np.random.default_rng(0)
   _crops(tmp_path / 'src', rng, 5, model.image_size)
@@ -320,6 +321,7 @@ def _ijb_release(root, rng, size):
               template, rng.uniform(0.5, 1, n), pairs)
 
 
+@pytest.mark.slow
 def test_evaluate_reports_the_lowest_quality_tenth_and_weights_ijb(
     model, tmp_path, monkeypatch):
   """A .bin pair set and an IJB folder through evaluate_run: the pair

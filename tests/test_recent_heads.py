@@ -281,6 +281,7 @@ def test_gradients_match_finite_differences(name):
                                err_msg=msg)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(CONFIGS))
 def test_padding_classes(name):
   """Columns past num_classes (as the class-sharded classifier pads):
@@ -322,6 +323,7 @@ def test_padding_classes(name):
                                                     out.state))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(CONFIGS))
 def test_bfloat16_in_bfloat16_out(name):
   """bfloat16 cosines: bfloat16 logits, equal to the float32 arithmetic
@@ -346,6 +348,7 @@ def test_bfloat16_in_bfloat16_out(name):
   assert np.all(np.isfinite(np.asarray(grad, np.float32)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', sorted(CONFIGS))
 def test_finite_at_exactly_plus_minus_one(name):
   """Cosines of exactly +-1 (targets and negatives): finite loss and
