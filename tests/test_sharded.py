@@ -37,6 +37,18 @@ def _problem(rng, num_classes):
   return jnp.float32(x), jnp.float32(weights), labels
 
 
+# The step's key for a head that draws at random (ElasticFace): the same on
+# every class shard, so that sharded and unsharded draw alike.
+HEAD_KEY = jax.random.key(7)
+
+
+def _padded_params(head, params, pad):
+  """The head's per-class parameters padded like the classifier's rows; the
+  others (a learnt bias) as they are."""
+  return {k: pad(v) if k in head.per_class_params else v
+          for k, v in params.items()}
+
+
 def _loss_fns(mesh, head, crit, num_classes):
   padded = class_shards.padded_num_classes(num_classes, NUM_DEVICES)
   sharded = classifier.sharded_classifier_loss(mesh, head, num_classes,
@@ -46,11 +58,13 @@ def _loss_fns(mesh, head, crit, num_classes):
     return jnp.pad(a, [(0, padded - num_classes)] + [(0, 0)] * (a.ndim - 1))
 
   def unsharded_loss(x, w, y, state, params):
-    ce, out = classifier.classifier_loss(x, w, y, head, state, params)
+    ce, out = classifier.classifier_loss(x, w, y, head, state, params,
+                                         head_key=HEAD_KEY)
     return crit.reduce(ce) + out.aux_loss, out
 
   def sharded_loss(x, w, y, state, params):
-    ce, out = sharded(x, pad(w), y, state, jax.tree.map(pad, params))
+    ce, out = sharded(x, pad(w), y, state, _padded_params(head, params, pad),
+                      head_key=HEAD_KEY)
     return crit.reduce(ce) + out.aux_loss, out
 
   return unsharded_loss, sharded_loss
@@ -161,21 +175,24 @@ def test_sharded_chunked_equals_unsharded_full(mesh, name):
   x, w, y = _problem(rng, num_classes)
   head = nf.get_head(name)
   state = head.init_state(num_classes)
+  params = head.init_params(jax.random.key(seed), num_classes)
   padded = class_shards.padded_num_classes(num_classes, NUM_DEVICES)
   sharded = classifier.sharded_classifier_loss(mesh, head, num_classes,
                                                chunk_size=3)
 
-  def full(x, w, state):
-    ce, out = classifier.classifier_loss(x, w, y, head, state, {})
-    return jnp.mean(ce), out
+  def full(x, w, params, state):
+    ce, out = classifier.classifier_loss(x, w, y, head, state, params,
+                                         head_key=HEAD_KEY)
+    return jnp.mean(ce) + out.aux_loss, out
 
-  def chunked(x, w, state):
+  def chunked(x, w, params, state):
     ce, out = sharded(x, jnp.pad(w, [(0, padded - num_classes), (0, 0)]), y,
-                      state, {})
-    return jnp.mean(ce), out
+                      state, params, head_key=HEAD_KEY)
+    return jnp.mean(ce) + out.aux_loss, out
 
   want, got = [
-      jax.jit(jax.value_and_grad(fn, (0, 1), has_aux=True))(x, w, state)
+      jax.jit(jax.value_and_grad(fn, (0, 1, 2), has_aux=True))(
+          x, w, params, state)
       for fn in (full, chunked)]
   assert_same_step(got, want, msg=f'{name} seed {seed}')
 
