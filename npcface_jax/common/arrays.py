@@ -22,6 +22,14 @@ def make_mesh(model_parallel: int = 1, devices=None) -> Mesh:
                        devices=devices)
 
 
+def row_norms(x: Array) -> Array:
+  """The L2 norm of each row, float32 (N,): the square root of a sum of
+  squares (primitives every export format translates). The embeddings'
+  norms that heads (AdaFace, MagFace), the hard-sample records and the
+  quality score read."""
+  return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1))
+
+
 def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
   """x / ||x||, finite (value and gradient) for an all-zero row."""
   sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True)

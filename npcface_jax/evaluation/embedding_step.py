@@ -24,16 +24,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from npcface_jax.evaluation import protocols
 from npcface_jax.faces.images import InputContract, normalize
-from npcface_jax.common.arrays import l2_normalize
+from npcface_jax.common.arrays import l2_normalize, row_norms
 
 ALL_DEVICES = P(('data', 'model'))
-
-
-def raw_norm(e):
-  """The L2 norm of each row of raw embeddings, float32 (N,): the square
-  root of a sum of squares (primitives every export format translates)."""
-  e = e.astype(jnp.float32)
-  return jnp.sqrt(jnp.sum(jnp.square(e), axis=-1))
 
 
 class Embedder:
@@ -65,11 +58,11 @@ class Embedder:
       if x.dtype == jnp.uint8:
         x = normalize(x.astype(jnp.float32), contract)
       e = model.apply(variables, x, train=False)
-      norms = raw_norm(e) if with_norms else None
+      norms = row_norms(e) if with_norms else None
       if flip:
         mirror = model.apply(variables, x[:, :, ::-1], train=False)
         if with_norms:
-          norms = 0.5 * (norms + raw_norm(mirror))
+          norms = 0.5 * (norms + row_norms(mirror))
         e = e + mirror
       unit = l2_normalize(e.astype(jnp.float32))
       return (unit, norms) if with_norms else unit

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from npcface_jax.common.arrays import l2_normalize
+from npcface_jax.common.arrays import l2_normalize, row_norms
 from npcface_jax.loss import chunked, class_shards, heads
 from npcface_jax.loss.heads import Given, Head, HeadOutput
 
@@ -120,10 +120,6 @@ def _sampled(key, weights, labels, params, per_class, num_sample, axis_name,
   return weights[rows], labels, params
 
 
-def _norms(embeddings: Array) -> Array:
-  return jnp.linalg.norm(embeddings.astype(jnp.float32), axis=-1)
-
-
 def given(head: Head, embeddings: Array, key: Array | None,
           params=None) -> Given:
   """What the head needs besides cosines (``head.needs``), from the
@@ -132,7 +128,7 @@ def given(head: Head, embeddings: Array, key: Array | None,
   parameters; ValueError when it needs a key and none was passed."""
   norms = None
   if 'norms' in head.needs:
-    norms = _norms(embeddings)
+    norms = row_norms(embeddings)
     if not head.norm_gradient:
       norms = lax.stop_gradient(norms)
   if 'key' in head.needs and key is None:
@@ -144,7 +140,7 @@ def with_norm_loss(head: Head, embeddings: Array, out: HeadOutput
                    ) -> HeadOutput:
   """The head's output with its norm regulariser (MagFace's) added to its
   aux_loss, from the whole batch's embeddings (the global view)."""
-  penalty = head.norm_loss(_norms(embeddings))
+  penalty = head.norm_loss(row_norms(embeddings))
   return out if penalty is None else out._replace(
       aux_loss=out.aux_loss + penalty)
 

@@ -37,8 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from npcface_jax.common.arrays import l2_normalize
-from npcface_jax.evaluation.embedding_step import raw_norm
+from npcface_jax.common.arrays import l2_normalize, row_norms
 from npcface_jax.faces.images import InputContract, normalize
 
 FORMATS = ('savedmodel', 'onnx', 'tflite')
@@ -84,11 +83,11 @@ def serving_function(module, variables, flip: bool,
     x = images.astype(jnp.float32)
     x = normalize(lax.rev(x, (3,)) if bgr else x, rgb)
     e = module.apply(variables, x, train=False)
-    norm = raw_norm(e) if with_norm else None
+    norm = row_norms(e) if with_norm else None
     if flip:
       mirror = module.apply(variables, lax.rev(x, (2,)), train=False)
       if with_norm:
-        norm = 0.5 * (norm + raw_norm(mirror))
+        norm = 0.5 * (norm + row_norms(mirror))
       e = e + mirror
     unit = l2_normalize(e.astype(jnp.float32))
     return (unit, norm) if with_norm else unit

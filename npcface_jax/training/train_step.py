@@ -20,6 +20,7 @@ import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from npcface_jax.common import arrays
 from npcface_jax.loss import classifier
 from npcface_jax.training.setup import Task, TrainState
 
@@ -74,7 +75,7 @@ def _loss_fn(task: Task, classify, state: TrainState, images, labels, rng,
     ce, out = classify(embeddings, params['classifier'], labels,
                        state.head_state, params['head'], *keys)
     loss = task.criterion.reduce(ce) + out.aux_loss
-    norms = (lax.stop_gradient(jnp.linalg.norm(embeddings, axis=-1))
+    norms = (lax.stop_gradient(arrays.row_norms(embeddings))
              if with_norms else None)
     return loss, (mutated['batch_stats'], out, ce, norms)
   return loss_fn
